@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+#
+# journeyman: one image, two roles chosen by the command (`orchestrator`, `agents`).
+# Build:  docker build -t journeyman .
+
+# ---- build ------------------------------------------------------------------
+FROM rust:1-bookworm AS builder
+# cmake: fallback build path of aws-lc-sys (TLS for amqps://) on targets without a
+# prebuilt configuration; the cc-based default does not need it.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends cmake \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+# The whole context (see .dockerignore): the binary embeds schemas/ at compile time.
+COPY . .
+# Cache mounts keep the registry and target/ between builds; the binary is copied out
+# in the same step because the target/ cache mount is not part of the image.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/usr/local/cargo/git \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin journeyman \
+    && install -D -m 0755 target/release/journeyman /out/journeyman
+
+# ---- runtime ----------------------------------------------------------------
+FROM debian:bookworm-slim AS runtime
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+# Non-root. /data is created and owned here so that a fresh named volume mounted on it
+# inherits the ownership (the orchestrator keeps its sled store there).
+RUN groupadd --system --gid 10001 journeyman \
+    && useradd --system --uid 10001 --gid journeyman --home-dir /data --no-create-home \
+       --shell /usr/sbin/nologin journeyman \
+    && mkdir -p /data \
+    && chown journeyman:journeyman /data
+COPY --from=builder /out/journeyman /usr/local/bin/journeyman
+USER 10001:10001
+WORKDIR /data
+ENV JOURNEYMAN_DATA_DIR=/data \
+    RUST_LOG=info
+ENTRYPOINT ["journeyman"]
+CMD ["--help"]

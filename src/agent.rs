@@ -1,0 +1,337 @@
+//! A small runtime for writing agents in Rust: implement [`Agent`], and the runtime
+//! consumes each intent's queue with manual acks and a bounded prefetch, answers on
+//! `reply_to` with publisher confirms, and acks the request only after the reply is
+//! confirmed. Replicas of an agent compete for the same queues.
+//!
+//! It owns the broker side of an agent; what a task does is the implementor's business.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info, info_span, warn};
+use uuid::Uuid;
+
+use crate::broker::{self, BrokerError, Names, Outgoing, Publisher};
+use crate::protocol::{AgentRef, Decoder, Envelope, ErrorPayload, MessageType, TaskResponse};
+
+/// A task error, saying whether trying again may help.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct TaskError {
+    pub code: String,
+    pub message: String,
+    /// The orchestrator retries retryable errors with backoff; others fail the task at once.
+    pub retryable: bool,
+}
+
+impl TaskError {
+    pub fn retryable(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            retryable: true,
+        }
+    }
+    pub fn fatal(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            retryable: false,
+        }
+    }
+}
+
+/// What an agent does with one task request.
+pub trait Agent: Send + Sync + 'static {
+    /// Handles the input of one task attempt. `request` is the whole envelope, for agents
+    /// that want the correlation id (to be idempotent per attempt) or the source agent.
+    fn handle(
+        &self,
+        request: &Envelope,
+        input: Map<String, Value>,
+    ) -> impl Future<Output = Result<Map<String, Value>, TaskError>> + Send;
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub amqp_url: String,
+    pub names: Names,
+    pub agent_id: String,
+    pub intents: Vec<String>,
+    /// Requests in flight per intent; keep it modest where handlers can crash (a crash
+    /// requeues the whole in-flight batch).
+    pub prefetch: u16,
+    pub max_message_bytes: usize,
+}
+
+/// Counters for the demo and tests.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    pub handled: AtomicU64,
+    pub failed: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+/// Serves the configured intents until `shutdown` resolves, reconnecting with backoff.
+pub async fn run<A: Agent>(
+    config: AgentConfig,
+    agent: Arc<A>,
+    stats: Arc<AgentStats>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BrokerError> {
+    tokio::pin!(shutdown);
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        let session = session(&config, agent.clone(), stats.clone());
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            res = session => {
+                let e = match res {
+                    Ok(()) => BrokerError::PublisherGone,
+                    Err(e) => e,
+                };
+                if !e.is_retryable() {
+                    return Err(e);
+                }
+                let wait = delays.next().unwrap_or(Duration::from_secs(10));
+                warn!(agent = %config.agent_id, error = %e, retry_in = ?wait, "agent session ended; reconnecting");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn session<A: Agent>(
+    config: &AgentConfig,
+    agent: Arc<A>,
+    stats: Arc<AgentStats>,
+) -> Result<(), BrokerError> {
+    let consume_conn = broker::connect(&config.amqp_url, &format!("{}-consume", config.agent_id)).await?;
+    let publish_conn = broker::connect(&config.amqp_url, &format!("{}-publish", config.agent_id)).await?;
+    let ch = consume_conn
+        .create_channel()
+        .await
+        .map_err(|source| BrokerError::Amqp {
+            op: "create channel".into(),
+            source,
+        })?;
+    broker::declare_exchanges(&ch, &config.names).await?;
+    let publisher = Publisher::start(&publish_conn).await?;
+    let decoder = Decoder::new(config.max_message_bytes);
+    let (err_tx, mut err_rx) = mpsc::channel::<BrokerError>(16);
+    for intent in &config.intents {
+        let q = config.names.intent_queue(intent);
+        broker::declare_queue(&ch, &config.names, &q, Some(intent)).await?;
+        let (_chan, mut consumer) = broker::consume(&consume_conn, &q, &config.agent_id, config.prefetch).await?;
+        let (agent, stats, publisher, decoder, err_tx) = (
+            agent.clone(),
+            stats.clone(),
+            publisher.clone(),
+            decoder.clone(),
+            err_tx.clone(),
+        );
+        let names = config.names.clone();
+        let agent_id = config.agent_id.clone();
+        tokio::spawn(async move {
+            let _chan = _chan;
+            while let Some(next) = consumer.next().await {
+                let delivery = match next {
+                    Ok(d) => d,
+                    Err(source) => {
+                        let _ = err_tx
+                            .send(BrokerError::Amqp {
+                                op: format!("consume {q}"),
+                                source,
+                            })
+                            .await;
+                        return;
+                    }
+                };
+                // Each request is handled on its own task: the prefetch bounds how many.
+                let (agent, stats, publisher, decoder, names, agent_id, q) = (
+                    agent.clone(),
+                    stats.clone(),
+                    publisher.clone(),
+                    decoder.clone(),
+                    names.clone(),
+                    agent_id.clone(),
+                    q.clone(),
+                );
+                tokio::spawn(async move {
+                    handle_delivery(&*agent, &stats, &publisher, &decoder, &names, &agent_id, &q, delivery).await
+                });
+            }
+            let _ = err_tx.send(BrokerError::ConsumerCancelled(q)).await;
+        });
+    }
+    info!(agent = %config.agent_id, intents = config.intents.len(), "agent consuming");
+    match err_rx.recv().await {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn handle_delivery<A: Agent>(
+    agent: &A,
+    stats: &AgentStats,
+    publisher: &Publisher,
+    decoder: &Decoder,
+    names: &Names,
+    agent_id: &str,
+    queue: &str,
+    d: lapin::message::Delivery,
+) {
+    let request = match decoder.envelope(&d.data) {
+        Ok(env) if env.message_type == MessageType::Request => env,
+        Ok(env) => {
+            let e = crate::protocol::ProtocolError::UnexpectedMessageType(env.message_type.as_str().into());
+            dead_letter(publisher, names, queue, &d, e.reason_code(), &e.to_string(), stats).await;
+            return;
+        }
+        Err(e) => {
+            dead_letter(publisher, names, queue, &d, e.reason_code(), &e.to_string(), stats).await;
+            return;
+        }
+    };
+    let span = info_span!("task", intent = %request.intent, message_id = %request.message_id,
+        correlation_id = request.correlation_id.as_deref().unwrap_or(""));
+    async {
+        let Some(reply_to) = d.properties.reply_to().as_ref().map(|s| s.as_str().to_string()) else {
+            dead_letter(publisher, names, queue, &d, "schema_invalid", "task request without reply_to", stats).await;
+            return;
+        };
+        let input = match &request.payload {
+            Value::Object(m) => m.clone(),
+            _ => Map::new(),
+        };
+        let (message_type, payload) = match agent.handle(&request, input).await {
+            Ok(output) => {
+                stats.handled.fetch_add(1, Ordering::Relaxed);
+                (
+                    MessageType::Response,
+                    serde_json::to_value(TaskResponse::completed(output)).unwrap_or(Value::Null),
+                )
+            }
+            Err(e) => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                debug!(error = %e, "task failed");
+                (
+                    MessageType::Error,
+                    serde_json::to_value(ErrorPayload {
+                        code: e.code,
+                        message: e.message,
+                        retryable: e.retryable,
+                        details: None,
+                    })
+                    .unwrap_or(Value::Null),
+                )
+            }
+        };
+        let mut reply = Envelope::new(
+            AgentRef::new(agent_id, "journeyman"),
+            request.source_agent.clone(),
+            message_type,
+            request.intent.clone(),
+            payload,
+            Utc::now(),
+        );
+        reply.correlation_id = Some(request.reply_correlation());
+        let out = Outgoing {
+            exchange: String::new(),
+            routing_key: reply_to,
+            mandatory: false,
+            message_id: reply.message_id.to_string(),
+            correlation_id: reply.correlation_id.clone(),
+            reply_to: None,
+            message_type: message_type.as_str().into(),
+            headers: Vec::new(),
+            body: reply.to_bytes(),
+        };
+        match publisher.publish(out).await {
+            Ok(_) => ack(&d).await,
+            Err(e) => {
+                warn!(error = %e, "reply not confirmed; requeueing the request");
+                let _ = d
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn ack(d: &lapin::message::Delivery) {
+    match d.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        Ok(false) => warn!("ack not delivered (channel closed); the request will be redelivered"),
+        Err(e) => warn!(error = %e, "ack failed; the request will be redelivered"),
+    }
+}
+
+/// Publishes a refused request to the dead-letter exchange with its reason, then acks it.
+async fn dead_letter(
+    publisher: &Publisher,
+    names: &Names,
+    queue: &str,
+    d: &lapin::message::Delivery,
+    reason: &str,
+    message: &str,
+    stats: &AgentStats,
+) {
+    warn!(queue, reason, message, "refused request; dead-lettering it");
+    let now = Utc::now().to_rfc3339();
+    let out = Outgoing {
+        exchange: names.dlx(),
+        routing_key: d.routing_key.to_string(),
+        mandatory: false,
+        message_id: d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_else(|| Uuid::new_v4().to_string()),
+        correlation_id: d.properties.correlation_id().as_ref().map(|s| s.as_str().to_string()),
+        reply_to: None,
+        message_type: "dead_letter".into(),
+        headers: vec![
+            ("x-journeyman-reason".into(), reason.into()),
+            ("x-journeyman-reason-message".into(), message.into()),
+            ("x-journeyman-original-exchange".into(), d.exchange.to_string()),
+            ("x-journeyman-original-routing-key".into(), d.routing_key.to_string()),
+            ("x-journeyman-original-queue".into(), queue.into()),
+            ("x-journeyman-failed-at".into(), now.clone()),
+            ("x-journeyman-first-failed-at".into(), now),
+            ("x-journeyman-attempts".into(), "1".into()),
+        ],
+        body: d.data.clone(),
+    };
+    match publisher.publish(out).await {
+        Ok(_) => {
+            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            ack(d).await
+        }
+        Err(e) => warn!(error = %e, "dead-letter publish failed; leaving the request unacked"),
+    }
+}

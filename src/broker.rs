@@ -1,0 +1,474 @@
+//! The RabbitMQ adapter: connections, the topology every worker declares, a publisher
+//! with confirms, and consumers with bounded prefetch.
+//!
+//! It owns names (everything under one namespace), queue arguments, and turning lapin's
+//! asynchronous failures into errors a caller can act on. It makes no decisions about
+//! journeys and never touches the store.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::{mpsc, oneshot};
+
+/// How many times the broker may redeliver a message before dead-lettering it: a
+/// message that crashes its consumer every time ends in the dead-letter queue, not a loop.
+pub const DELIVERY_LIMIT: i64 = 20;
+/// A confirm that has not come after this long is an unknown outcome: the message is
+/// kept and published again (consumers dedupe by message id).
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot connect to RabbitMQ at {url}: {source}. Is the broker running and the URL right (--amqp-url / JOURNEYMAN_AMQP_URL)?")]
+    Connect { url: String, source: lapin::Error },
+    #[error(
+        "queue {queue} already exists with other arguments ({source}); delete it or use another namespace (--namespace)"
+    )]
+    QueueMismatch { queue: String, source: lapin::Error },
+    #[error("broker operation '{op}' failed: {source}")]
+    Amqp { op: String, source: lapin::Error },
+    #[error("consumer on {0} was cancelled by the broker (queue deleted?)")]
+    ConsumerCancelled(String),
+    #[error("publish of {message_id} was refused by the broker (nack)")]
+    Nacked { message_id: String },
+    #[error("publish of {message_id} was not confirmed within {timeout:?}; outcome unknown")]
+    ConfirmTimeout { message_id: String, timeout: Duration },
+    #[error("the publisher has stopped")]
+    PublisherGone,
+}
+
+impl BrokerError {
+    /// Whether reconnecting and trying again may succeed. Argument mismatches and bad
+    /// URLs need a person.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, BrokerError::QueueMismatch { .. })
+    }
+}
+
+fn amqp(op: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
+    let op = op.into();
+    move |source| BrokerError::Amqp { op, source }
+}
+
+/// Every exchange and queue name, derived from one namespace so tenants and tests never
+/// collide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub namespace: String,
+}
+
+impl Names {
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+        }
+    }
+    pub fn intents(&self) -> String {
+        format!("{}.intents", self.namespace)
+    }
+    pub fn events(&self) -> String {
+        format!("{}.events", self.namespace)
+    }
+    pub fn dlx(&self) -> String {
+        format!("{}.dlx", self.namespace)
+    }
+    pub fn dead_letter(&self) -> String {
+        format!("{}.dead-letter", self.namespace)
+    }
+    pub fn intent_queue(&self, intent: &str) -> String {
+        format!("{}.intent.{}", self.namespace, intent)
+    }
+    pub fn replies(&self, orchestrator_id: &str) -> String {
+        format!("{}.orchestrator.{}.replies", self.namespace, orchestrator_id)
+    }
+}
+
+/// Connects with heartbeats on (lapin's default of 60 s applies) and a name that shows up
+/// in the management UI.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
+    let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
+    Connection::connect(url, props)
+        .await
+        .map_err(|source| BrokerError::Connect {
+            url: redact(url),
+            source,
+        })
+}
+
+/// The URL without its password, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn quorum_args(names: &Names) -> FieldTable {
+    let mut t = BTreeMap::new();
+    t.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    t.insert(
+        ShortString::from("x-dead-letter-exchange"),
+        AMQPValue::LongString(LongString::from(names.dlx())),
+    );
+    t.insert(
+        ShortString::from("x-dead-letter-strategy"),
+        AMQPValue::LongString(LongString::from("at-least-once")),
+    );
+    t.insert(
+        ShortString::from("x-overflow"),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    t.insert(
+        ShortString::from("x-delivery-limit"),
+        AMQPValue::LongLongInt(DELIVERY_LIMIT),
+    );
+    FieldTable::from(t)
+}
+
+/// Declares the exchanges and the dead-letter queue. Idempotent.
+pub async fn declare_exchanges(ch: &Channel, names: &Names) -> Result<(), BrokerError> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for ex in [names.intents(), names.events(), names.dlx()] {
+        ch.exchange_declare(ex.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+            .await
+            .map_err(amqp(format!("declare exchange {ex}")))?;
+    }
+    let mut args = BTreeMap::new();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    let dl = names.dead_letter();
+    ch.queue_declare(
+        dl.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::from(args),
+    )
+    .await
+    .map_err(|source| BrokerError::QueueMismatch {
+        queue: dl.clone(),
+        source,
+    })?;
+    ch.queue_bind(
+        dl.as_str().into(),
+        names.dlx().as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(amqp(format!("bind {dl}")))?;
+    Ok(())
+}
+
+/// Declares a durable quorum work queue with the dead-letter settings, bound to the
+/// intents exchange by `binding` when given. A 406 (other arguments) is a clear error.
+pub async fn declare_queue(
+    ch: &Channel,
+    names: &Names,
+    queue: &str,
+    binding: Option<&str>,
+) -> Result<(), BrokerError> {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        quorum_args(names),
+    )
+    .await
+    .map_err(|source| BrokerError::QueueMismatch {
+        queue: queue.to_string(),
+        source,
+    })?;
+    if let Some(key) = binding {
+        ch.queue_bind(
+            queue.into(),
+            names.intents().as_str().into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp(format!("bind {queue}")))?;
+    }
+    Ok(())
+}
+
+/// Declares the whole topology for a set of intents (`journeyman topology declare`).
+pub async fn declare_topology(
+    ch: &Channel,
+    names: &Names,
+    intents: impl IntoIterator<Item = String>,
+) -> Result<Vec<String>, BrokerError> {
+    declare_exchanges(ch, names).await?;
+    let mut queues = vec![names.dead_letter()];
+    for intent in intents {
+        let q = names.intent_queue(&intent);
+        declare_queue(ch, names, &q, Some(&intent)).await?;
+        queues.push(q);
+    }
+    Ok(queues)
+}
+
+/// Deletes queues and exchanges of a namespace (tests, demo clean-up). Missing ones are
+/// fine.
+pub async fn delete_namespace(conn: &Connection, names: &Names, queues: &[String]) {
+    for q in queues {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+    for ex in [names.intents(), names.events(), names.dlx()] {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .exchange_delete(ex.as_str().into(), Default::default())
+                .await;
+        }
+    }
+}
+
+/// Opens a consumer with manual acks on its own channel with a bounded prefetch.
+/// Returns the channel too: acks must go on the channel the delivery came on.
+pub async fn consume(
+    conn: &Connection,
+    queue: &str,
+    tag: &str,
+    prefetch: u16,
+) -> Result<(Channel, lapin::Consumer), BrokerError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(amqp("create channel"))?;
+    ch.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(amqp("basic.qos"))?;
+    let consumer = ch
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp(format!("consume {queue}")))?;
+    Ok((ch, consumer))
+}
+
+/// A message to publish, independent of lapin's types.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub exchange: String,
+    pub routing_key: String,
+    pub mandatory: bool,
+    pub message_id: String,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub message_type: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Outgoing {
+    fn properties(&self) -> BasicProperties {
+        let mut p = BasicProperties::default()
+            .with_content_type(ShortString::from(crate::protocol::CONTENT_TYPE))
+            .with_delivery_mode(2)
+            .with_message_id(ShortString::from(self.message_id.as_str()))
+            .with_type(ShortString::from(self.message_type.as_str()));
+        if let Some(c) = &self.correlation_id {
+            p = p.with_correlation_id(ShortString::from(c.as_str()));
+        }
+        if let Some(r) = &self.reply_to {
+            p = p.with_reply_to(ShortString::from(r.as_str()));
+        }
+        if !self.headers.is_empty() {
+            let mut t = BTreeMap::new();
+            for (k, v) in &self.headers {
+                t.insert(
+                    ShortString::from(k.as_str()),
+                    AMQPValue::LongString(LongString::from(v.as_str())),
+                );
+            }
+            p = p.with_headers(FieldTable::from(t));
+        }
+        p
+    }
+}
+
+/// What the broker said about one publish.
+#[derive(Debug)]
+pub enum Published {
+    /// Routed and confirmed.
+    Confirmed,
+    /// Confirmed but returned: no queue is bound for the routing key.
+    Unroutable,
+}
+
+type Reply = oneshot::Sender<Result<Published, BrokerError>>;
+
+/// A handle to a publishing task that owns one confirm channel.
+///
+/// Why a task: several tasks publishing on one confirm channel can receive each other's
+/// confirmations (lapin 4, observed here). One task publishes in order and pipelines the
+/// confirms, so throughput does not pay one round trip per message.
+#[derive(Clone)]
+pub struct Publisher {
+    tx: mpsc::Sender<(Outgoing, Reply)>,
+}
+
+impl Publisher {
+    /// Starts the publishing task on a fresh channel of `conn`. It ends when every handle
+    /// is dropped or the channel fails; pending requests then resolve with an error.
+    pub async fn start(conn: &Connection) -> Result<Self, BrokerError> {
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(amqp("create channel"))?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp("confirm.select"))?;
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(publish_loop(ch, rx));
+        Ok(Self { tx })
+    }
+
+    /// Publishes and waits for the confirm.
+    pub async fn publish(&self, msg: Outgoing) -> Result<Published, BrokerError> {
+        self.enqueue(msg).await?.await.map_err(|_| BrokerError::PublisherGone)?
+    }
+
+    /// Queues a publish and returns a receiver for its outcome, so callers can pipeline.
+    pub async fn enqueue(
+        &self,
+        msg: Outgoing,
+    ) -> Result<oneshot::Receiver<Result<Published, BrokerError>>, BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((msg, tx))
+            .await
+            .map_err(|_| BrokerError::PublisherGone)?;
+        Ok(rx)
+    }
+}
+
+async fn publish_loop(ch: Channel, mut rx: mpsc::Receiver<(Outgoing, Reply)>) {
+    let mut pending = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            next = rx.recv() => {
+                let Some((msg, reply)) = next else { break };
+                let props = msg.properties();
+                let opts = BasicPublishOptions { mandatory: msg.mandatory, ..Default::default() };
+                let res = ch
+                    .basic_publish(
+                        msg.exchange.as_str().into(),
+                        msg.routing_key.as_str().into(),
+                        opts,
+                        &msg.body,
+                        props,
+                    )
+                    .await;
+                match res {
+                    Ok(confirm) => {
+                        let id = msg.message_id;
+                        pending.push(async move {
+                            let outcome = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                                Err(_) => Err(BrokerError::ConfirmTimeout { message_id: id, timeout: CONFIRM_TIMEOUT }),
+                                Ok(Err(source)) => Err(BrokerError::Amqp { op: "publisher confirm".into(), source }),
+                                Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => Ok(Published::Confirmed),
+                                Ok(Ok(Confirmation::Ack(Some(_)))) => Ok(Published::Unroutable),
+                                Ok(Ok(Confirmation::Nack(_))) => Err(BrokerError::Nacked { message_id: id }),
+                            };
+                            let _ = reply.send(outcome);
+                        });
+                    }
+                    Err(source) => {
+                        let _ = reply.send(Err(BrokerError::Amqp { op: "basic.publish".into(), source }));
+                    }
+                }
+            }
+            Some(()) = pending.next(), if !pending.is_empty() => {}
+        }
+    }
+    while pending.next().await.is_some() {}
+}
+
+/// Reads a string header (our reason and origin headers are long strings).
+pub fn header(props: &BasicProperties, name: &str) -> Option<String> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// Message count of a queue without consuming (passive declare).
+pub async fn queue_len(conn: &Connection, queue: &str) -> Result<u32, BrokerError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(amqp("create channel"))?;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp(format!("inspect {queue}")))?;
+    let _ = ch.close(200, "done".into()).await;
+    Ok(q.message_count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_password() {
+        assert_eq!(
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact("amqp://host"), "amqp://host");
+    }
+
+    #[test]
+    fn names_share_the_namespace() {
+        let n = Names::new("t1");
+        assert_eq!(n.intent_queue("journey.start"), "t1.intent.journey.start");
+        assert_eq!(n.replies("0"), "t1.orchestrator.0.replies");
+        assert_eq!(n.dead_letter(), "t1.dead-letter");
+    }
+}

@@ -1,0 +1,426 @@
+//! The command line: argument parsing and the commands that are not workers.
+//!
+//! The CLI is an upstream agent like any other: `journey start|status` publish protocol
+//! messages and print the orchestrator's answer; they never open the orchestrator's
+//! store. Errors say what went wrong and what to do next.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use chrono::Utc;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Confirmation, Connection};
+use serde_json::{Map, Value};
+
+use crate::broker::{self, Names};
+use crate::orchestrator::{self, Stats};
+use crate::playbook::Playbook;
+use crate::protocol::{
+    AgentRef, ClientPayload, Command, Decoder, Envelope, MessageType, StartPayload,
+};
+
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// RabbitMQ's direct reply-to pseudo-queue: replies without declaring a queue.
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+#[derive(Debug, Parser)]
+#[command(name = "journeyman", version, about = "Client journeys (Sandbox → Pilot → Production) orchestrated over RabbitMQ")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// AMQP URL of the broker (amqps:// for TLS).
+    #[arg(long, env = "JOURNEYMAN_AMQP_URL", global = true, default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
+    pub amqp_url: String,
+    /// Prefix of every exchange and queue name, so tenants and tests never collide
+    /// [default: a2a; the demo uses a fresh one].
+    #[arg(long, env = "JOURNEYMAN_NAMESPACE", global = true)]
+    pub namespace: Option<String>,
+    /// Log format: readable text, or one JSON object per line for machines.
+    #[arg(long, value_enum, global = true, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Global {
+    pub fn names(&self) -> Names {
+        Names::new(self.namespace.clone().unwrap_or_else(|| "a2a".into()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the orchestrator worker.
+    Orchestrator(OrchestratorArgs),
+    /// Run simulated agents for every intent of the playbook.
+    Agents(AgentsArgs),
+    /// Run orchestrator and simulated agents in-process, start N journeys and watch them.
+    Demo(crate::demo::DemoArgs),
+    /// Start or inspect a journey (publishes protocol messages to the orchestrator).
+    Journey {
+        #[command(subcommand)]
+        command: JourneyCmd,
+    },
+    /// Broker topology.
+    Topology {
+        #[command(subcommand)]
+        command: TopologyCmd,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PlaybookArg {
+    /// Playbook file (YAML); the built-in default when absent.
+    #[arg(long, env = "JOURNEYMAN_PLAYBOOK")]
+    pub playbook: Option<PathBuf>,
+}
+
+impl PlaybookArg {
+    pub fn load(&self) -> Result<Playbook> {
+        match &self.playbook {
+            None => Ok(Playbook::default_playbook()),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read the playbook {}", p.display()))?;
+                Playbook::from_yaml(&text)
+                    .map_err(|e| anyhow!("the playbook {} is invalid: {e}", p.display()))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct OrchestratorArgs {
+    /// Directory of the orchestrator's store (sled); one orchestrator per directory.
+    #[arg(long, env = "JOURNEYMAN_DATA_DIR", default_value = "./journeyman-data")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub playbook: PlaybookArg,
+    /// Distinguishes orchestrators (partitions) sharing a namespace; names the reply queue.
+    #[arg(long, env = "JOURNEYMAN_ORCHESTRATOR_ID", default_value = "0")]
+    pub orchestrator_id: String,
+    /// Unacknowledged messages per queue.
+    #[arg(long, default_value_t = 256)]
+    pub prefetch: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentsArgs {
+    #[command(flatten)]
+    pub playbook: PlaybookArg,
+    /// Serve only these intents (comma-separated); default: every intent of the playbook.
+    #[arg(long, value_delimiter = ',')]
+    pub intents: Vec<String>,
+    /// Shortest simulated task latency, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    pub min_latency_ms: u64,
+    /// Longest simulated task latency, in milliseconds.
+    #[arg(long, default_value_t = 40)]
+    pub max_latency_ms: u64,
+    /// Fraction of attempts that fail with a retryable error (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    pub failure_rate: f64,
+    /// Requests in flight per intent.
+    #[arg(long, default_value_t = 32)]
+    pub prefetch: u16,
+    /// Agent id reported on replies and in the broker's connection names.
+    #[arg(long, default_value = "sim-agent")]
+    pub agent_id: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JourneyCmd {
+    /// Start a client's journey.
+    Start {
+        client_id: String,
+        /// Journey context as a JSON object (data sources, connectors, ...).
+        #[arg(long)]
+        context: Option<String>,
+        #[command(flatten)]
+        out: ReplyArgs,
+    },
+    /// Show a client's journey.
+    Status {
+        client_id: String,
+        #[command(flatten)]
+        out: ReplyArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ReplyArgs {
+    /// Print the orchestrator's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// How long to wait for the orchestrator's answer.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopologyCmd {
+    /// Declare exchanges and queues (idempotent; every worker also does it at start).
+    Declare {
+        #[command(flatten)]
+        playbook: PlaybookArg,
+    },
+}
+
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let g = &cli.global;
+    match cli.command {
+        Cmd::Orchestrator(a) => {
+            let mut config = orchestrator::Config::new(&g.amqp_url, &g.names().namespace, a.data_dir);
+            config.playbook = a.playbook.load()?;
+            config.orchestrator_id = a.orchestrator_id;
+            config.prefetch = a.prefetch;
+            orchestrator::run(config, Arc::new(Stats::default()), shutdown_signal())
+                .await
+                .context("the orchestrator stopped")?;
+            Ok(())
+        }
+        Cmd::Agents(a) => {
+            let playbook = a.playbook.load()?;
+            let intents = if a.intents.is_empty() {
+                playbook.intents().into_iter().collect()
+            } else {
+                a.intents
+            };
+            let sim = crate::sim::SimAgent {
+                min_latency: Duration::from_millis(a.min_latency_ms),
+                max_latency: Duration::from_millis(a.max_latency_ms.max(a.min_latency_ms)),
+                failure_rate: a.failure_rate.clamp(0.0, 1.0),
+            };
+            let config = crate::agent::AgentConfig {
+                amqp_url: g.amqp_url.clone(),
+                names: g.names(),
+                agent_id: a.agent_id,
+                intents,
+                prefetch: a.prefetch,
+                max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+            };
+            crate::agent::run(config, Arc::new(sim), Default::default(), shutdown_signal())
+                .await
+                .context("the agents stopped")?;
+            Ok(())
+        }
+        Cmd::Demo(a) => crate::demo::run(g, a).await,
+        Cmd::Topology {
+            command: TopologyCmd::Declare { playbook },
+        } => {
+            let playbook = playbook.load()?;
+            let names = g.names();
+            let conn = broker::connect(&g.amqp_url, "journeyman-cli").await?;
+            let ch = conn.create_channel().await?;
+            let intents = crate::protocol::JOURNEY_INTENTS
+                .iter()
+                .map(|s| s.to_string())
+                .chain(playbook.intents());
+            let queues = broker::declare_topology(&ch, &names, intents).await?;
+            broker::declare_queue(&ch, &names, &names.replies("0"), None).await?;
+            println!("declared in namespace '{}':", names.namespace);
+            println!("  exchanges: {}, {}, {}", names.intents(), names.events(), names.dlx());
+            for q in queues {
+                println!("  queue: {q}");
+            }
+            println!("  queue: {}", names.replies("0"));
+            Ok(())
+        }
+        Cmd::Journey { command } => {
+            let names = g.names();
+            let (cmd, out) = match command {
+                JourneyCmd::Start {
+                    client_id,
+                    context,
+                    out,
+                } => {
+                    let context = match context {
+                        None => None,
+                        Some(text) => match serde_json::from_str::<Value>(&text) {
+                            Ok(Value::Object(m)) => Some(m),
+                            Ok(_) => bail!("--context must be a JSON object, e.g. '{{\"data_sources\": [\"drive\"]}}'"),
+                            Err(e) => bail!("--context is not valid JSON: {e}"),
+                        },
+                    };
+                    (Command::Start(StartPayload { client_id, context }), out)
+                }
+                JourneyCmd::Status { client_id, out } => (Command::Status(ClientPayload { client_id }), out),
+            };
+            let conn = broker::connect(&g.amqp_url, "journeyman-cli").await?;
+            let reply = request(&conn, &names, &cmd, out.timeout).await?;
+            print_reply(&reply, out.json)
+        }
+    }
+}
+
+/// Publishes a journey command and waits for the orchestrator's answer (direct reply-to).
+pub async fn request(conn: &Connection, names: &Names, cmd: &Command, timeout: Duration) -> Result<Envelope> {
+    let ch = conn.create_channel().await?;
+    let mut replies = ch
+        .basic_consume(
+            DIRECT_REPLY_TO.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .context("cannot listen for replies (direct reply-to)")?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let env = Envelope::new(
+        AgentRef::new("journeyman-cli", "operator"),
+        AgentRef::orchestrator(),
+        MessageType::Request,
+        cmd.intent(),
+        cmd.payload(),
+        Utc::now(),
+    );
+    let props = BasicProperties::default()
+        .with_content_type(ShortString::from(crate::protocol::CONTENT_TYPE))
+        .with_delivery_mode(2)
+        .with_message_id(ShortString::from(env.message_id.to_string()))
+        .with_correlation_id(ShortString::from(env.message_id.to_string()))
+        .with_reply_to(ShortString::from(DIRECT_REPLY_TO))
+        .with_type(ShortString::from("request"));
+    let confirm = ch
+        .basic_publish(
+            names.intents().as_str().into(),
+            cmd.intent().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &env.to_bytes(),
+            props,
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Ack(None) => {}
+        Confirmation::Ack(Some(_)) => bail!(
+            "no queue serves {} in namespace '{}': start the orchestrator (journeyman orchestrator) or declare the topology (journeyman topology declare)",
+            cmd.intent(),
+            names.namespace
+        ),
+        other => bail!("the broker refused the command ({other:?}); check its logs"),
+    }
+    let decoder = Decoder::default();
+    let wait = async {
+        while let Some(d) = replies.next().await {
+            let d = d?;
+            let reply = decoder
+                .envelope(&d.data)
+                .map_err(|e| anyhow!("the orchestrator's reply is not valid: {e}"))?;
+            if reply.correlation_id.as_deref() == Some(&env.message_id.to_string()) {
+                return Ok(reply);
+            }
+        }
+        bail!("the reply consumer ended before an answer came")
+    };
+    tokio::time::timeout(timeout, wait).await.map_err(|_| {
+        anyhow!(
+            "no answer from the orchestrator within {timeout:?}: is it running in namespace '{}'? (the command stays queued and will be applied when it starts)",
+            names.namespace
+        )
+    })?
+}
+
+fn print_reply(reply: &Envelope, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply.payload)?);
+    } else if reply.message_type == MessageType::Error {
+        let code = reply.payload["code"].as_str().unwrap_or("error");
+        let msg = reply.payload["message"].as_str().unwrap_or("");
+        eprintln!("refused ({code}): {msg}");
+    } else {
+        print_state(&reply.payload);
+    }
+    if reply.message_type == MessageType::Error {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// A journey state, for people.
+pub fn print_state(p: &Value) {
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    println!("client:      {}", s(&p["client_id"]));
+    println!("stage:       {} (since {})", s(&p["stage"]), s(&p["stage_started_at"]));
+    let done: Vec<String> = p["completed_stages"]
+        .as_array()
+        .map(|a| a.iter().map(s).collect())
+        .unwrap_or_default();
+    println!("completed:   {}", if done.is_empty() { "-".into() } else { done.join(", ") });
+    println!("started:     {}", s(&p["started_at"]));
+    println!("playbook:    {}", s(&p["playbook"]));
+    if let Some(w) = p["work"].as_object() {
+        let empty = Map::new();
+        let _ = &empty;
+        println!("work:        {} {}", s(&w["stage"]), s(&w["status"]));
+        if let Some(tasks) = w["tasks"].as_array() {
+            println!("  {:<24} {:<32} {:<14} {:>8}  last error", "task", "intent", "status", "attempts");
+            for t in tasks {
+                println!(
+                    "  {:<24} {:<32} {:<14} {:>8}  {}",
+                    s(&t["task_id"]),
+                    s(&t["intent"]),
+                    s(&t["status"]),
+                    t["attempts"].as_u64().unwrap_or(0),
+                    t["last_error"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! journeyman: client journeys (Sandbox → Pilot → Production) orchestrated over RabbitMQ.
+//!
+//! Pure core: [`journey`] (the state machine), [`playbook`] (units of work as data),
+//! [`work`] (a unit of work's DAG), [`backoff`] (the retry schedule). Edges: [`protocol`]
+//! (bytes to typed messages), [`store`] (sled), [`broker`] (RabbitMQ). Workers:
+//! [`orchestrator`] and [`agent`], with [`sim`] agents for demos and tests.
+
+pub mod agent;
+pub mod backoff;
+pub mod broker;
+pub mod cli;
+pub mod demo;
+pub mod journey;
+pub mod orchestrator;
+pub mod playbook;
+pub mod protocol;
+pub mod sim;
+pub mod store;
+pub mod work;

@@ -1,0 +1,421 @@
+//! The embedded store: one sled tree, key prefixes per kind of record, atomic batches.
+//!
+//! Why one tree: sled's `apply_batch` on a single tree is atomic and crash-safe, which is
+//! exactly the "state change and outbox in one transaction" the orchestrator needs, at a
+//! fraction of the cost of multi-tree transactions (whose closures may rerun). Few trees
+//! also keeps sled's space amplification down.
+//!
+//! Every piece of journey state is keyed by client id (`j/<client>`, `h/<client>/<seq>`),
+//! so journeys can later be partitioned across orchestrators, each with its own directory;
+//! cross-journey views are scans over those per-client records.
+//!
+//! This module owns encoding and durability (`flush`); it knows nothing about the broker
+//! and makes no decisions.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+const JOURNEY: &[u8] = b"j/";
+const INFLIGHT: &[u8] = b"i/";
+const DEDUP: &[u8] = b"d/";
+const OUTBOX: &[u8] = b"o/";
+const HISTORY: &[u8] = b"h/";
+const PLAYBOOK: &[u8] = b"p/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the data directory {path} is locked by another process (is another orchestrator running on it?): {source}"
+    )]
+    Locked { path: String, source: sled::Error },
+    #[error("cannot open the data directory {path}: {source}. If it is corrupt, move it aside and restart; journeys in flight will need to be restarted")]
+    Open { path: String, source: sled::Error },
+    #[error("store I/O failed: {0}")]
+    Io(#[from] sled::Error),
+    #[error("a stored {what} record could not be decoded: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+}
+
+impl StoreError {
+    /// Store failures are never retried in place: the worker stops and its messages are
+    /// redelivered to a healthy one.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// A message waiting to be published: recorded with the state change that caused it,
+/// removed once the broker confirmed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    /// Position in the outbox; assigned by the store on write.
+    #[serde(default)]
+    pub id: u64,
+    pub exchange: String,
+    pub routing_key: String,
+    /// Set for task requests so an intent no agent serves comes back to us.
+    pub mandatory: bool,
+    pub message_id: String,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub message_type: String,
+    pub headers: Vec<(String, String)>,
+    pub purpose: Purpose,
+    /// Raw bytes: dead letters may carry bodies that are not UTF-8.
+    #[serde(skip)]
+    pub body: Vec<u8>,
+}
+
+/// Why an outbox entry exists, so a returned (unroutable) publish can be handled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Purpose {
+    TaskRequest {
+        client_id: String,
+        correlation_id: String,
+    },
+    Reply,
+    Event,
+    DeadLetter,
+}
+
+impl OutboxEntry {
+    fn encode(&self) -> Vec<u8> {
+        let meta = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = Vec::with_capacity(4 + meta.len() + self.body.len());
+        out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    fn decode(id: u64, raw: &[u8]) -> Result<Self, StoreError> {
+        let corrupt = |detail: String| StoreError::Corrupt {
+            what: "outbox",
+            detail,
+        };
+        if raw.len() < 4 {
+            return Err(corrupt("entry shorter than its header".into()));
+        }
+        let n = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize;
+        let meta = raw
+            .get(4..4 + n)
+            .ok_or_else(|| corrupt("truncated entry".into()))?;
+        let mut e: OutboxEntry = serde_json::from_slice(meta).map_err(|e| corrupt(e.to_string()))?;
+        e.id = id;
+        e.body = raw[4 + n..].to_vec();
+        Ok(e)
+    }
+}
+
+/// One atomic change: every write of one handled message or timer.
+#[derive(Default, Debug)]
+pub struct Change {
+    batch: sled::Batch,
+    outbox: Vec<OutboxEntry>,
+    /// Outbox entries this change publishes, returned after commit so the caller can
+    /// hand them to the publisher once they are durable.
+    pub empty: bool,
+}
+
+impl Change {
+    pub fn new() -> Self {
+        Self {
+            empty: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn put_journey<T: Serialize>(&mut self, client_id: &str, record: &T) {
+        self.empty = false;
+        self.batch.insert(key(JOURNEY, client_id.as_bytes()), to_json(record));
+    }
+
+    pub fn put_inflight(&mut self, correlation_id: &str, client_id: &str) {
+        self.empty = false;
+        self.batch
+            .insert(key(INFLIGHT, correlation_id.as_bytes()), client_id.as_bytes());
+    }
+
+    pub fn remove_inflight(&mut self, correlation_id: &str) {
+        self.empty = false;
+        self.batch.remove(key(INFLIGHT, correlation_id.as_bytes()));
+    }
+
+    /// Marks a message id as handled; `value` is what a duplicate needs to know.
+    pub fn put_dedup<T: Serialize>(&mut self, message_id: &str, value: &T) {
+        self.empty = false;
+        self.batch
+            .insert(key(DEDUP, message_id.as_bytes()), to_json(value));
+    }
+
+    pub fn push_outbox(&mut self, entry: OutboxEntry) {
+        self.empty = false;
+        self.outbox.push(entry);
+    }
+
+    pub fn remove_outbox(&mut self, id: u64) {
+        self.empty = false;
+        self.batch.remove(key(OUTBOX, &id.to_be_bytes()));
+    }
+
+    pub fn push_history<T: Serialize>(&mut self, client_id: &str, seq: u64, entry: &T) {
+        self.empty = false;
+        let mut k = key(HISTORY, client_id.as_bytes());
+        k.push(0);
+        k.extend_from_slice(&seq.to_be_bytes());
+        self.batch.insert(k, to_json(entry));
+    }
+
+    pub fn put_playbook<T: Serialize>(&mut self, hash: &str, playbook: &T) {
+        self.empty = false;
+        self.batch.insert(key(PLAYBOOK, hash.as_bytes()), to_json(playbook));
+    }
+}
+
+fn key(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + rest.len());
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// The store handle. Cloning shares the same database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl Store {
+    /// Opens (creating) the data directory. A directory held by another process is a clear
+    /// error, not a hang; a corrupt one is a clear fatal error, never a panic.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let shown = path.display().to_string();
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|source| match &source {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Locked {
+                        path: shown.clone(),
+                        source,
+                    }
+                }
+                sled::Error::Io(io) if io.to_string().contains("lock") => StoreError::Locked {
+                    path: shown.clone(),
+                    source,
+                },
+                _ => StoreError::Open {
+                    path: shown.clone(),
+                    source,
+                },
+            })?;
+        let tree = db.open_tree("journeyman")?;
+        Ok(Self { db, tree })
+    }
+
+    /// Applies a change atomically and returns its outbox entries with their ids.
+    /// Not durable until [`Store::flush`] returns.
+    pub fn commit(&self, mut change: Change) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut outbox = std::mem::take(&mut change.outbox);
+        for e in &mut outbox {
+            e.id = self.db.generate_id()?;
+            change
+                .batch
+                .insert(key(OUTBOX, &e.id.to_be_bytes()), e.encode());
+        }
+        self.tree.apply_batch(change.batch)?;
+        Ok(outbox)
+    }
+
+    /// One fsync for everything committed so far: callers group many commits per flush.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+
+    pub fn journey<T: DeserializeOwned>(&self, client_id: &str) -> Result<Option<T>, StoreError> {
+        self.get_json(&key(JOURNEY, client_id.as_bytes()), "journey")
+    }
+
+    pub fn journeys<T: DeserializeOwned>(&self) -> impl Iterator<Item = Result<T, StoreError>> + '_ {
+        self.tree.scan_prefix(JOURNEY).map(|r| {
+            let (_, v) = r?;
+            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                what: "journey",
+                detail: e.to_string(),
+            })
+        })
+    }
+
+    pub fn inflight(&self, correlation_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tree
+            .get(key(INFLIGHT, correlation_id.as_bytes()))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub fn dedup<T: DeserializeOwned>(&self, message_id: &str) -> Result<Option<T>, StoreError> {
+        self.get_json(&key(DEDUP, message_id.as_bytes()), "dedup")
+    }
+
+    pub fn playbook<T: DeserializeOwned>(&self, hash: &str) -> Result<Option<T>, StoreError> {
+        self.get_json(&key(PLAYBOOK, hash.as_bytes()), "playbook")
+    }
+
+    /// Every entry still waiting to be published, oldest first.
+    pub fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut out = Vec::new();
+        for r in self.tree.scan_prefix(OUTBOX) {
+            let (k, v) = r?;
+            let id = k
+                .get(OUTBOX.len()..)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: "outbox",
+                    detail: "bad key".into(),
+                })?;
+            out.push(OutboxEntry::decode(id, &v)?);
+        }
+        Ok(out)
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        self.tree.scan_prefix(OUTBOX).count()
+    }
+
+    /// Removes published entries. Not flushed on purpose: if the removal is lost in a
+    /// crash the entry is published again with the same message id, which consumers absorb.
+    pub fn clear_outbox(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for id in ids {
+            b.remove(key(OUTBOX, &id.to_be_bytes()));
+        }
+        self.tree.apply_batch(b)?;
+        Ok(())
+    }
+
+    pub fn history<T: DeserializeOwned>(&self, client_id: &str) -> Result<Vec<T>, StoreError> {
+        let mut p = key(HISTORY, client_id.as_bytes());
+        p.push(0);
+        self.tree
+            .scan_prefix(p)
+            .map(|r| {
+                let (_, v) = r?;
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    what: "history",
+                    detail: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Drops dedup marks older than `older_than` (judged by `is_old` on the stored value).
+    pub fn prune_dedup<T: DeserializeOwned>(&self, is_old: impl Fn(&T) -> bool) -> Result<usize, StoreError> {
+        let mut b = sled::Batch::default();
+        let mut n = 0;
+        for r in self.tree.scan_prefix(DEDUP) {
+            let (k, v) = r?;
+            if let Ok(t) = serde_json::from_slice::<T>(&v)
+                && is_old(&t)
+            {
+                b.remove(k);
+                n += 1;
+            }
+        }
+        self.tree.apply_batch(b)?;
+        Ok(n)
+    }
+
+    pub fn next_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
+    fn get_json<T: DeserializeOwned>(&self, k: &[u8], what: &'static str) -> Result<Option<T>, StoreError> {
+        match self.tree.get(k)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    what,
+                    detail: e.to_string(),
+                }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(body: &[u8]) -> OutboxEntry {
+        OutboxEntry {
+            id: 0,
+            exchange: "x".into(),
+            routing_key: "k".into(),
+            mandatory: true,
+            message_id: "m".into(),
+            correlation_id: Some("c".into()),
+            reply_to: None,
+            message_type: "request".into(),
+            headers: vec![("a".into(), "b".into())],
+            purpose: Purpose::Event,
+            body: body.to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn change_is_atomic_and_outbox_roundtrips() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut c = Change::new();
+        c.put_journey("acme", &serde_json::json!({"stage": "sandbox"}));
+        c.push_outbox(entry(&[0xff, 0x00, b'x']));
+        c.push_outbox(entry(b"{}"));
+        c.put_dedup("m1", &1u32);
+        let published = store.commit(c).unwrap();
+        store.flush().await.unwrap();
+        assert_eq!(published.len(), 2);
+        assert!(published[0].id < published[1].id);
+        let back = store.outbox().unwrap();
+        assert_eq!(back, published);
+        assert_eq!(back[0].body, vec![0xff, 0x00, b'x']);
+        store.clear_outbox(&[published[0].id]).unwrap();
+        assert_eq!(store.outbox_len(), 1);
+        assert_eq!(store.dedup::<u32>("m1").unwrap(), Some(1));
+        let j: Option<serde_json::Value> = store.journey("acme").unwrap();
+        assert_eq!(j.unwrap()["stage"], "sandbox");
+    }
+
+    #[test]
+    fn second_open_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = Store::open(dir.path()).unwrap();
+        // sled's lock is per process (flock), so a second open in-process may succeed on
+        // some platforms; the cross-process refusal is covered by the integration tests.
+        if let Err(e) = Store::open(dir.path()) {
+            assert!(e.to_string().contains("locked") || e.to_string().contains("cannot open"));
+        }
+    }
+
+    #[test]
+    fn history_is_ordered_per_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut c = Change::new();
+        c.push_history("a", 2, &"second");
+        c.push_history("a", 1, &"first");
+        c.push_history("ab", 1, &"other client");
+        store.commit(c).unwrap();
+        let h: Vec<String> = store.history("a").unwrap();
+        assert_eq!(h, vec!["first", "second"]);
+    }
+}
