@@ -37,6 +37,6 @@ COPY --from=builder /out/journeyman /usr/local/bin/journeyman
 USER 10001:10001
 WORKDIR /data
 ENV JOURNEYMAN_DATA_DIR=/data \
-    RUST_LOG=info
+    RUST_LOG="info,lapin=warn"
 ENTRYPOINT ["journeyman"]
 CMD ["--help"]

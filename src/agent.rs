@@ -78,6 +78,31 @@ pub struct AgentStats {
     pub handled: AtomicU64,
     pub failed: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Set once every intent's consumer is running (again, after a reconnect).
+    ready: std::sync::atomic::AtomicBool,
+    ready_changed: tokio::sync::Notify,
+}
+
+impl AgentStats {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+        self.ready_changed.notify_waiters();
+    }
+
+    /// Resolves once the agent consumes from every queue it serves.
+    pub async fn wait_ready(&self) {
+        loop {
+            let changed = self.ready_changed.notified();
+            if self.is_ready() {
+                return;
+            }
+            changed.await;
+        }
+    }
 }
 
 /// Serves the configured intents until `shutdown` resolves, reconnecting with backoff.
@@ -96,9 +121,14 @@ pub async fn run<A: Agent>(
         .build();
     loop {
         let session = session(&config, agent.clone(), stats.clone());
-        tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            res = session => {
+        let res = tokio::select! {
+            _ = &mut shutdown => None,
+            res = session => Some(res),
+        };
+        stats.set_ready(false);
+        match res {
+            None => return Ok(()),
+            Some(res) => {
                 let e = match res {
                     Ok(()) => BrokerError::PublisherGone,
                     Err(e) => e,
@@ -181,6 +211,7 @@ async fn session<A: Agent>(
         });
     }
     info!(agent = %config.agent_id, intents = config.intents.len(), "agent consuming");
+    stats.set_ready(true);
     match err_rx.recv().await {
         Some(e) => Err(e),
         None => Ok(()),

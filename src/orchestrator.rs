@@ -1108,10 +1108,15 @@ impl Core {
         let mut change = Change::new();
         change.remove_outbox(outbox_id);
         if let Some(mut rec) = self.store.journey::<JourneyRecord>(client_id)? {
-            let effect = rec.work.as_mut().and_then(|w| w.on_unroutable(correlation_id, now));
+            let playbook = self.playbook(&rec.playbook)?;
+            let effect = rec.work.as_mut().and_then(|w| {
+                let spec = playbook.stage(w.stage.as_str())?;
+                w.on_unroutable(spec, correlation_id, now, rand::random::<f64>())
+            });
             if let Some(effect) = effect {
                 self.record_effect(&mut change, &mut rec, &effect, None, now)?;
                 change.put_journey(client_id, &rec);
+                self.arm(&rec);
             }
         }
         Ok(self.store.commit(change)?)

@@ -334,11 +334,15 @@ impl UnitOfWork {
         Some(self.attempt_failed(spec, i, error, true, now, jitter))
     }
 
-    /// The request for `correlation_id` was returned unroutable: no queue serves its intent.
+    /// The request for `correlation_id` was returned unroutable: no queue serves its
+    /// intent. Counted as a failed attempt and retried like any other, because agents may
+    /// still be starting; after the retries the task fails with a `no_agent` error.
     pub fn on_unroutable(
         &mut self,
+        spec: &StageWork,
         correlation_id: &str,
         now: DateTime<Utc>,
+        jitter: f64,
     ) -> Option<ReplyEffect> {
         let (i, current) = self.locate(correlation_id)?;
         if !current
@@ -347,13 +351,11 @@ impl UnitOfWork {
         {
             return None;
         }
-        let task_id = self.tasks[i].task_id.clone();
         let error = format!(
-            "no_agent: no agent serves intent '{}' (nothing is bound to it)",
+            "no_agent: no agent serves intent '{}' (no queue is bound to it)",
             self.tasks[i].intent
         );
-        self.fail(&task_id, error.clone(), now);
-        Some(ReplyEffect::TaskFailed { task_id, error })
+        Some(self.attempt_failed(spec, i, error, true, now, jitter))
     }
 
     fn attempt_failed(
@@ -556,8 +558,11 @@ mod tests {
         let eff = w.on_timeout(&spec, &d.task_id, 1, d.deadline, 0.0).unwrap();
         assert!(matches!(eff, ReplyEffect::RetryScheduled { .. }));
         let d2 = w.advance(&spec, &view, d.deadline + ChronoDuration::hours(1), &mut ids).remove(0);
-        let eff = w.on_unroutable(&d2.correlation_id, now).unwrap();
-        assert!(matches!(eff, ReplyEffect::TaskFailed { ref error, .. } if error.contains("no_agent")));
-        assert!(w.timers().is_empty());
+        let eff = w.on_unroutable(&spec, &d2.correlation_id, now, 0.0).unwrap();
+        assert!(
+            matches!(eff, ReplyEffect::RetryScheduled { ref error, .. } if error.contains("no_agent"))
+        );
+        // A second return of the same request changes nothing.
+        assert!(w.on_unroutable(&spec, &d2.correlation_id, now, 0.0).is_none());
     }
 }

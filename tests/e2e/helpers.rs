@@ -1,0 +1,419 @@
+//! Spawns an isolated app per test: its own namespace on the shared broker, its own sled
+//! directory, an in-process orchestrator (or a child process), and a window on the
+//! journey events and dead letters. Every wait is bounded; everything is deleted after.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use journeyman::agent::{self, Agent, AgentConfig, AgentStats};
+use journeyman::broker::{self, Names};
+use journeyman::orchestrator::{self, Stats};
+use journeyman::playbook::Playbook;
+use journeyman::protocol::{AgentRef, Command, Decoder, Envelope, JOURNEY_INTENTS, MessageType};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Confirmation, Connection};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub fn amqp_url() -> String {
+    std::env::var("JOURNEYMAN_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+/// A dead-lettered message: its reason headers and body.
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl DeadLetter {
+    pub fn reason(&self) -> &str {
+        self.headers.get("x-journeyman-reason").map(String::as_str).unwrap_or("")
+    }
+}
+
+pub struct TestApp {
+    pub names: Names,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pub conn: Connection,
+    pub stats: Arc<Stats>,
+    pub playbook: Playbook,
+    stop: watch::Sender<bool>,
+    orchestrator: Option<JoinHandle<Result<(), orchestrator::OrchestratorError>>>,
+    child: Option<tokio::process::Child>,
+    events: mpsc::UnboundedReceiver<Envelope>,
+    dead: Option<lapin::Consumer>,
+    queues: Vec<String>,
+}
+
+pub enum Mode {
+    InProcess,
+    ChildProcess,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Playbook::default_playbook(), Mode::InProcess).await
+    }
+
+    pub async fn spawn_with(playbook: Playbook, mode: Mode) -> Self {
+        static LOGS: std::sync::Once = std::sync::Once::new();
+        LOGS.call_once(|| {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn,lapin::returned_messages=error"));
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        });
+        let names = Names::new(format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+        let url = amqp_url();
+        let conn = broker::connect(&url, "journeyman-test")
+            .await
+            .expect("the tests need RabbitMQ: run scripts/test, which starts one");
+        let ch = conn.create_channel().await.unwrap();
+        // Journey command queues exist before the orchestrator starts, so commands sent
+        // early wait for it. Task queues are declared by the agents that serve them.
+        let journey_intents = JOURNEY_INTENTS.iter().map(|s| s.to_string());
+        let mut queues = broker::declare_topology(&ch, &names, journey_intents).await.unwrap();
+        queues.push(names.replies("0"));
+        queues.extend(playbook.intents().iter().map(|i| names.intent_queue(i)));
+        let events = subscribe_events(&conn, &names).await;
+        let (stop, _) = watch::channel(false);
+        let dir = tempfile::tempdir().unwrap();
+        let mut app = Self {
+            names,
+            url,
+            dir,
+            conn,
+            stats: Arc::new(Stats::default()),
+            playbook,
+            stop,
+            orchestrator: None,
+            child: None,
+            events,
+            dead: None,
+            queues,
+        };
+        match mode {
+            Mode::InProcess => app.start_orchestrator(),
+            Mode::ChildProcess => app.start_child().await,
+        }
+        app
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    pub fn start_orchestrator(&mut self) {
+        let mut config = orchestrator::Config::new(&self.url, &self.names.namespace, self.data_dir());
+        config.playbook = self.playbook.clone();
+        let stats = self.stats.clone();
+        let mut rx = self.stop.subscribe();
+        self.orchestrator = Some(tokio::spawn(async move {
+            orchestrator::run(config, stats, async move {
+                let _ = rx.wait_for(|v| *v).await;
+            })
+            .await
+        }));
+    }
+
+    /// The orchestrator as a separate process (the real binary), so a test can kill it.
+    pub async fn start_child(&mut self) {
+        let playbook_file = self.dir.path().join("playbook.yaml");
+        let yaml = serde_norway::to_string(&self.playbook).unwrap();
+        std::fs::write(&playbook_file, yaml).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("orchestrator.log"))
+            .unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_journeyman"))
+            .args(["--namespace", &self.names.namespace, "orchestrator", "--data-dir"])
+            .arg(self.data_dir())
+            .arg("--playbook")
+            .arg(&playbook_file)
+            .env("JOURNEYMAN_AMQP_URL", &self.url)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the journeyman binary");
+        self.child = Some(child);
+    }
+
+    /// SIGKILLs the child orchestrator and waits for it to be gone.
+    pub async fn kill_child(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.start_kill().unwrap();
+            let _ = tokio::time::timeout(WAIT, c.wait()).await.expect("child exits");
+        }
+    }
+
+    pub fn orchestrator_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("orchestrator.log")).unwrap_or_default()
+    }
+
+    /// Stops the in-process orchestrator and returns its result.
+    pub async fn stop_orchestrator(&mut self) -> Result<(), orchestrator::OrchestratorError> {
+        let _ = self.stop.send(true);
+        let r = match self.orchestrator.take() {
+            Some(h) => tokio::time::timeout(WAIT, h).await.expect("orchestrator stops").unwrap(),
+            None => Ok(()),
+        };
+        self.stop = watch::channel(false).0;
+        r
+    }
+
+    /// Starts an agent serving `intents` until the app is dropped, and waits until it
+    /// consumes.
+    pub async fn start_agent<A: Agent>(&self, agent: Arc<A>, intents: &[&str]) -> Arc<AgentStats> {
+        let config = AgentConfig {
+            amqp_url: self.url.clone(),
+            names: self.names.clone(),
+            agent_id: "test-agent".into(),
+            intents: intents.iter().map(|s| s.to_string()).collect(),
+            prefetch: 16,
+            max_message_bytes: journeyman::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+        };
+        let stats = Arc::new(AgentStats::default());
+        let st = stats.clone();
+        let mut rx = self.stop.subscribe();
+        tokio::spawn(async move {
+            let _ = agent::run(config, agent, st, async move {
+                let _ = rx.wait_for(|v| *v).await;
+            })
+            .await;
+        });
+        tokio::time::timeout(WAIT, stats.wait_ready()).await.expect("agent starts consuming");
+        stats
+    }
+
+    /// Serves every intent of the playbook with `agent`.
+    pub async fn start_agent_for_all<A: Agent>(&self, agent: Arc<A>) -> Arc<AgentStats> {
+        let intents: Vec<String> = self.playbook.intents().into_iter().collect();
+        let refs: Vec<&str> = intents.iter().map(String::as_str).collect();
+        self.start_agent(agent, &refs).await
+    }
+
+    /// A journey command envelope from the test's upstream agent.
+    pub fn command(intent: &str, payload: Value) -> Envelope {
+        Envelope::new(
+            AgentRef::new("test-upstream", "tests"),
+            AgentRef::orchestrator(),
+            MessageType::Request,
+            intent,
+            payload,
+            Utc::now(),
+        )
+    }
+
+    /// Publishes raw bytes to the intents exchange with confirms.
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8], message_id: Option<&str>) {
+        let ch = self.conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        let mut props = BasicProperties::default()
+            .with_content_type(ShortString::from("application/json"))
+            .with_delivery_mode(2);
+        if let Some(id) = message_id {
+            props = props.with_message_id(ShortString::from(id));
+        }
+        let c = ch
+            .basic_publish(
+                self.names.intents().as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(c, Confirmation::Ack(None), "command routed");
+        let _ = ch.close(200, "done".into()).await;
+    }
+
+    pub async fn send(&self, env: &Envelope) {
+        self.publish_raw(&env.intent, &env.to_bytes(), Some(&env.message_id.to_string()))
+            .await;
+    }
+
+    pub async fn start_journey(&self, client: &str) -> Envelope {
+        let env = Self::command(
+            "journey.start",
+            serde_json::json!({"client_id": client, "context": {"data_sources": ["drive"], "connectors": ["gdrive"]}}),
+        );
+        self.send(&env).await;
+        env
+    }
+
+    /// A command with a reply, through the same code path as the CLI.
+    pub async fn request(&self, cmd: &Command) -> Envelope {
+        journeyman::cli::request(&self.conn, &self.names, cmd, WAIT)
+            .await
+            .expect("the orchestrator answers")
+    }
+
+    /// Waits for a journey event matching `pred`.
+    pub async fn wait_event(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let fut = async {
+            while let Some(env) = self.events.recv().await {
+                if pred(&env.payload) {
+                    return env.payload;
+                }
+            }
+            panic!("event stream ended while waiting for {what}");
+        };
+        match tokio::time::timeout(WAIT, fut).await {
+            Ok(v) => v,
+            Err(_) => panic!("timed out waiting for {what}; orchestrator log:\n{}", self.orchestrator_log()),
+        }
+    }
+
+    /// Waits until `client`'s production unit of work completes.
+    pub async fn wait_in_production(&mut self, client: &str) -> Value {
+        let c = client.to_string();
+        self.wait_event(&format!("{client} through production"), move |p| {
+            p["client_id"] == c.as_str() && p["event"] == "work.completed" && p["stage"] == "production"
+        })
+        .await
+    }
+
+    /// Takes the next `n` dead letters (acking them), waiting for each.
+    pub async fn dead_letters(&mut self, n: usize) -> Vec<DeadLetter> {
+        if self.dead.is_none() {
+            let ch = self.conn.create_channel().await.unwrap();
+            let c = ch
+                .basic_consume(
+                    self.names.dead_letter().as_str().into(),
+                    "test".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            self.dead = Some(c);
+        }
+        let consumer = self.dead.as_mut().unwrap();
+        let mut out = Vec::new();
+        while out.len() < n {
+            let d = tokio::time::timeout(WAIT, consumer.next())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for dead letter {} of {n}", out.len() + 1))
+                .expect("dead-letter consumer open")
+                .expect("delivery");
+            let mut headers = BTreeMap::new();
+            if let Some(h) = d.properties.headers() {
+                for (k, _) in h.inner() {
+                    if let Some(v) = broker::header(&d.properties, k.as_str()) {
+                        headers.insert(k.as_str().to_string(), v);
+                    }
+                }
+            }
+            d.acker.ack(BasicAckOptions::default()).await.unwrap();
+            out.push(DeadLetter {
+                headers,
+                body: d.data,
+            });
+        }
+        out
+    }
+
+    pub async fn dead_letter_count(&self) -> u32 {
+        broker::queue_len(&self.conn, &self.names.dead_letter()).await.unwrap()
+    }
+}
+
+async fn subscribe_events(conn: &Connection, names: &Names) -> mpsc::UnboundedReceiver<Envelope> {
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    ch.queue_bind(
+        q.name().clone(),
+        names.events().as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            q.name().clone(),
+            "events".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _ch = ch;
+        let decoder = Decoder::default();
+        while let Some(Ok(d)) = consumer.next().await {
+            if let Ok(env) = decoder.envelope(&d.data)
+                && tx.send(env).is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+impl Drop for TestApp {
+    /// Deletes the namespace even when the test panicked: on a thread of its own, since
+    /// the test's runtime may be gone.
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        let (url, names, queues) = (self.url.clone(), self.names.clone(), self.queues.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok(conn) = broker::connect(&url, "journeyman-test-cleanup").await {
+                    broker::delete_namespace(&conn, &names, &queues).await;
+                    let _ = conn.close(200, "bye".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Parses a playbook for a test.
+pub fn playbook(yaml: &str) -> Playbook {
+    Playbook::from_yaml(yaml).expect("test playbook is valid")
+}

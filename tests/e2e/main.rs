@@ -1,0 +1,364 @@
+//! End-to-end tests over the real RabbitMQ and real sled directories. Each test runs in a
+//! namespace of its own (see `helpers`), so they run in parallel on a shared broker.
+
+mod helpers;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use helpers::*;
+use journeyman::agent::{Agent, TaskError};
+use journeyman::protocol::{ClientPayload, Command, Envelope, MessageType, StartPayload};
+use journeyman::sim::SimAgent;
+use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, watch};
+
+/// Wraps an agent and records every request it sees: (intent, correlation id, message id).
+struct Recorder<A> {
+    inner: A,
+    seen: Mutex<Vec<(String, String, String)>>,
+}
+
+impl<A> Recorder<A> {
+    fn new(inner: A) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            seen: Mutex::new(Vec::new()),
+        })
+    }
+    fn attempts(&self, intent: &str) -> BTreeSet<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(i, _, _)| i == intent)
+            .map(|(_, c, _)| c.clone())
+            .collect()
+    }
+}
+
+impl<A: Agent> Agent for Recorder<A> {
+    async fn handle(&self, request: &Envelope, input: Map<String, Value>) -> Result<Map<String, Value>, TaskError> {
+        self.seen.lock().unwrap().push((
+            request.intent.clone(),
+            request.correlation_id.clone().unwrap_or_default(),
+            request.message_id.to_string(),
+        ));
+        self.inner.handle(request, input).await
+    }
+}
+
+/// Fails the first `n` attempts of chosen intents, then behaves like the simulated agent.
+struct Flaky {
+    remaining: Mutex<HashMap<String, u32>>,
+    retryable: bool,
+}
+
+impl Flaky {
+    fn new(intent: &str, n: u32, retryable: bool) -> Self {
+        Self {
+            remaining: Mutex::new(HashMap::from([(intent.to_string(), n)])),
+            retryable,
+        }
+    }
+}
+
+impl Agent for Flaky {
+    async fn handle(&self, request: &Envelope, input: Map<String, Value>) -> Result<Map<String, Value>, TaskError> {
+        let fail = {
+            let mut r = self.remaining.lock().unwrap();
+            match r.get_mut(&request.intent) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if fail {
+            return Err(TaskError {
+                code: "injected".into(),
+                message: format!("injected failure in {}", request.intent),
+                retryable: self.retryable,
+            });
+        }
+        SimAgent::default().handle(request, input).await
+    }
+}
+
+fn status(client: &str) -> Command {
+    Command::Status(ClientPayload {
+        client_id: client.into(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journey_runs_to_production() {
+    let mut app = TestApp::spawn().await;
+    let rec = Recorder::new(SimAgent::default());
+    app.start_agent_for_all(rec.clone()).await;
+    app.start_journey("acme").await;
+    app.wait_in_production("acme").await;
+
+    let reply = app.request(&status("acme")).await;
+    assert_eq!(reply.message_type, MessageType::Response);
+    let p = &reply.payload;
+    assert_eq!(p["stage"], "production");
+    assert_eq!(p["completed_stages"], json!(["sandbox", "pilot"]));
+    assert_eq!(p["work"]["status"], "completed");
+    // The answer is what the published schema promises.
+    let v = journeyman::protocol::compile_schema(journeyman::protocol::schemas::JOURNEY_STATE);
+    assert!(v.is_valid(p), "journey state matches its schema: {p}");
+    // Every task of every stage ran exactly once.
+    for (_, stage) in &app.playbook.stages {
+        for t in &stage.tasks {
+            let expected = stage.tasks.iter().filter(|x| x.intent == t.intent).count();
+            assert_eq!(rec.attempts(&t.intent).len(), expected, "attempts of {}", t.intent);
+        }
+    }
+    assert_eq!(app.dead_letter_count().await, 0);
+    app.stop_orchestrator().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_are_refused_with_reasons() {
+    let mut app = TestApp::spawn().await;
+    app.start_agent_for_all(Arc::new(SimAgent::default())).await;
+
+    let reply = app.request(&status("nobody")).await;
+    assert_eq!(reply.message_type, MessageType::Error);
+    assert_eq!(reply.payload["code"], "not_found");
+
+    let start = Command::Start(StartPayload {
+        client_id: "acme".into(),
+        context: None,
+    });
+    assert_eq!(app.request(&start).await.message_type, MessageType::Response);
+    // A second start with a new message id is a refusal, not a no-op.
+    let again = app.request(&start).await;
+    assert_eq!(again.message_type, MessageType::Error);
+    assert_eq!(again.payload["code"], "already_exists");
+    let dl = app.dead_letters(1).await;
+    assert_eq!(dl[0].reason(), "already_exists");
+    assert_eq!(dl[0].headers["x-journeyman-client-id"], "acme");
+
+    // Completing a journey still in sandbox is an invalid transition.
+    let complete = Command::Complete(ClientPayload {
+        client_id: "acme".into(),
+    });
+    app.wait_in_production("acme").await;
+    let ok = app.request(&complete).await;
+    assert_eq!(ok.message_type, MessageType::Response, "{:?}", ok.payload);
+    assert_eq!(ok.payload["stage"], "completed");
+    let after = app.request(&complete).await;
+    assert_eq!(after.payload["code"], "invalid_transition");
+    assert!(after.payload["message"].as_str().unwrap().contains("completed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_failing_twice_then_succeeding_is_retried() {
+    let mut app = TestApp::spawn().await;
+    let rec = Recorder::new(Flaky::new("install_connectors", 2, true));
+    app.start_agent_for_all(rec.clone()).await;
+    app.start_journey("acme").await;
+    app.wait_in_production("acme").await;
+    assert_eq!(rec.attempts("install_connectors").len(), 3, "three attempts, each its own correlation id");
+    assert_eq!(Stats::get(&app.stats.retries), 2);
+    assert_eq!(app.dead_letter_count().await, 0);
+}
+
+use journeyman::orchestrator::Stats;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_failing_past_max_retries_fails_the_work_and_is_dead_lettered() {
+    let mut app = TestApp::spawn().await;
+    let rec = Recorder::new(Flaky::new("provision_test_dataset", u32::MAX, true));
+    app.start_agent_for_all(rec.clone()).await;
+    app.start_journey("acme").await;
+    let ev = app
+        .wait_event("work.failed", |p| p["event"] == "work.failed" && p["client_id"] == "acme")
+        .await;
+    assert_eq!(ev["detail"]["task_id"], "provision-test-data");
+    let max = app.playbook.stage("sandbox").unwrap().task("provision-test-data").unwrap().max_retries;
+    assert_eq!(rec.attempts("provision_test_dataset").len() as u32, max + 1);
+
+    let dl = app.dead_letters(1).await;
+    assert_eq!(dl[0].reason(), "task_failed");
+    assert_eq!(dl[0].headers["x-journeyman-client-id"], "acme");
+    assert_eq!(dl[0].headers["x-journeyman-task-id"], "provision-test-data");
+    assert!(dl[0].headers["x-journeyman-reason-message"].contains("injected failure"));
+
+    let s = app.request(&status("acme")).await.payload;
+    assert_eq!(s["stage"], "sandbox");
+    assert_eq!(s["work"]["status"], "failed");
+    let task = s["work"]["tasks"].as_array().unwrap().iter().find(|t| t["task_id"] == "provision-test-data").unwrap();
+    assert_eq!(task["status"], "failed");
+    assert_eq!(task["attempts"], max + 1);
+    assert!(task["last_error"].as_str().unwrap().contains("injected failure"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_retryable_error_fails_at_once() {
+    let mut app = TestApp::spawn().await;
+    let rec = Recorder::new(Flaky::new("provision_sandbox_environment", 1, false));
+    app.start_agent_for_all(rec.clone()).await;
+    app.start_journey("acme").await;
+    app.wait_event("work.failed", |p| p["event"] == "work.failed").await;
+    assert_eq!(rec.attempts("provision_sandbox_environment").len(), 1);
+    assert_eq!(app.dead_letters(1).await[0].reason(), "task_failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_intent_no_agent_serves_is_reported() {
+    let pb = playbook(
+        r#"
+name: lonely
+stages:
+  sandbox:
+    tasks:
+      - task_id: ask-nobody
+        name: Ask Nobody
+        intent: nobody_serves_this
+        max_retries: 2
+        backoff: { initial: 20ms, max: 100ms, multiplier: 2.0, jitter: 0.0 }
+"#,
+    );
+    let mut app = TestApp::spawn_with(pb, Mode::InProcess).await;
+    app.start_journey("acme").await;
+    let ev = app.wait_event("work.failed", |p| p["event"] == "work.failed").await;
+    assert!(ev["detail"]["failure"].as_str().unwrap().contains("nobody_serves_this"));
+    let dl = app.dead_letters(1).await;
+    assert_eq!(dl[0].reason(), "no_agent");
+    assert_eq!(dl[0].headers["x-journeyman-task-id"], "ask-nobody");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_are_dead_lettered_and_the_next_one_is_processed() {
+    let mut app = TestApp::spawn().await;
+    app.start_agent_for_all(Arc::new(SimAgent::default())).await;
+    app.publish_raw("journey.start", b"{not json", Some("bad-1")).await;
+    let invalid = TestApp::command("journey.start", json!({"client": "acme"}));
+    app.send(&invalid).await;
+    let unknown = TestApp::command("journey.fly", json!({"client_id": "acme"}));
+    app.publish_raw("journey.start", &unknown.to_bytes(), None).await;
+    app.publish_raw("journey.start", &[0xff, 0xfe, 0x00], None).await;
+    app.start_journey("acme").await;
+    app.wait_event("acme started", |p| p["event"] == "journey.started" && p["client_id"] == "acme")
+        .await;
+
+    let dls = app.dead_letters(4).await;
+    let reasons: BTreeSet<&str> = dls.iter().map(|d| d.reason()).collect();
+    assert_eq!(
+        reasons,
+        BTreeSet::from(["malformed_json", "schema_invalid", "unknown_intent", "not_utf8"])
+    );
+    for d in &dls {
+        assert_eq!(d.headers["x-journeyman-original-routing-key"], "journey.start");
+        assert_eq!(d.headers["x-journeyman-original-queue"], app.names.intent_queue("journey.start"));
+        assert!(!d.headers["x-journeyman-reason-message"].is_empty());
+    }
+    let malformed = dls.iter().find(|d| d.reason() == "malformed_json").unwrap();
+    assert_eq!(malformed.body, b"{not json", "the original body is kept");
+    app.wait_in_production("acme").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_delivery_is_applied_once() {
+    let mut app = TestApp::spawn().await;
+    app.start_agent_for_all(Arc::new(SimAgent::default())).await;
+    let first = app.start_journey("acme").await;
+    app.send(&first).await; // same message id: a redelivery, not a second command
+    // Commands on one queue are handled in order: once "other" starts, the duplicate has
+    // been handled too.
+    app.start_journey("other").await;
+    app.wait_event("other started", |p| p["event"] == "journey.started" && p["client_id"] == "other")
+        .await;
+    assert_eq!(Stats::get(&app.stats.journeys_started), 2);
+    assert_eq!(Stats::get(&app.stats.duplicates), 1);
+    assert_eq!(Stats::get(&app.stats.refusals), 0);
+    app.wait_in_production("acme").await;
+    app.wait_in_production("other").await;
+    assert_eq!(app.dead_letter_count().await, 0);
+}
+
+/// Holds requests of one intent until released, reporting each arrival.
+struct Gate {
+    intent: String,
+    arrived: mpsc::UnboundedSender<String>,
+    open: watch::Receiver<bool>,
+}
+
+impl Agent for Gate {
+    async fn handle(&self, request: &Envelope, input: Map<String, Value>) -> Result<Map<String, Value>, TaskError> {
+        if request.intent == self.intent {
+            let _ = self.arrived.send(request.message_id.to_string());
+            let mut open = self.open.clone();
+            let _ = open.wait_for(|v| *v).await;
+        }
+        SimAgent::default().handle(request, input).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrator_killed_mid_work_resumes_without_losing_or_duplicating_tasks() {
+    let mut app = TestApp::spawn_with(journeyman::playbook::Playbook::default_playbook(), Mode::ChildProcess).await;
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let (open_tx, open_rx) = watch::channel(false);
+    let rec = Recorder::new(Gate {
+        intent: "deploy_pilot".into(),
+        arrived: arrived_tx,
+        open: open_rx,
+    });
+    app.start_agent_for_all(rec.clone()).await;
+    let clients = ["c1", "c2", "c3"];
+    for c in clients {
+        app.start_journey(c).await;
+    }
+    // Every journey is in pilot with its first task in flight at the agent.
+    for _ in clients {
+        tokio::time::timeout(WAIT, arrived.recv()).await.expect("deploy_pilot requested").unwrap();
+    }
+    app.kill_child().await;
+    app.start_child().await;
+    open_tx.send(true).unwrap();
+    for c in clients {
+        app.wait_in_production(c).await;
+    }
+    // No task lost (all reached production) and none duplicated: each task of each
+    // journey was dispatched under exactly one correlation id.
+    let mut per_intent: BTreeMap<String, usize> = BTreeMap::new();
+    for stage in app.playbook.stages.values() {
+        for t in &stage.tasks {
+            *per_intent.entry(t.intent.clone()).or_default() += clients.len();
+        }
+    }
+    for (intent, expected) in per_intent {
+        assert_eq!(rec.attempts(&intent).len(), expected, "distinct attempts of {intent}");
+    }
+    let log = app.orchestrator_log();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_orchestrator_on_the_same_directory_is_refused() {
+    let mut app = TestApp::spawn_with(journeyman::playbook::Playbook::default_playbook(), Mode::ChildProcess).await;
+    // The first one holds the directory once it answers.
+    app.start_agent_for_all(Arc::new(SimAgent::default())).await;
+    app.start_journey("acme").await;
+    app.wait_event("acme started", |p| p["event"] == "journey.started").await;
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_journeyman"))
+            .args(["--namespace", &app.names.namespace, "orchestrator", "--data-dir"])
+            .arg(app.data_dir())
+            .env("JOURNEYMAN_AMQP_URL", amqp_url())
+            .output(),
+    )
+    .await
+    .expect("the second orchestrator exits at once")
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("locked by another process"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
