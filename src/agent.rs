@@ -152,8 +152,10 @@ async fn session<A: Agent>(
     agent: Arc<A>,
     stats: Arc<AgentStats>,
 ) -> Result<(), BrokerError> {
-    let consume_conn = broker::connect(&config.amqp_url, &format!("{}-consume", config.agent_id)).await?;
-    let publish_conn = broker::connect(&config.amqp_url, &format!("{}-publish", config.agent_id)).await?;
+    let consume_conn =
+        broker::connect(&config.amqp_url, &format!("{}-consume", config.agent_id)).await?;
+    let publish_conn =
+        broker::connect(&config.amqp_url, &format!("{}-publish", config.agent_id)).await?;
     let ch = consume_conn
         .create_channel()
         .await
@@ -168,7 +170,8 @@ async fn session<A: Agent>(
     for intent in &config.intents {
         let q = config.names.intent_queue(intent);
         broker::declare_queue(&ch, &config.names, &q, Some(intent)).await?;
-        let (_chan, mut consumer) = broker::consume(&consume_conn, &q, &config.agent_id, config.prefetch).await?;
+        let (_chan, mut consumer) =
+            broker::consume(&consume_conn, &q, &config.agent_id, config.prefetch).await?;
         let (agent, stats, publisher, decoder, err_tx) = (
             agent.clone(),
             stats.clone(),
@@ -204,7 +207,10 @@ async fn session<A: Agent>(
                     q.clone(),
                 );
                 tokio::spawn(async move {
-                    handle_delivery(&*agent, &stats, &publisher, &decoder, &names, &agent_id, &q, delivery).await
+                    handle_delivery(
+                        &*agent, &stats, &publisher, &decoder, &names, &agent_id, &q, delivery,
+                    )
+                    .await
                 });
             }
             let _ = err_tx.send(BrokerError::ConsumerCancelled(q)).await;
@@ -232,20 +238,54 @@ async fn handle_delivery<A: Agent>(
     let request = match decoder.envelope(&d.data) {
         Ok(env) if env.message_type == MessageType::Request => env,
         Ok(env) => {
-            let e = crate::protocol::ProtocolError::UnexpectedMessageType(env.message_type.as_str().into());
-            dead_letter(publisher, names, queue, &d, e.reason_code(), &e.to_string(), stats).await;
+            let e = crate::protocol::ProtocolError::UnexpectedMessageType(
+                env.message_type.as_str().into(),
+            );
+            dead_letter(
+                publisher,
+                names,
+                queue,
+                &d,
+                e.reason_code(),
+                &e.to_string(),
+                stats,
+            )
+            .await;
             return;
         }
         Err(e) => {
-            dead_letter(publisher, names, queue, &d, e.reason_code(), &e.to_string(), stats).await;
+            dead_letter(
+                publisher,
+                names,
+                queue,
+                &d,
+                e.reason_code(),
+                &e.to_string(),
+                stats,
+            )
+            .await;
             return;
         }
     };
     let span = info_span!("task", intent = %request.intent, message_id = %request.message_id,
         correlation_id = request.correlation_id.as_deref().unwrap_or(""));
     async {
-        let Some(reply_to) = d.properties.reply_to().as_ref().map(|s| s.as_str().to_string()) else {
-            dead_letter(publisher, names, queue, &d, "schema_invalid", "task request without reply_to", stats).await;
+        let Some(reply_to) = d
+            .properties
+            .reply_to()
+            .as_ref()
+            .map(|s| s.as_str().to_string())
+        else {
+            dead_letter(
+                publisher,
+                names,
+                queue,
+                &d,
+                "schema_invalid",
+                "task request without reply_to",
+                stats,
+            )
+            .await;
             return;
         };
         let input = match &request.payload {
@@ -343,14 +383,24 @@ async fn dead_letter(
             .as_ref()
             .map(|s| s.as_str().to_string())
             .unwrap_or_else(|| Uuid::new_v4().to_string()),
-        correlation_id: d.properties.correlation_id().as_ref().map(|s| s.as_str().to_string()),
+        correlation_id: d
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.as_str().to_string()),
         reply_to: None,
         message_type: "dead_letter".into(),
         headers: vec![
             ("x-journeyman-reason".into(), reason.into()),
             ("x-journeyman-reason-message".into(), message.into()),
-            ("x-journeyman-original-exchange".into(), d.exchange.to_string()),
-            ("x-journeyman-original-routing-key".into(), d.routing_key.to_string()),
+            (
+                "x-journeyman-original-exchange".into(),
+                d.exchange.to_string(),
+            ),
+            (
+                "x-journeyman-original-routing-key".into(),
+                d.routing_key.to_string(),
+            ),
             ("x-journeyman-original-queue".into(), queue.into()),
             ("x-journeyman-failed-at".into(), now.clone()),
             ("x-journeyman-first-failed-at".into(), now),

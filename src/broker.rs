@@ -15,7 +15,9 @@ use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use tokio::sync::{mpsc, oneshot};
 
 /// How many times the broker may redeliver a message before dead-lettering it: a
@@ -27,7 +29,9 @@ pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot connect to RabbitMQ at {url}: {source}. Is the broker running and the URL right (--amqp-url / JOURNEYMAN_AMQP_URL)?")]
+    #[error(
+        "cannot connect to RabbitMQ at {url}: {source}. Is the broker running and the URL right (--amqp-url / JOURNEYMAN_AMQP_URL)?"
+    )]
     Connect { url: String, source: lapin::Error },
     #[error(
         "queue {queue} already exists with other arguments ({source}); delete it or use another namespace (--namespace)"
@@ -40,7 +44,10 @@ pub enum BrokerError {
     #[error("publish of {message_id} was refused by the broker (nack)")]
     Nacked { message_id: String },
     #[error("publish of {message_id} was not confirmed within {timeout:?}; outcome unknown")]
-    ConfirmTimeout { message_id: String, timeout: Duration },
+    ConfirmTimeout {
+        message_id: String,
+        timeout: Duration,
+    },
     #[error("the publisher has stopped")]
     PublisherGone,
 }
@@ -87,7 +94,10 @@ impl Names {
         format!("{}.intent.{}", self.namespace, intent)
     }
     pub fn replies(&self, orchestrator_id: &str) -> String {
-        format!("{}.orchestrator.{}.replies", self.namespace, orchestrator_id)
+        format!(
+            "{}.orchestrator.{}.replies",
+            self.namespace, orchestrator_id
+        )
     }
 }
 
@@ -149,9 +159,14 @@ pub async fn declare_exchanges(ch: &Channel, names: &Names) -> Result<(), Broker
         ..Default::default()
     };
     for ex in [names.intents(), names.events(), names.dlx()] {
-        ch.exchange_declare(ex.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
-            .await
-            .map_err(amqp(format!("declare exchange {ex}")))?;
+        ch.exchange_declare(
+            ex.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp(format!("declare exchange {ex}")))?;
     }
     let mut args = BTreeMap::new();
     args.insert(
@@ -361,7 +376,10 @@ impl Publisher {
 
     /// Publishes and waits for the confirm.
     pub async fn publish(&self, msg: Outgoing) -> Result<Published, BrokerError> {
-        self.enqueue(msg).await?.await.map_err(|_| BrokerError::PublisherGone)?
+        self.enqueue(msg)
+            .await?
+            .await
+            .map_err(|_| BrokerError::PublisherGone)?
     }
 
     /// Queues a publish and returns a receiver for its outcome, so callers can pipeline.

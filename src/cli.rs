@@ -29,7 +29,11 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 #[derive(Debug, Parser)]
-#[command(name = "journeyman", version, about = "Client journeys (Sandbox → Pilot → Production) orchestrated over RabbitMQ")]
+#[command(
+    name = "journeyman",
+    version,
+    about = "Client journeys (Sandbox → Pilot → Production) orchestrated over RabbitMQ"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -181,9 +185,13 @@ pub enum TopologyCmd {
     },
 }
 
-pub fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn,lapin::returned_messages=error"));
+/// Logs to stderr; `RUST_LOG` overrides `default` (e.g. `info`, `journeyman=debug`).
+pub fn init_tracing(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "{default},lapin=warn,lapin::returned_messages=error"
+        ))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -198,13 +206,14 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -220,7 +229,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     let g = &cli.global;
     match cli.command {
         Cmd::Orchestrator(a) => {
-            let mut config = orchestrator::Config::new(&g.amqp_url, &g.names().namespace, a.data_dir);
+            let mut config =
+                orchestrator::Config::new(&g.amqp_url, &g.names().namespace, a.data_dir);
             config.playbook = a.playbook.load()?;
             config.orchestrator_id = a.orchestrator_id;
             config.prefetch = a.prefetch;
@@ -269,7 +279,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             let queues = broker::declare_topology(&ch, &names, intents).await?;
             broker::declare_queue(&ch, &names, &names.replies("0"), None).await?;
             println!("declared in namespace '{}':", names.namespace);
-            println!("  exchanges: {}, {}, {}", names.intents(), names.events(), names.dlx());
+            println!(
+                "  exchanges: {}, {}, {}",
+                names.intents(),
+                names.events(),
+                names.dlx()
+            );
             for q in queues {
                 println!("  queue: {q}");
             }
@@ -288,13 +303,17 @@ pub async fn run(cli: Cli) -> Result<()> {
                         None => None,
                         Some(text) => match serde_json::from_str::<Value>(&text) {
                             Ok(Value::Object(m)) => Some(m),
-                            Ok(_) => bail!("--context must be a JSON object, e.g. '{{\"data_sources\": [\"drive\"]}}'"),
+                            Ok(_) => bail!(
+                                "--context must be a JSON object, e.g. '{{\"data_sources\": [\"drive\"]}}'"
+                            ),
                             Err(e) => bail!("--context is not valid JSON: {e}"),
                         },
                     };
                     (Command::Start(StartPayload { client_id, context }), out)
                 }
-                JourneyCmd::Status { client_id, out } => (Command::Status(ClientPayload { client_id }), out),
+                JourneyCmd::Status { client_id, out } => {
+                    (Command::Status(ClientPayload { client_id }), out)
+                }
             };
             let conn = broker::connect(&g.amqp_url, "journeyman-cli").await?;
             let reply = request(&conn, &names, &cmd, out.timeout).await?;
@@ -304,7 +323,12 @@ pub async fn run(cli: Cli) -> Result<()> {
 }
 
 /// Publishes a journey command and waits for the orchestrator's answer (direct reply-to).
-pub async fn request(conn: &Connection, names: &Names, cmd: &Command, timeout: Duration) -> Result<Envelope> {
+pub async fn request(
+    conn: &Connection,
+    names: &Names,
+    cmd: &Command,
+    timeout: Duration,
+) -> Result<Envelope> {
     let ch = conn.create_channel().await?;
     let mut replies = ch
         .basic_consume(
@@ -397,12 +421,23 @@ fn print_reply(reply: &Envelope, json: bool) -> Result<()> {
 pub fn print_state(p: &Value) {
     let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
     println!("client:      {}", s(&p["client_id"]));
-    println!("stage:       {} (since {})", s(&p["stage"]), s(&p["stage_started_at"]));
+    println!(
+        "stage:       {} (since {})",
+        s(&p["stage"]),
+        s(&p["stage_started_at"])
+    );
     let done: Vec<String> = p["completed_stages"]
         .as_array()
         .map(|a| a.iter().map(s).collect())
         .unwrap_or_default();
-    println!("completed:   {}", if done.is_empty() { "-".into() } else { done.join(", ") });
+    println!(
+        "completed:   {}",
+        if done.is_empty() {
+            "-".into()
+        } else {
+            done.join(", ")
+        }
+    );
     println!("started:     {}", s(&p["started_at"]));
     println!("playbook:    {}", s(&p["playbook"]));
     if let Some(w) = p["work"].as_object() {
@@ -410,7 +445,10 @@ pub fn print_state(p: &Value) {
         let _ = &empty;
         println!("work:        {} {}", s(&w["stage"]), s(&w["status"]));
         if let Some(tasks) = w["tasks"].as_array() {
-            println!("  {:<24} {:<32} {:<14} {:>8}  last error", "task", "intent", "status", "attempts");
+            println!(
+                "  {:<24} {:<32} {:<14} {:>8}  last error",
+                "task", "intent", "status", "attempts"
+            );
             for t in tasks {
                 println!(
                     "  {:<24} {:<32} {:<14} {:>8}  {}",

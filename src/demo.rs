@@ -68,10 +68,18 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
     let own_namespace = g.namespace.is_none();
     let names = match &g.namespace {
         Some(ns) => Names::new(ns.clone()),
-        None => Names::new(format!("demo-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])),
+        None => Names::new(format!(
+            "demo-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        )),
     };
-    let tmp = tempfile::Builder::new().prefix("journeyman-demo-").tempdir()?;
-    let data_dir = a.data_dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let tmp = tempfile::Builder::new()
+        .prefix("journeyman-demo-")
+        .tempdir()?;
+    let data_dir = a
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| tmp.path().to_path_buf());
     let playbook = crate::playbook::Playbook::default_playbook();
     eprintln!(
         "journeyman demo: {} journeys, namespace '{}', broker {}, store {}",
@@ -145,20 +153,26 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         };
         let (sim, st, rx) = (sim.clone(), agent_stats.clone(), stop_rx.clone());
         workers.push(tokio::spawn(async move {
-            agent::run(config, sim, st, stopped(rx)).await.map_err(anyhow::Error::from)
+            agent::run(config, sim, st, stopped(rx))
+                .await
+                .map_err(anyhow::Error::from)
         }));
     }
     let stats = Arc::new(Stats::default());
     let config = orchestrator::Config::new(&g.amqp_url, &names.namespace, data_dir.clone());
     let (st, rx) = (stats.clone(), stop_rx.clone());
     let orch = tokio::spawn(async move {
-        orchestrator::run(config, st, stopped(rx)).await.map_err(anyhow::Error::from)
+        orchestrator::run(config, st, stopped(rx))
+            .await
+            .map_err(anyhow::Error::from)
     });
 
     // Start the journeys.
     let started = Instant::now();
     let pubch = conn.create_channel().await?;
-    pubch.confirm_select(ConfirmSelectOptions::default()).await?;
+    pubch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let mut confirms = Vec::new();
     for i in 0..a.journeys {
         let client = format!("client-{:03}", i + 1);
@@ -202,9 +216,10 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
     // Watch progress.
     let tty = std::io::stderr().is_terminal();
     let multi = MultiProgress::new();
-    let style = ProgressStyle::with_template("{prefix:>11} [{bar:40.cyan/blue}] {pos:>3}/{len:3} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("{prefix:>11} [{bar:40.cyan/blue}] {pos:>3}/{len:3} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
     let n = a.journeys as u64;
     let bars: Vec<ProgressBar> = ["sandbox", "pilot", "production"]
         .iter()
@@ -224,7 +239,10 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
     let deadline = tokio::time::Instant::now() + a.timeout;
     let mut timed_out = false;
     loop {
-        let done = track.values().filter(|t| t.production_done || t.failed).count();
+        let done = track
+            .values()
+            .filter(|t| t.production_done || t.failed)
+            .count();
         if done >= a.journeys {
             break;
         }
@@ -302,7 +320,9 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         *per_stage.entry(key).or_default() += 1;
     }
     // Give the outbox a moment to publish its last dead letters before counting them.
-    let dead_letters = broker::queue_len(&conn, &names.dead_letter()).await.unwrap_or(0);
+    let dead_letters = broker::queue_len(&conn, &names.dead_letter())
+        .await
+        .unwrap_or(0);
     let in_production = track.values().filter(|t| t.production_done).count();
     let summary = json!({
         "journeys": a.journeys,
@@ -343,7 +363,10 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         }
         println!(
             "tasks dispatched:    {} ({} completed, {} retries after {} injected failures)",
-            summary["tasks_dispatched"], summary["tasks_completed"], summary["retries"], summary["agent_failures_injected"]
+            summary["tasks_dispatched"],
+            summary["tasks_completed"],
+            summary["retries"],
+            summary["agent_failures_injected"]
         );
         println!("promotions:          {}", summary["promotions"]);
         println!("dead letters:        {}", summary["dead_letters"]);
@@ -352,7 +375,11 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
             "store flushes:       {} for {} inputs (group commit)",
             summary["store_flushes"], summary["inputs"]
         );
-        println!("elapsed:             {:.2}s ({} tasks/s)", elapsed.as_secs_f64(), summary["tasks_per_s"]);
+        println!(
+            "elapsed:             {:.2}s ({} tasks/s)",
+            elapsed.as_secs_f64(),
+            summary["tasks_per_s"]
+        );
     }
     if timed_out {
         bail!(
@@ -362,7 +389,10 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         );
     }
     if in_production < a.journeys {
-        bail!("{} journeys did not reach production; see the summary", a.journeys - in_production);
+        bail!(
+            "{} journeys did not reach production; see the summary",
+            a.journeys - in_production
+        );
     }
     Ok(())
 }

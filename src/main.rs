@@ -5,7 +5,12 @@ use clap::Parser;
 #[tokio::main]
 async fn main() {
     let cli = journeyman::cli::Cli::parse();
-    journeyman::cli::init_tracing(cli.global.log_format);
+    // The demo's progress display is its output; workers log what they do.
+    let default = match cli.command {
+        journeyman::cli::Cmd::Demo(_) => "warn",
+        _ => "info",
+    };
+    journeyman::cli::init_tracing(cli.global.log_format, default);
     if let Err(e) = journeyman::cli::run(cli).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);

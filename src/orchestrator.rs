@@ -175,6 +175,18 @@ pub fn state_view(rec: &JourneyRecord) -> Value {
     })
 }
 
+/// The payload of a journey event on `<ns>.events` (`schemas/journey-event.schema.json`).
+pub fn event_payload(rec: &JourneyRecord, name: &str, detail: Value, at: DateTime<Utc>) -> Value {
+    json!({
+        "client_id": rec.journey.client_id,
+        "event": name,
+        "stage": rec.journey.stage,
+        "previous_stage": rec.journey.previous_stage,
+        "at": at,
+        "detail": detail,
+    })
+}
+
 enum Source {
     Command,
     Reply,
@@ -184,7 +196,7 @@ enum Input {
     Delivery {
         source: Source,
         queue: Arc<str>,
-        delivery: lapin::message::Delivery,
+        delivery: Box<lapin::message::Delivery>,
     },
     Unroutable {
         outbox_id: u64,
@@ -328,8 +340,10 @@ impl Core {
     ) -> Result<(), OrchestratorError> {
         // Separate connections: a memory alarm blocks publishers, and consumers must keep
         // acking meanwhile.
-        let consume_conn = broker::connect(&config.amqp_url, "journeyman-orchestrator-consume").await?;
-        let publish_conn = broker::connect(&config.amqp_url, "journeyman-orchestrator-publish").await?;
+        let consume_conn =
+            broker::connect(&config.amqp_url, "journeyman-orchestrator-consume").await?;
+        let publish_conn =
+            broker::connect(&config.amqp_url, "journeyman-orchestrator-publish").await?;
         let ch = consume_conn
             .create_channel()
             .await
@@ -357,8 +371,13 @@ impl Core {
         queues.push((self.reply_queue.clone(), Source::Reply));
         let mut channels = Vec::new();
         for (q, source) in queues {
-            let (chan, consumer) =
-                broker::consume(&consume_conn, &q, "journeyman-orchestrator", config.prefetch).await?;
+            let (chan, consumer) = broker::consume(
+                &consume_conn,
+                &q,
+                "journeyman-orchestrator",
+                config.prefetch,
+            )
+            .await?;
             channels.push(chan);
             let tx = tx.clone();
             let queue: Arc<str> = Arc::from(q.as_str());
@@ -375,7 +394,7 @@ impl Core {
                             let input = Input::Delivery {
                                 source: s,
                                 queue: queue.clone(),
-                                delivery,
+                                delivery: Box::new(delivery),
                             };
                             if tx.send(input).await.is_err() {
                                 return;
@@ -395,7 +414,9 @@ impl Core {
                 source.take();
                 // The stream ended without an error: the broker cancelled the consumer.
                 let _ = tx
-                    .send(Input::Failed(BrokerError::ConsumerCancelled(queue.to_string())))
+                    .send(Input::Failed(BrokerError::ConsumerCancelled(
+                        queue.to_string(),
+                    )))
                     .await;
             });
         }
@@ -429,7 +450,7 @@ impl Core {
             }
             let mut published = Vec::new();
             // Highest delivery per queue: one multiple-ack per channel after the flush.
-            let mut acks: BTreeMap<Arc<str>, lapin::message::Delivery> = BTreeMap::new();
+            let mut acks: BTreeMap<Arc<str>, Box<lapin::message::Delivery>> = BTreeMap::new();
             let mut failure = None;
             for input in group {
                 match input {
@@ -447,7 +468,11 @@ impl Core {
                         client_id,
                         correlation_id,
                     } => {
-                        published.extend(self.handle_unroutable(outbox_id, &client_id, &correlation_id)?);
+                        published.extend(self.handle_unroutable(
+                            outbox_id,
+                            &client_id,
+                            &correlation_id,
+                        )?);
                     }
                     Input::Failed(e) => failure = Some(e),
                 }
@@ -461,8 +486,12 @@ impl Core {
                 let opts = BasicAckOptions { multiple: true };
                 match d.acker.ack(opts).await {
                     Ok(true) => {}
-                    Ok(false) => warn!(%queue, "ack not delivered (channel closed); the messages will be redelivered and deduplicated"),
-                    Err(e) => warn!(%queue, error = %e, "ack failed; the messages will be redelivered and deduplicated"),
+                    Ok(false) => {
+                        warn!(%queue, "ack not delivered (channel closed); the messages will be redelivered and deduplicated")
+                    }
+                    Err(e) => {
+                        warn!(%queue, error = %e, "ack failed; the messages will be redelivered and deduplicated")
+                    }
                 }
             }
             pump.send(published);
@@ -500,7 +529,7 @@ impl Core {
             .reply_to()
             .as_ref()
             .map(|s| s.as_str().to_string());
-        let result = match source {
+        match source {
             Source::Command => match self.decoder.command(&env) {
                 Ok(cmd) => self.apply_command(&env, cmd, reply_to.as_deref(), queue, d),
                 Err(e) => self.refuse_input(queue, d, Some(&env), &e),
@@ -509,8 +538,7 @@ impl Core {
                 Ok(outcome) => self.apply_reply(&env, outcome),
                 Err(e) => self.refuse_input(queue, d, Some(&env), &e),
             },
-        };
-        result
+        }
     }
 
     /// Dead-letters an input that failed decoding, with its reason, and marks it seen.
@@ -523,29 +551,37 @@ impl Core {
     ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
         warn!(queue, reason = e.reason_code(), error = %e, "refused message; dead-lettering it");
         let mut change = self.new_record_change();
-        let mid = env
-            .map(|e| e.message_id.to_string())
-            .or_else(|| d.properties.message_id().as_ref().map(|s| s.as_str().to_string()));
+        let mid = env.map(|e| e.message_id.to_string()).or_else(|| {
+            d.properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_string())
+        });
         if let Some(mid) = &mid {
             if self.store.dedup::<Seen>(mid)?.is_some() {
                 return Ok(Vec::new());
             }
             change.put_dedup(mid, &Seen { at: Utc::now() });
         }
-        change.push_outbox(self.dead_letter(
-            DeadLetter {
-                reason: e.reason_code(),
-                message: e.to_string(),
-                exchange: d.exchange.as_str(),
-                routing_key: d.routing_key.as_str(),
-                queue,
-                client_id: None,
-                task_id: None,
-            },
-            mid.unwrap_or_else(|| Uuid::new_v4().to_string()),
-            d.properties.correlation_id().as_ref().map(|s| s.as_str().to_string()),
-            d.data.clone(),
-        ));
+        change.push_outbox(
+            self.dead_letter(
+                DeadLetter {
+                    reason: e.reason_code(),
+                    message: e.to_string(),
+                    exchange: d.exchange.as_str(),
+                    routing_key: d.routing_key.as_str(),
+                    queue,
+                    client_id: None,
+                    task_id: None,
+                },
+                mid.unwrap_or_else(|| Uuid::new_v4().to_string()),
+                d.properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|s| s.as_str().to_string()),
+                d.data.clone(),
+            ),
+        );
         Stats::inc(&self.stats.dead_letters);
         Ok(self.store.commit(change)?)
     }
@@ -561,9 +597,18 @@ impl Core {
         let mut headers = vec![
             ("x-journeyman-reason".to_string(), dl.reason.to_string()),
             ("x-journeyman-reason-message".to_string(), dl.message),
-            ("x-journeyman-original-exchange".to_string(), dl.exchange.to_string()),
-            ("x-journeyman-original-routing-key".to_string(), dl.routing_key.to_string()),
-            ("x-journeyman-original-queue".to_string(), dl.queue.to_string()),
+            (
+                "x-journeyman-original-exchange".to_string(),
+                dl.exchange.to_string(),
+            ),
+            (
+                "x-journeyman-original-routing-key".to_string(),
+                dl.routing_key.to_string(),
+            ),
+            (
+                "x-journeyman-original-queue".to_string(),
+                dl.queue.to_string(),
+            ),
             ("x-journeyman-failed-at".to_string(), now.clone()),
             ("x-journeyman-first-failed-at".to_string(), now),
             ("x-journeyman-attempts".to_string(), "1".to_string()),
@@ -589,7 +634,13 @@ impl Core {
         }
     }
 
-    fn reply(&self, to: &str, request: &Envelope, message_type: MessageType, payload: Value) -> OutboxEntry {
+    fn reply(
+        &self,
+        to: &str,
+        request: &Envelope,
+        message_type: MessageType,
+        payload: Value,
+    ) -> OutboxEntry {
         let env = Envelope::new(
             AgentRef::orchestrator(),
             request.source_agent.clone(),
@@ -615,14 +666,7 @@ impl Core {
     }
 
     fn event(&self, rec: &JourneyRecord, name: &str, detail: Value) -> OutboxEntry {
-        let payload = json!({
-            "client_id": rec.journey.client_id,
-            "event": name,
-            "stage": rec.journey.stage,
-            "previous_stage": rec.journey.previous_stage,
-            "at": Utc::now(),
-            "detail": detail,
-        });
+        let payload = event_payload(rec, name, detail, Utc::now());
         let env = Envelope::new(
             AgentRef::orchestrator(),
             AgentRef::new("*", "journeyman"),
@@ -646,7 +690,14 @@ impl Core {
         }
     }
 
-    fn history(&self, change: &mut Change, rec: &mut JourneyRecord, kind: &str, detail: Value, cause: Option<&str>) {
+    fn history(
+        &self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        kind: &str,
+        detail: Value,
+        cause: Option<&str>,
+    ) {
         rec.history_seq += 1;
         change.push_history(
             &rec.journey.client_id,
@@ -687,7 +738,13 @@ impl Core {
                     evidence: Vec::new(),
                 };
                 Stats::inc(&self.stats.journeys_started);
-                self.history(&mut change, &mut rec, "started", json!({"stage": "sandbox"}), Some(&mid));
+                self.history(
+                    &mut change,
+                    &mut rec,
+                    "started",
+                    json!({"stage": "sandbox"}),
+                    Some(&mid),
+                );
                 change.push_outbox(self.event(&rec, "journey.started", json!({})));
                 self.enter_stage(&mut change, &mut rec, now)?;
                 Ok(Some(rec))
@@ -705,10 +762,9 @@ impl Core {
                 message: format!("no journey for client {client_id}; start one with journey.start"),
             }),
             (Command::Promote(_), Some(mut rec)) => {
-                let done = rec
-                    .work
-                    .as_ref()
-                    .is_some_and(|w| w.status == WorkStatus::Completed && w.stage == rec.journey.stage);
+                let done = rec.work.as_ref().is_some_and(|w| {
+                    w.status == WorkStatus::Completed && w.stage == rec.journey.stage
+                });
                 if !done && rec.journey.stage.is_active_stage() {
                     Err(Refusal {
                         code: "not_ready",
@@ -723,7 +779,10 @@ impl Core {
                 }
             }
             (Command::Complete(_), Some(mut rec)) => {
-                let done = rec.work.as_ref().is_some_and(|w| w.status == WorkStatus::Completed);
+                let done = rec
+                    .work
+                    .as_ref()
+                    .is_some_and(|w| w.status == WorkStatus::Completed);
                 if rec.journey.stage == Stage::Production && !done {
                     Err(Refusal {
                         code: "not_ready",
@@ -763,12 +822,16 @@ impl Core {
             }
             (Command::Evidence(p), Some(mut rec)) => {
                 let v = serde_json::to_value(&p).unwrap_or(Value::Null);
-                rec.evidence.push(json!({"at": now, "message_id": mid, "evidence": v}));
+                rec.evidence
+                    .push(json!({"at": now, "message_id": mid, "evidence": v}));
                 self.history(&mut change, &mut rec, "evidence", json!({}), Some(&mid));
                 Ok(Some(rec))
             }
             (Command::Resume(_), Some(mut rec)) => {
-                let failed = rec.work.as_ref().is_some_and(|w| w.status == WorkStatus::Failed);
+                let failed = rec
+                    .work
+                    .as_ref()
+                    .is_some_and(|w| w.status == WorkStatus::Failed);
                 if !failed || rec.journey.stage.is_terminal() {
                     Err(Refusal {
                         code: "invalid_transition",
@@ -790,7 +853,12 @@ impl Core {
         match outcome {
             Ok(Some(rec)) => {
                 if let Some(to) = reply_to {
-                    change.push_outbox(self.reply(to, env, MessageType::Response, state_view(&rec)));
+                    change.push_outbox(self.reply(
+                        to,
+                        env,
+                        MessageType::Response,
+                        state_view(&rec),
+                    ));
                 }
                 change.put_journey(&client_id, &rec);
                 self.arm(&rec);
@@ -942,7 +1010,10 @@ impl Core {
                 reply_to: Some(self.reply_queue.clone()),
                 message_type: "request".into(),
                 headers: vec![
-                    ("x-journeyman-client-id".into(), rec.journey.client_id.clone()),
+                    (
+                        "x-journeyman-client-id".into(),
+                        rec.journey.client_id.clone(),
+                    ),
                     ("x-journeyman-task-id".into(), d.task_id.clone()),
                     ("x-journeyman-attempt".into(), d.attempt.to_string()),
                 ],
@@ -963,7 +1034,8 @@ impl Core {
             if matches!(stage, Stage::Sandbox | Stage::Pilot) {
                 // Exit-criteria gates come with the gates work; until then a completed unit
                 // of work is the gate.
-                if let Err(r) = self.transition(change, rec, &Event::Promote, now, "work.completed") {
+                if let Err(r) = self.transition(change, rec, &Event::Promote, now, "work.completed")
+                {
                     warn!(client_id = %rec.journey.client_id, error = %r.message, "promotion failed");
                 }
             }
@@ -979,11 +1051,29 @@ impl Core {
         let task_id = rec
             .work
             .as_ref()
-            .and_then(|w| w.tasks.iter().find(|t| t.status == crate::work::TaskStatus::Failed))
+            .and_then(|w| {
+                w.tasks
+                    .iter()
+                    .find(|t| t.status == crate::work::TaskStatus::Failed)
+            })
             .map(|t| t.task_id.clone());
-        let reason = if failure.contains("no_agent") { "no_agent" } else { "task_failed" };
-        self.history(change, rec, "work_failed", json!({"stage": stage, "failure": failure}), None);
-        change.push_outbox(self.event(rec, "work.failed", json!({"stage": stage, "failure": failure, "task_id": task_id})));
+        let reason = if failure.contains("no_agent") {
+            "no_agent"
+        } else {
+            "task_failed"
+        };
+        self.history(
+            change,
+            rec,
+            "work_failed",
+            json!({"stage": stage, "failure": failure}),
+            None,
+        );
+        change.push_outbox(self.event(
+            rec,
+            "work.failed",
+            json!({"stage": stage, "failure": failure, "task_id": task_id}),
+        ));
         let body = serde_json::to_vec(&json!({
             "client_id": rec.journey.client_id,
             "stage": stage,
@@ -1008,7 +1098,11 @@ impl Core {
         change.push_outbox(dl);
     }
 
-    fn apply_reply(&mut self, env: &Envelope, outcome: TaskOutcome) -> Result<Vec<OutboxEntry>, OrchestratorError> {
+    fn apply_reply(
+        &mut self,
+        env: &Envelope,
+        outcome: TaskOutcome,
+    ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
         let now = Utc::now();
         let mid = env.message_id.to_string();
         let mut change = Change::new();
@@ -1064,7 +1158,13 @@ impl Core {
             ReplyEffect::Completed { task_id } => {
                 Stats::inc(&self.stats.tasks_completed);
                 debug!(client_id = %rec.journey.client_id, task_id, "task completed");
-                self.history(change, rec, "task_completed", json!({"task_id": task_id}), cause);
+                self.history(
+                    change,
+                    rec,
+                    "task_completed",
+                    json!({"task_id": task_id}),
+                    cause,
+                );
                 self.advance(change, rec, now)?;
             }
             ReplyEffect::RetryScheduled {
@@ -1088,11 +1188,23 @@ impl Core {
             ReplyEffect::Stale { task_id, why } => {
                 Stats::inc(&self.stats.stale_replies);
                 debug!(client_id = %rec.journey.client_id, task_id, why, "stale reply ignored");
-                self.history(change, rec, "reply_ignored", json!({"task_id": task_id, "why": why}), cause);
+                self.history(
+                    change,
+                    rec,
+                    "reply_ignored",
+                    json!({"task_id": task_id, "why": why}),
+                    cause,
+                );
             }
             ReplyEffect::Unknown => {
                 Stats::inc(&self.stats.stale_replies);
-                self.history(change, rec, "reply_ignored", json!({"why": "unknown correlation id"}), cause);
+                self.history(
+                    change,
+                    rec,
+                    "reply_ignored",
+                    json!({"why": "unknown correlation id"}),
+                    cause,
+                );
             }
         }
         Ok(())
@@ -1149,7 +1261,8 @@ impl Core {
             {
                 for (at, task_id, attempt) in w.timers() {
                     if at <= now
-                        && let Some(e) = w.on_timeout(spec, &task_id, attempt, now, rand::random::<f64>())
+                        && let Some(e) =
+                            w.on_timeout(spec, &task_id, attempt, now, rand::random::<f64>())
                     {
                         effects.push(e);
                     }

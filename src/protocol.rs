@@ -372,7 +372,11 @@ pub fn compile_schema(text: &str) -> jsonschema::Validator {
         .expect("embedded schema compiles")
 }
 
-fn check(validator: &jsonschema::Validator, what: &str, value: &Value) -> Result<(), ProtocolError> {
+fn check(
+    validator: &jsonschema::Validator,
+    what: &str,
+    value: &Value,
+) -> Result<(), ProtocolError> {
     match validator.validate(value) {
         Ok(()) => Ok(()),
         Err(e) => Err(ProtocolError::SchemaInvalid {
@@ -468,7 +472,11 @@ impl Decoder {
     pub fn task_reply(&self, env: &Envelope) -> Result<TaskOutcome, ProtocolError> {
         match env.message_type {
             MessageType::Response => {
-                check(&self.validators.task_response, "task response", &env.payload)?;
+                check(
+                    &self.validators.task_response,
+                    "task response",
+                    &env.payload,
+                )?;
                 let r: TaskResponse = serde_json::from_value(env.payload.clone()).map_err(|e| {
                     ProtocolError::SchemaInvalid {
                         what: "task response".into(),
@@ -517,7 +525,10 @@ mod tests {
     #[test]
     fn roundtrip_command() {
         let d = Decoder::default();
-        let e = env("journey.start", json!({"client_id": "acme", "context": {"a": 1}}));
+        let e = env(
+            "journey.start",
+            json!({"client_id": "acme", "context": {"a": 1}}),
+        );
         let back = d.envelope(&e.to_bytes()).unwrap();
         assert_eq!(back, e);
         let c = d.command(&back).unwrap();
@@ -528,11 +539,23 @@ mod tests {
     #[test]
     fn refusals_have_codes() {
         let d = Decoder::new(64);
-        assert_eq!(d.envelope(&[b'x'; 65]).unwrap_err().reason_code(), "oversize");
+        assert_eq!(
+            d.envelope(&[b'x'; 65]).unwrap_err().reason_code(),
+            "oversize"
+        );
         let d = Decoder::default();
-        assert_eq!(d.envelope(&[0xff, 0xfe]).unwrap_err().reason_code(), "not_utf8");
-        assert_eq!(d.envelope(b"{not json").unwrap_err().reason_code(), "malformed_json");
-        assert_eq!(d.envelope(b"{}").unwrap_err().reason_code(), "schema_invalid");
+        assert_eq!(
+            d.envelope(&[0xff, 0xfe]).unwrap_err().reason_code(),
+            "not_utf8"
+        );
+        assert_eq!(
+            d.envelope(b"{not json").unwrap_err().reason_code(),
+            "malformed_json"
+        );
+        assert_eq!(
+            d.envelope(b"{}").unwrap_err().reason_code(),
+            "schema_invalid"
+        );
         let deep = "[".repeat(1000) + &"]".repeat(1000);
         assert_eq!(
             d.envelope(deep.as_bytes()).unwrap_err().reason_code(),
@@ -556,6 +579,9 @@ mod tests {
         e.payload = json!({"code": "boom", "message": "m", "retryable": true});
         assert!(matches!(d.task_reply(&e), Ok(TaskOutcome::Failed(p)) if p.retryable));
         e.message_type = MessageType::Request;
-        assert_eq!(d.task_reply(&e).unwrap_err().reason_code(), "unknown_message_type");
+        assert_eq!(
+            d.task_reply(&e).unwrap_err().reason_code(),
+            "unknown_message_type"
+        );
     }
 }

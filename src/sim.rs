@@ -30,9 +30,20 @@ impl Default for SimAgent {
 }
 
 impl Agent for SimAgent {
-    async fn handle(&self, request: &Envelope, input: Map<String, Value>) -> Result<Map<String, Value>, TaskError> {
-        let (lo, hi) = (self.min_latency.as_millis() as u64, self.max_latency.as_millis() as u64);
-        let ms = if hi > lo { lo + rand::random_range(0..=hi - lo) } else { lo };
+    async fn handle(
+        &self,
+        request: &Envelope,
+        input: Map<String, Value>,
+    ) -> Result<Map<String, Value>, TaskError> {
+        let (lo, hi) = (
+            self.min_latency.as_millis() as u64,
+            self.max_latency.as_millis() as u64,
+        );
+        let ms = if hi > lo {
+            lo + rand::random_range(0..=hi - lo)
+        } else {
+            lo
+        };
         if ms > 0 {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
@@ -58,7 +69,9 @@ impl Agent for SimAgent {
 /// (later) the gates read.
 pub fn simulated_output(intent: &str, client_id: &str, input: &Value) -> Value {
     match intent {
-        "provision_sandbox_environment" => json!({"environment_id": format!("env-{client_id}"), "status": "ready"}),
+        "provision_sandbox_environment" => {
+            json!({"environment_id": format!("env-{client_id}"), "status": "ready"})
+        }
         "install_connectors" => {
             let connectors = input
                 .get("connectors")
@@ -67,15 +80,21 @@ pub fn simulated_output(intent: &str, client_id: &str, input: &Value) -> Value {
                 .unwrap_or_else(|| json!(["drive", "confluence", "slack"]));
             json!({"installed_connectors": connectors, "all_syncing": true})
         }
-        "provision_test_dataset" => json!({"dataset_id": format!("ds-{client_id}"), "record_count": 10_000}),
-        "run_security_scan" => json!({"scan_result": {"critical": 0, "high": 0, "medium": 2}, "vulnerabilities": []}),
+        "provision_test_dataset" => {
+            json!({"dataset_id": format!("ds-{client_id}"), "record_count": 10_000})
+        }
+        "run_security_scan" => {
+            json!({"scan_result": {"critical": 0, "high": 0, "medium": 2}, "vulnerabilities": []})
+        }
         "teardown_sandbox_environment" => json!({"status": "torn_down"}),
         "deploy_pilot" => json!({"deployment_id": format!("pilot-{client_id}"), "pilot_users": 25}),
         "monitor_search_quality" => json!({"precision": 0.91}),
         "collect_user_feedback" => json!({"satisfaction": 4.4, "responses": 22}),
         "run_performance_test" => json!({"latency_p95_ms": 310}),
         "revoke_pilot_access" => json!({"status": "revoked"}),
-        "rollout_users" => json!({"status": "rolled_out", "percentage": input.get("percentage").cloned().unwrap_or(Value::Null)}),
+        "rollout_users" => {
+            json!({"status": "rolled_out", "percentage": input.get("percentage").cloned().unwrap_or(Value::Null)})
+        }
         "configure_monitoring" => json!({"dashboards": 3, "alerts": 12}),
         "rollback_production_deployment" => json!({"status": "rolled_back"}),
         _ => json!({"status": "done"}),

@@ -29,7 +29,9 @@ pub enum StoreError {
         "the data directory {path} is locked by another process (is another orchestrator running on it?): {source}"
     )]
     Locked { path: String, source: sled::Error },
-    #[error("cannot open the data directory {path}: {source}. If it is corrupt, move it aside and restart; journeys in flight will need to be restarted")]
+    #[error(
+        "cannot open the data directory {path}: {source}. If it is corrupt, move it aside and restart; journeys in flight will need to be restarted"
+    )]
     Open { path: String, source: sled::Error },
     #[error("store I/O failed: {0}")]
     Io(#[from] sled::Error),
@@ -102,7 +104,8 @@ impl OutboxEntry {
         let meta = raw
             .get(4..4 + n)
             .ok_or_else(|| corrupt("truncated entry".into()))?;
-        let mut e: OutboxEntry = serde_json::from_slice(meta).map_err(|e| corrupt(e.to_string()))?;
+        let mut e: OutboxEntry =
+            serde_json::from_slice(meta).map_err(|e| corrupt(e.to_string()))?;
         e.id = id;
         e.body = raw[4 + n..].to_vec();
         Ok(e)
@@ -129,13 +132,16 @@ impl Change {
 
     pub fn put_journey<T: Serialize>(&mut self, client_id: &str, record: &T) {
         self.empty = false;
-        self.batch.insert(key(JOURNEY, client_id.as_bytes()), to_json(record));
+        self.batch
+            .insert(key(JOURNEY, client_id.as_bytes()), to_json(record));
     }
 
     pub fn put_inflight(&mut self, correlation_id: &str, client_id: &str) {
         self.empty = false;
-        self.batch
-            .insert(key(INFLIGHT, correlation_id.as_bytes()), client_id.as_bytes());
+        self.batch.insert(
+            key(INFLIGHT, correlation_id.as_bytes()),
+            client_id.as_bytes(),
+        );
     }
 
     pub fn remove_inflight(&mut self, correlation_id: &str) {
@@ -170,7 +176,8 @@ impl Change {
 
     pub fn put_playbook<T: Serialize>(&mut self, hash: &str, playbook: &T) {
         self.empty = false;
-        self.batch.insert(key(PLAYBOOK, hash.as_bytes()), to_json(playbook));
+        self.batch
+            .insert(key(PLAYBOOK, hash.as_bytes()), to_json(playbook));
     }
 }
 
@@ -245,7 +252,9 @@ impl Store {
         self.get_json(&key(JOURNEY, client_id.as_bytes()), "journey")
     }
 
-    pub fn journeys<T: DeserializeOwned>(&self) -> impl Iterator<Item = Result<T, StoreError>> + '_ {
+    pub fn journeys<T: DeserializeOwned>(
+        &self,
+    ) -> impl Iterator<Item = Result<T, StoreError>> + '_ {
         self.tree.scan_prefix(JOURNEY).map(|r| {
             let (_, v) = r?;
             serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
@@ -319,7 +328,10 @@ impl Store {
     }
 
     /// Drops dedup marks older than `older_than` (judged by `is_old` on the stored value).
-    pub fn prune_dedup<T: DeserializeOwned>(&self, is_old: impl Fn(&T) -> bool) -> Result<usize, StoreError> {
+    pub fn prune_dedup<T: DeserializeOwned>(
+        &self,
+        is_old: impl Fn(&T) -> bool,
+    ) -> Result<usize, StoreError> {
         let mut b = sled::Batch::default();
         let mut n = 0;
         for r in self.tree.scan_prefix(DEDUP) {
@@ -339,7 +351,11 @@ impl Store {
         Ok(self.db.generate_id()?)
     }
 
-    fn get_json<T: DeserializeOwned>(&self, k: &[u8], what: &'static str) -> Result<Option<T>, StoreError> {
+    fn get_json<T: DeserializeOwned>(
+        &self,
+        k: &[u8],
+        what: &'static str,
+    ) -> Result<Option<T>, StoreError> {
         match self.tree.get(k)? {
             None => Ok(None),
             Some(v) => serde_json::from_slice(&v)

@@ -400,7 +400,10 @@ impl UnitOfWork {
     /// every completed task: a redrive. Each restarted task gets its full retry budget.
     pub fn resume(&mut self) {
         for t in &mut self.tasks {
-            if matches!(t.status, TaskStatus::Failed | TaskStatus::Dispatched | TaskStatus::WaitingRetry) {
+            if matches!(
+                t.status,
+                TaskStatus::Failed | TaskStatus::Dispatched | TaskStatus::WaitingRetry
+            ) {
                 if let Some(old) = t.correlation_id.take() {
                     t.past_correlations.push(old);
                 }
@@ -485,7 +488,13 @@ mod tests {
             let mut next = Vec::new();
             for x in d {
                 order.push(x.task_id.clone());
-                let eff = w.on_reply(&spec, &x.correlation_id, Ok(outputs_for(&x.intent)), now, 0.5);
+                let eff = w.on_reply(
+                    &spec,
+                    &x.correlation_id,
+                    Ok(outputs_for(&x.intent)),
+                    now,
+                    0.5,
+                );
                 assert!(matches!(eff, ReplyEffect::Completed { .. }), "{eff:?}");
                 next.extend(w.advance(&spec, &view, now, &mut ids));
             }
@@ -537,7 +546,10 @@ mod tests {
         assert!(matches!(eff, ReplyEffect::TaskFailed { .. }), "{eff:?}");
         assert_eq!(w.status, WorkStatus::Failed);
         assert!(w.failure.as_deref().unwrap().contains("flaky"));
-        assert_eq!(w.on_reply(&spec, "nope", Ok(json!({})), t, 0.0), ReplyEffect::Unknown);
+        assert_eq!(
+            w.on_reply(&spec, "nope", Ok(json!({})), t, 0.0),
+            ReplyEffect::Unknown
+        );
     }
 
     #[test]
@@ -557,12 +569,24 @@ mod tests {
         assert!(w.on_timeout(&spec, &d.task_id, 1, now, 0.0).is_none());
         let eff = w.on_timeout(&spec, &d.task_id, 1, d.deadline, 0.0).unwrap();
         assert!(matches!(eff, ReplyEffect::RetryScheduled { .. }));
-        let d2 = w.advance(&spec, &view, d.deadline + ChronoDuration::hours(1), &mut ids).remove(0);
-        let eff = w.on_unroutable(&spec, &d2.correlation_id, now, 0.0).unwrap();
+        let d2 = w
+            .advance(
+                &spec,
+                &view,
+                d.deadline + ChronoDuration::hours(1),
+                &mut ids,
+            )
+            .remove(0);
+        let eff = w
+            .on_unroutable(&spec, &d2.correlation_id, now, 0.0)
+            .unwrap();
         assert!(
             matches!(eff, ReplyEffect::RetryScheduled { ref error, .. } if error.contains("no_agent"))
         );
         // A second return of the same request changes nothing.
-        assert!(w.on_unroutable(&spec, &d2.correlation_id, now, 0.0).is_none());
+        assert!(
+            w.on_unroutable(&spec, &d2.correlation_id, now, 0.0)
+                .is_none()
+        );
     }
 }

@@ -41,7 +41,10 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     pub fn reason(&self) -> &str {
-        self.headers.get("x-journeyman-reason").map(String::as_str).unwrap_or("")
+        self.headers
+            .get("x-journeyman-reason")
+            .map(String::as_str)
+            .unwrap_or("")
     }
 }
 
@@ -56,6 +59,9 @@ pub struct TestApp {
     orchestrator: Option<JoinHandle<Result<(), orchestrator::OrchestratorError>>>,
     child: Option<tokio::process::Child>,
     events: mpsc::UnboundedReceiver<Envelope>,
+    /// Every event received so far: a wait may look for one that arrived while the test
+    /// was waiting for another.
+    seen: Vec<Value>,
     dead: Option<lapin::Consumer>,
     queues: Vec<String>,
 }
@@ -73,11 +79,21 @@ impl TestApp {
     pub async fn spawn_with(playbook: Playbook, mode: Mode) -> Self {
         static LOGS: std::sync::Once = std::sync::Once::new();
         LOGS.call_once(|| {
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn,lapin::returned_messages=error"));
-            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+            let filter =
+                tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(
+                        "info,lapin=warn,lapin::returned_messages=error",
+                    )
+                });
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
         });
-        let names = Names::new(format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+        let names = Names::new(format!(
+            "t-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        ));
         let url = amqp_url();
         let conn = broker::connect(&url, "journeyman-test")
             .await
@@ -86,7 +102,9 @@ impl TestApp {
         // Journey command queues exist before the orchestrator starts, so commands sent
         // early wait for it. Task queues are declared by the agents that serve them.
         let journey_intents = JOURNEY_INTENTS.iter().map(|s| s.to_string());
-        let mut queues = broker::declare_topology(&ch, &names, journey_intents).await.unwrap();
+        let mut queues = broker::declare_topology(&ch, &names, journey_intents)
+            .await
+            .unwrap();
         queues.push(names.replies("0"));
         queues.extend(playbook.intents().iter().map(|i| names.intent_queue(i)));
         let events = subscribe_events(&conn, &names).await;
@@ -103,6 +121,7 @@ impl TestApp {
             orchestrator: None,
             child: None,
             events,
+            seen: Vec::new(),
             dead: None,
             queues,
         };
@@ -118,7 +137,8 @@ impl TestApp {
     }
 
     pub fn start_orchestrator(&mut self) {
-        let mut config = orchestrator::Config::new(&self.url, &self.names.namespace, self.data_dir());
+        let mut config =
+            orchestrator::Config::new(&self.url, &self.names.namespace, self.data_dir());
         config.playbook = self.playbook.clone();
         let stats = self.stats.clone();
         let mut rx = self.stop.subscribe();
@@ -141,7 +161,12 @@ impl TestApp {
             .open(self.dir.path().join("orchestrator.log"))
             .unwrap();
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_journeyman"))
-            .args(["--namespace", &self.names.namespace, "orchestrator", "--data-dir"])
+            .args([
+                "--namespace",
+                &self.names.namespace,
+                "orchestrator",
+                "--data-dir",
+            ])
             .arg(self.data_dir())
             .arg("--playbook")
             .arg(&playbook_file)
@@ -159,7 +184,9 @@ impl TestApp {
     pub async fn kill_child(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.start_kill().unwrap();
-            let _ = tokio::time::timeout(WAIT, c.wait()).await.expect("child exits");
+            let _ = tokio::time::timeout(WAIT, c.wait())
+                .await
+                .expect("child exits");
         }
     }
 
@@ -171,7 +198,10 @@ impl TestApp {
     pub async fn stop_orchestrator(&mut self) -> Result<(), orchestrator::OrchestratorError> {
         let _ = self.stop.send(true);
         let r = match self.orchestrator.take() {
-            Some(h) => tokio::time::timeout(WAIT, h).await.expect("orchestrator stops").unwrap(),
+            Some(h) => tokio::time::timeout(WAIT, h)
+                .await
+                .expect("orchestrator stops")
+                .unwrap(),
             None => Ok(()),
         };
         self.stop = watch::channel(false).0;
@@ -198,7 +228,9 @@ impl TestApp {
             })
             .await;
         });
-        tokio::time::timeout(WAIT, stats.wait_ready()).await.expect("agent starts consuming");
+        tokio::time::timeout(WAIT, stats.wait_ready())
+            .await
+            .expect("agent starts consuming");
         stats
     }
 
@@ -224,7 +256,9 @@ impl TestApp {
     /// Publishes raw bytes to the intents exchange with confirms.
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8], message_id: Option<&str>) {
         let ch = self.conn.create_channel().await.unwrap();
-        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
         let mut props = BasicProperties::default()
             .with_content_type(ShortString::from("application/json"))
             .with_delivery_mode(2);
@@ -251,8 +285,12 @@ impl TestApp {
     }
 
     pub async fn send(&self, env: &Envelope) {
-        self.publish_raw(&env.intent, &env.to_bytes(), Some(&env.message_id.to_string()))
-            .await;
+        self.publish_raw(
+            &env.intent,
+            &env.to_bytes(),
+            Some(&env.message_id.to_string()),
+        )
+        .await;
     }
 
     pub async fn start_journey(&self, client: &str) -> Envelope {
@@ -271,10 +309,14 @@ impl TestApp {
             .expect("the orchestrator answers")
     }
 
-    /// Waits for a journey event matching `pred`.
+    /// Waits for a journey event matching `pred` (or finds it among those already seen).
     pub async fn wait_event(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
         let fut = async {
             while let Some(env) = self.events.recv().await {
+                self.seen.push(env.payload.clone());
                 if pred(&env.payload) {
                     return env.payload;
                 }
@@ -283,7 +325,10 @@ impl TestApp {
         };
         match tokio::time::timeout(WAIT, fut).await {
             Ok(v) => v,
-            Err(_) => panic!("timed out waiting for {what}; orchestrator log:\n{}", self.orchestrator_log()),
+            Err(_) => panic!(
+                "timed out waiting for {what}; orchestrator log:\n{}",
+                self.orchestrator_log()
+            ),
         }
     }
 
@@ -291,7 +336,9 @@ impl TestApp {
     pub async fn wait_in_production(&mut self, client: &str) -> Value {
         let c = client.to_string();
         self.wait_event(&format!("{client} through production"), move |p| {
-            p["client_id"] == c.as_str() && p["event"] == "work.completed" && p["stage"] == "production"
+            p["client_id"] == c.as_str()
+                && p["event"] == "work.completed"
+                && p["stage"] == "production"
         })
         .await
     }
@@ -316,12 +363,14 @@ impl TestApp {
         while out.len() < n {
             let d = tokio::time::timeout(WAIT, consumer.next())
                 .await
-                .unwrap_or_else(|_| panic!("timed out waiting for dead letter {} of {n}", out.len() + 1))
+                .unwrap_or_else(|_| {
+                    panic!("timed out waiting for dead letter {} of {n}", out.len() + 1)
+                })
                 .expect("dead-letter consumer open")
                 .expect("delivery");
             let mut headers = BTreeMap::new();
             if let Some(h) = d.properties.headers() {
-                for (k, _) in h.inner() {
+                for k in h.inner().keys() {
                     if let Some(v) = broker::header(&d.properties, k.as_str()) {
                         headers.insert(k.as_str().to_string(), v);
                     }
@@ -337,7 +386,9 @@ impl TestApp {
     }
 
     pub async fn dead_letter_count(&self) -> u32 {
-        broker::queue_len(&self.conn, &self.names.dead_letter()).await.unwrap()
+        broker::queue_len(&self.conn, &self.names.dead_letter())
+            .await
+            .unwrap()
     }
 }
 
@@ -401,7 +452,10 @@ impl Drop for TestApp {
         }
         let (url, names, queues) = (self.url.clone(), self.names.clone(), self.queues.clone());
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 if let Ok(conn) = broker::connect(&url, "journeyman-test-cleanup").await {
                     broker::delete_namespace(&conn, &names, &queues).await;

@@ -38,7 +38,11 @@ impl<A> Recorder<A> {
 }
 
 impl<A: Agent> Agent for Recorder<A> {
-    async fn handle(&self, request: &Envelope, input: Map<String, Value>) -> Result<Map<String, Value>, TaskError> {
+    async fn handle(
+        &self,
+        request: &Envelope,
+        input: Map<String, Value>,
+    ) -> Result<Map<String, Value>, TaskError> {
         self.seen.lock().unwrap().push((
             request.intent.clone(),
             request.correlation_id.clone().unwrap_or_default(),
@@ -64,7 +68,11 @@ impl Flaky {
 }
 
 impl Agent for Flaky {
-    async fn handle(&self, request: &Envelope, input: Map<String, Value>) -> Result<Map<String, Value>, TaskError> {
+    async fn handle(
+        &self,
+        request: &Envelope,
+        input: Map<String, Value>,
+    ) -> Result<Map<String, Value>, TaskError> {
         let fail = {
             let mut r = self.remaining.lock().unwrap();
             match r.get_mut(&request.intent) {
@@ -110,10 +118,15 @@ async fn a_journey_runs_to_production() {
     let v = journeyman::protocol::compile_schema(journeyman::protocol::schemas::JOURNEY_STATE);
     assert!(v.is_valid(p), "journey state matches its schema: {p}");
     // Every task of every stage ran exactly once.
-    for (_, stage) in &app.playbook.stages {
+    for stage in app.playbook.stages.values() {
         for t in &stage.tasks {
             let expected = stage.tasks.iter().filter(|x| x.intent == t.intent).count();
-            assert_eq!(rec.attempts(&t.intent).len(), expected, "attempts of {}", t.intent);
+            assert_eq!(
+                rec.attempts(&t.intent).len(),
+                expected,
+                "attempts of {}",
+                t.intent
+            );
         }
     }
     assert_eq!(app.dead_letter_count().await, 0);
@@ -133,7 +146,10 @@ async fn commands_are_refused_with_reasons() {
         client_id: "acme".into(),
         context: None,
     });
-    assert_eq!(app.request(&start).await.message_type, MessageType::Response);
+    assert_eq!(
+        app.request(&start).await.message_type,
+        MessageType::Response
+    );
     // A second start with a new message id is a refusal, not a no-op.
     let again = app.request(&start).await;
     assert_eq!(again.message_type, MessageType::Error);
@@ -152,7 +168,12 @@ async fn commands_are_refused_with_reasons() {
     assert_eq!(ok.payload["stage"], "completed");
     let after = app.request(&complete).await;
     assert_eq!(after.payload["code"], "invalid_transition");
-    assert!(after.payload["message"].as_str().unwrap().contains("completed"));
+    assert!(
+        after.payload["message"]
+            .as_str()
+            .unwrap()
+            .contains("completed")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,7 +183,11 @@ async fn a_task_failing_twice_then_succeeding_is_retried() {
     app.start_agent_for_all(rec.clone()).await;
     app.start_journey("acme").await;
     app.wait_in_production("acme").await;
-    assert_eq!(rec.attempts("install_connectors").len(), 3, "three attempts, each its own correlation id");
+    assert_eq!(
+        rec.attempts("install_connectors").len(),
+        3,
+        "three attempts, each its own correlation id"
+    );
     assert_eq!(Stats::get(&app.stats.retries), 2);
     assert_eq!(app.dead_letter_count().await, 0);
 }
@@ -176,10 +201,18 @@ async fn a_task_failing_past_max_retries_fails_the_work_and_is_dead_lettered() {
     app.start_agent_for_all(rec.clone()).await;
     app.start_journey("acme").await;
     let ev = app
-        .wait_event("work.failed", |p| p["event"] == "work.failed" && p["client_id"] == "acme")
+        .wait_event("work.failed", |p| {
+            p["event"] == "work.failed" && p["client_id"] == "acme"
+        })
         .await;
     assert_eq!(ev["detail"]["task_id"], "provision-test-data");
-    let max = app.playbook.stage("sandbox").unwrap().task("provision-test-data").unwrap().max_retries;
+    let max = app
+        .playbook
+        .stage("sandbox")
+        .unwrap()
+        .task("provision-test-data")
+        .unwrap()
+        .max_retries;
     assert_eq!(rec.attempts("provision_test_dataset").len() as u32, max + 1);
 
     let dl = app.dead_letters(1).await;
@@ -191,10 +224,20 @@ async fn a_task_failing_past_max_retries_fails_the_work_and_is_dead_lettered() {
     let s = app.request(&status("acme")).await.payload;
     assert_eq!(s["stage"], "sandbox");
     assert_eq!(s["work"]["status"], "failed");
-    let task = s["work"]["tasks"].as_array().unwrap().iter().find(|t| t["task_id"] == "provision-test-data").unwrap();
+    let task = s["work"]["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["task_id"] == "provision-test-data")
+        .unwrap();
     assert_eq!(task["status"], "failed");
     assert_eq!(task["attempts"], max + 1);
-    assert!(task["last_error"].as_str().unwrap().contains("injected failure"));
+    assert!(
+        task["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("injected failure")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +246,8 @@ async fn a_non_retryable_error_fails_at_once() {
     let rec = Recorder::new(Flaky::new("provision_sandbox_environment", 1, false));
     app.start_agent_for_all(rec.clone()).await;
     app.start_journey("acme").await;
-    app.wait_event("work.failed", |p| p["event"] == "work.failed").await;
+    app.wait_event("work.failed", |p| p["event"] == "work.failed")
+        .await;
     assert_eq!(rec.attempts("provision_sandbox_environment").len(), 1);
     assert_eq!(app.dead_letters(1).await[0].reason(), "task_failed");
 }
@@ -225,8 +269,15 @@ stages:
     );
     let mut app = TestApp::spawn_with(pb, Mode::InProcess).await;
     app.start_journey("acme").await;
-    let ev = app.wait_event("work.failed", |p| p["event"] == "work.failed").await;
-    assert!(ev["detail"]["failure"].as_str().unwrap().contains("nobody_serves_this"));
+    let ev = app
+        .wait_event("work.failed", |p| p["event"] == "work.failed")
+        .await;
+    assert!(
+        ev["detail"]["failure"]
+            .as_str()
+            .unwrap()
+            .contains("nobody_serves_this")
+    );
     let dl = app.dead_letters(1).await;
     assert_eq!(dl[0].reason(), "no_agent");
     assert_eq!(dl[0].headers["x-journeyman-task-id"], "ask-nobody");
@@ -236,25 +287,41 @@ stages:
 async fn bad_messages_are_dead_lettered_and_the_next_one_is_processed() {
     let mut app = TestApp::spawn().await;
     app.start_agent_for_all(Arc::new(SimAgent::default())).await;
-    app.publish_raw("journey.start", b"{not json", Some("bad-1")).await;
+    app.publish_raw("journey.start", b"{not json", Some("bad-1"))
+        .await;
     let invalid = TestApp::command("journey.start", json!({"client": "acme"}));
     app.send(&invalid).await;
     let unknown = TestApp::command("journey.fly", json!({"client_id": "acme"}));
-    app.publish_raw("journey.start", &unknown.to_bytes(), None).await;
-    app.publish_raw("journey.start", &[0xff, 0xfe, 0x00], None).await;
-    app.start_journey("acme").await;
-    app.wait_event("acme started", |p| p["event"] == "journey.started" && p["client_id"] == "acme")
+    app.publish_raw("journey.start", &unknown.to_bytes(), None)
         .await;
+    app.publish_raw("journey.start", &[0xff, 0xfe, 0x00], None)
+        .await;
+    app.start_journey("acme").await;
+    app.wait_event("acme started", |p| {
+        p["event"] == "journey.started" && p["client_id"] == "acme"
+    })
+    .await;
 
     let dls = app.dead_letters(4).await;
     let reasons: BTreeSet<&str> = dls.iter().map(|d| d.reason()).collect();
     assert_eq!(
         reasons,
-        BTreeSet::from(["malformed_json", "schema_invalid", "unknown_intent", "not_utf8"])
+        BTreeSet::from([
+            "malformed_json",
+            "schema_invalid",
+            "unknown_intent",
+            "not_utf8"
+        ])
     );
     for d in &dls {
-        assert_eq!(d.headers["x-journeyman-original-routing-key"], "journey.start");
-        assert_eq!(d.headers["x-journeyman-original-queue"], app.names.intent_queue("journey.start"));
+        assert_eq!(
+            d.headers["x-journeyman-original-routing-key"],
+            "journey.start"
+        );
+        assert_eq!(
+            d.headers["x-journeyman-original-queue"],
+            app.names.intent_queue("journey.start")
+        );
         assert!(!d.headers["x-journeyman-reason-message"].is_empty());
     }
     let malformed = dls.iter().find(|d| d.reason() == "malformed_json").unwrap();
@@ -271,8 +338,10 @@ async fn a_duplicate_delivery_is_applied_once() {
     // Commands on one queue are handled in order: once "other" starts, the duplicate has
     // been handled too.
     app.start_journey("other").await;
-    app.wait_event("other started", |p| p["event"] == "journey.started" && p["client_id"] == "other")
-        .await;
+    app.wait_event("other started", |p| {
+        p["event"] == "journey.started" && p["client_id"] == "other"
+    })
+    .await;
     assert_eq!(Stats::get(&app.stats.journeys_started), 2);
     assert_eq!(Stats::get(&app.stats.duplicates), 1);
     assert_eq!(Stats::get(&app.stats.refusals), 0);
@@ -289,7 +358,11 @@ struct Gate {
 }
 
 impl Agent for Gate {
-    async fn handle(&self, request: &Envelope, input: Map<String, Value>) -> Result<Map<String, Value>, TaskError> {
+    async fn handle(
+        &self,
+        request: &Envelope,
+        input: Map<String, Value>,
+    ) -> Result<Map<String, Value>, TaskError> {
         if request.intent == self.intent {
             let _ = self.arrived.send(request.message_id.to_string());
             let mut open = self.open.clone();
@@ -301,7 +374,11 @@ impl Agent for Gate {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orchestrator_killed_mid_work_resumes_without_losing_or_duplicating_tasks() {
-    let mut app = TestApp::spawn_with(journeyman::playbook::Playbook::default_playbook(), Mode::ChildProcess).await;
+    let mut app = TestApp::spawn_with(
+        journeyman::playbook::Playbook::default_playbook(),
+        Mode::ChildProcess,
+    )
+    .await;
     let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
     let (open_tx, open_rx) = watch::channel(false);
     let rec = Recorder::new(Gate {
@@ -316,7 +393,10 @@ async fn an_orchestrator_killed_mid_work_resumes_without_losing_or_duplicating_t
     }
     // Every journey is in pilot with its first task in flight at the agent.
     for _ in clients {
-        tokio::time::timeout(WAIT, arrived.recv()).await.expect("deploy_pilot requested").unwrap();
+        tokio::time::timeout(WAIT, arrived.recv())
+            .await
+            .expect("deploy_pilot requested")
+            .unwrap();
     }
     app.kill_child().await;
     app.start_child().await;
@@ -333,7 +413,11 @@ async fn an_orchestrator_killed_mid_work_resumes_without_losing_or_duplicating_t
         }
     }
     for (intent, expected) in per_intent {
-        assert_eq!(rec.attempts(&intent).len(), expected, "distinct attempts of {intent}");
+        assert_eq!(
+            rec.attempts(&intent).len(),
+            expected,
+            "distinct attempts of {intent}"
+        );
     }
     let log = app.orchestrator_log();
     assert!(!log.contains("panicked"), "{log}");
@@ -341,15 +425,25 @@ async fn an_orchestrator_killed_mid_work_resumes_without_losing_or_duplicating_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_orchestrator_on_the_same_directory_is_refused() {
-    let mut app = TestApp::spawn_with(journeyman::playbook::Playbook::default_playbook(), Mode::ChildProcess).await;
+    let mut app = TestApp::spawn_with(
+        journeyman::playbook::Playbook::default_playbook(),
+        Mode::ChildProcess,
+    )
+    .await;
     // The first one holds the directory once it answers.
     app.start_agent_for_all(Arc::new(SimAgent::default())).await;
     app.start_journey("acme").await;
-    app.wait_event("acme started", |p| p["event"] == "journey.started").await;
+    app.wait_event("acme started", |p| p["event"] == "journey.started")
+        .await;
     let out = tokio::time::timeout(
         WAIT,
         tokio::process::Command::new(env!("CARGO_BIN_EXE_journeyman"))
-            .args(["--namespace", &app.names.namespace, "orchestrator", "--data-dir"])
+            .args([
+                "--namespace",
+                &app.names.namespace,
+                "orchestrator",
+                "--data-dir",
+            ])
             .arg(app.data_dir())
             .env("JOURNEYMAN_AMQP_URL", amqp_url())
             .output(),
