@@ -10,6 +10,8 @@ pub mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod demo;
+pub mod evidence;
+pub mod gate;
 pub mod journey;
 pub mod orchestrator;
 pub mod playbook;

@@ -1,8 +1,10 @@
 //! Playbooks: the declarative description of what each journey stage does. A [`Playbook`]
 //! maps the stages "sandbox", "pilot" and "production" to a [`StageWork`]: the unit of work
 //! (a DAG of [`TaskSpec`]s, each an intent served by an agent) and the [`RollbackWork`]
-//! that undoes it. This module owns parsing, validation, the content hash that versions a
-//! playbook, the input templates of tasks and the pure DAG queries a scheduler needs.
+//! that undoes it, plus the stage's exit criteria and rollback triggers ([`Criterion`]s,
+//! judged by [`crate::gate`]) and each task's mapping of its output to evidence. This module
+//! owns parsing, validation, the content hash that versions a playbook, the input templates
+//! of tasks and the pure DAG queries a scheduler needs.
 //!
 //! It must not touch I/O, the clock, journeys' state or the broker: it says what the work
 //! is, never whether it ran. The caller embeds, reads or stores playbook text and passes
@@ -17,6 +19,8 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::backoff::BackoffPolicy;
+use crate::evidence;
+use crate::gate::{self, Criterion};
 
 /// The stage keys a playbook may use, in journey order. Kept as strings here so this module
 /// does not depend on the journey state machine; the journey module maps its stages to these.
@@ -56,6 +60,15 @@ pub struct StageWork {
     /// serialise alike, so they hash alike.
     #[serde(default, skip_serializing_if = "RollbackWork::is_empty")]
     pub rollback: RollbackWork,
+    /// What must hold before a journey may leave this stage (DES-002 §1 exit criteria),
+    /// judged by [`gate::evaluate`]. Empty passes. Skipped when empty, like `rollback`, so
+    /// playbooks written before gates existed keep their content hash.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exit_criteria: Vec<Criterion>,
+    /// Conditions that roll a journey back out of this stage (DES-002 §1, §5), judged by
+    /// [`gate::triggered`] whenever evidence arrives. Skipped when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollback_triggers: Vec<Criterion>,
 }
 
 /// The unit of work that undoes a stage. A separate DAG with its own task-id namespace: its
@@ -99,6 +112,11 @@ pub struct TaskSpec {
     /// Delay between attempts.
     #[serde(default)]
     pub backoff: BackoffPolicy,
+    /// Evidence this task's output provides: evidence name → dotted path in the output
+    /// (`security.critical_count: scan_result.critical`). A number becomes a metric, a
+    /// boolean a flag; see [`evidence::extract`]. Skipped when empty, for the content hash.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub evidence: BTreeMap<String, String>,
 }
 
 fn empty_mapping() -> Value {
@@ -173,6 +191,33 @@ pub enum PlaybookError {
         task_id: String,
         source: MappingError,
     },
+    #[error("{unit}: task `{task_id}` evidence `{name}`: {reason}")]
+    InvalidEvidenceMapping {
+        unit: String,
+        task_id: String,
+        name: String,
+        reason: String,
+    },
+    /// `list` is "exit criterion" or "rollback trigger"; `position` counts from 1.
+    #[error("{stage}: {list} #{position} has an empty name")]
+    UnnamedCriterion {
+        stage: String,
+        list: &'static str,
+        position: usize,
+    },
+    #[error("{stage}: duplicate {list} `{criterion}`")]
+    DuplicateCriterion {
+        stage: String,
+        list: &'static str,
+        criterion: String,
+    },
+    #[error("{stage}: {list} `{criterion}`: {reason}")]
+    InvalidCriterion {
+        stage: String,
+        list: &'static str,
+        criterion: String,
+        reason: String,
+    },
 }
 
 impl Playbook {
@@ -208,6 +253,8 @@ impl Playbook {
             if let Some(work) = self.stages.get(stage) {
                 validate_tasks(&work.tasks, stage)?;
                 validate_tasks(&work.rollback.tasks, &format!("{stage}.rollback"))?;
+                validate_criteria(&work.exit_criteria, stage, "exit criterion")?;
+                validate_criteria(&work.rollback_triggers, stage, "rollback trigger")?;
             }
         }
         Ok(())
@@ -235,6 +282,17 @@ impl Playbook {
             .expect("a playbook has only string map keys, so it always converts to JSON");
         value.sort_all_objects();
         value.to_string()
+    }
+
+    /// The longest event window any stage's criteria or triggers count over: events older
+    /// than `now` minus this can be pruned from a journey's evidence. `None` when no
+    /// criterion counts events.
+    pub fn longest_event_window(&self) -> Option<Duration> {
+        gate::longest_event_window(
+            self.stages
+                .values()
+                .flat_map(|stage| stage.exit_criteria.iter().chain(&stage.rollback_triggers)),
+        )
     }
 
     /// Hex SHA-256 of [`Playbook::canonical_json`]. Identifies a playbook version: edits to
@@ -370,6 +428,22 @@ fn validate_tasks(tasks: &[TaskSpec], unit: &str) -> Result<(), PlaybookError> {
                 found: json_type(&task.input),
             });
         }
+        for (name, path) in &task.evidence {
+            let reason = if !evidence::is_valid_name(name) {
+                "invalid evidence name (allowed: lowercase letters, digits, `_`, `.`, `-`)"
+                    .to_owned()
+            } else if !evidence::is_valid_path(path) {
+                format!("invalid output path `{path}` (dot-separated keys, none empty)")
+            } else {
+                continue;
+            };
+            return Err(PlaybookError::InvalidEvidenceMapping {
+                unit: unit_name(),
+                task_id: task_id(),
+                name: name.clone(),
+                reason,
+            });
+        }
     }
 
     for task in tasks {
@@ -415,6 +489,40 @@ fn validate_tasks(tasks: &[TaskSpec], unit: &str) -> Result<(), PlaybookError> {
                     path: path.to_owned(),
                 });
             }
+        }
+    }
+    Ok(())
+}
+
+/// Checks one stage's exit criteria or rollback triggers; `list` names which in messages.
+fn validate_criteria(
+    criteria: &[Criterion],
+    stage: &str,
+    list: &'static str,
+) -> Result<(), PlaybookError> {
+    let mut seen = BTreeSet::new();
+    for (index, criterion) in criteria.iter().enumerate() {
+        if criterion.name.trim().is_empty() {
+            return Err(PlaybookError::UnnamedCriterion {
+                stage: stage.to_owned(),
+                list,
+                position: index + 1,
+            });
+        }
+        if !seen.insert(criterion.name.as_str()) {
+            return Err(PlaybookError::DuplicateCriterion {
+                stage: stage.to_owned(),
+                list,
+                criterion: criterion.name.clone(),
+            });
+        }
+        if let Err(reason) = criterion.validate() {
+            return Err(PlaybookError::InvalidCriterion {
+                stage: stage.to_owned(),
+                list,
+                criterion: criterion.name.clone(),
+                reason,
+            });
         }
     }
     Ok(())
@@ -712,6 +820,7 @@ fn descend<'v>(mut value: &'v Value, keys: &[&str]) -> Option<&'v Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gate::{Check, Op};
     use serde_json::json;
 
     fn set(ids: &[&str]) -> BTreeSet<String> {
@@ -1239,6 +1348,309 @@ mod tests {
         assert_ne!(Playbook::from_yaml(&changed).unwrap().content_hash(), hash);
         let retimed = DEFAULT_PLAYBOOK_YAML.replacen("timeout: 30s", "timeout: 31s", 1);
         assert_ne!(Playbook::from_yaml(&retimed).unwrap().content_hash(), hash);
+    }
+
+    fn metric(name: &str, metric: &str, op: Op, value: f64) -> Criterion {
+        Criterion {
+            name: name.to_owned(),
+            check: Check::Metric {
+                metric: metric.to_owned(),
+                op,
+                value,
+            },
+        }
+    }
+
+    fn events(name: &str, event: &str, within: Duration) -> Criterion {
+        Criterion {
+            name: name.to_owned(),
+            check: Check::Events {
+                event: event.to_owned(),
+                within,
+                max: 0,
+                severity: None,
+            },
+        }
+    }
+
+    const DAYS_7: Duration = Duration::from_secs(7 * 24 * 3600);
+    const HOUR_1: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn default_gates_are_des_002_section_1() {
+        let playbook = Playbook::default_playbook();
+        let sandbox = playbook.stage("sandbox").unwrap();
+        assert_eq!(
+            sandbox.exit_criteria,
+            [
+                Criterion {
+                    name: "connectors_syncing".to_owned(),
+                    check: Check::AllFlags {
+                        prefix: "connector.".to_owned()
+                    },
+                },
+                metric("search_quality", "search.precision", Op::Gt, 0.80),
+                metric("security_scan", "security.critical_count", Op::Eq, 0.0),
+                Criterion {
+                    name: "demo_approved".to_owned(),
+                    check: Check::Flag {
+                        flag: "demo.approved".to_owned(),
+                        equals: true
+                    },
+                },
+            ]
+        );
+        assert_eq!(
+            sandbox.rollback_triggers,
+            [
+                metric(
+                    "security_vulnerability",
+                    "security.critical_count",
+                    Op::Gt,
+                    0.0
+                ),
+                metric("low_data_quality", "data.quality", Op::Lt, 0.8),
+            ]
+        );
+
+        let pilot = playbook.stage("pilot").unwrap();
+        assert_eq!(
+            pilot.exit_criteria,
+            [
+                metric("search_quality", "search.precision", Op::Gt, 0.85),
+                metric("user_satisfaction", "user.satisfaction", Op::Gt, 4.0),
+                events("no_critical_bugs", "bug.critical", DAYS_7),
+                metric("performance_sla", "latency.p95_ms", Op::Lt, 500.0),
+            ]
+        );
+        assert_eq!(
+            pilot.rollback_triggers,
+            [
+                metric("low_satisfaction", "user.satisfaction", Op::Lt, 3.5),
+                events("critical_bug", "bug.critical", DAYS_7),
+                metric(
+                    "performance_degradation",
+                    "performance.degradation_pct",
+                    Op::Gt,
+                    20.0
+                ),
+            ]
+        );
+
+        let production = playbook.stage("production").unwrap();
+        assert_eq!(
+            production.exit_criteria,
+            [
+                metric("user_adoption", "users.adoption", Op::Gt, 0.70),
+                metric("search_satisfaction", "search.satisfaction", Op::Gt, 4.5),
+                metric("query_growth", "query.growth_mom", Op::Gt, 0.20),
+            ]
+        );
+        assert_eq!(
+            production.rollback_triggers,
+            [
+                events("p0_incident", "incident.p0", HOUR_1),
+                events("p1_incident", "incident.p1", HOUR_1),
+                metric("low_satisfaction", "user.satisfaction", Op::Lt, 4.0),
+                metric(
+                    "security_vulnerability",
+                    "security.critical_count",
+                    Op::Gt,
+                    0.0
+                ),
+                metric(
+                    "performance_degradation",
+                    "performance.degradation_pct",
+                    Op::Gt,
+                    50.0
+                ),
+                events("data_loss", "data.loss", HOUR_1),
+                metric("outage", "outage.minutes", Op::Gt, 60.0),
+            ]
+        );
+        assert_eq!(playbook.longest_event_window(), Some(DAYS_7));
+    }
+
+    #[test]
+    fn default_evidence_mappings_read_task_outputs() {
+        let playbook = Playbook::default_playbook();
+        let mut mapped: Vec<(&str, &str, &str)> = playbook
+            .stages
+            .values()
+            .flat_map(|stage| stage.tasks.iter().chain(&stage.rollback.tasks))
+            .flat_map(|task| {
+                task.evidence
+                    .iter()
+                    .map(|(name, path)| (task.task_id.as_str(), name.as_str(), path.as_str()))
+            })
+            .collect();
+        mapped.sort();
+        assert_eq!(
+            mapped,
+            [
+                ("collect-user-feedback", "user.satisfaction", "satisfaction"),
+                ("install-connectors", "connector.all.syncing", "all_syncing"),
+                ("monitor-search-quality", "search.precision", "precision"),
+                ("run-performance-test", "latency.p95_ms", "latency_p95_ms"),
+                (
+                    "run-security-scan",
+                    "security.critical_count",
+                    "scan_result.critical"
+                ),
+            ]
+        );
+    }
+
+    /// Hashes recorded before gates existed (commit 2328f4c): adding the optional fields must
+    /// not re-version playbooks that do not use them.
+    const FIXTURE_HASH_BEFORE_GATES: &str =
+        "c399a9ab4b0152a56773ed3528aa117bba33a63cdbd07abc082520f51a91b739";
+    const DEFAULT_HASH_BEFORE_GATES: &str =
+        "657ec55166957bf2519b9c12faa7d9970d92b413dca4af42512ef35bfe2ebd2d";
+    const FIXTURE: &str = "name: fixture\ndescription: no gates\nstages:\n  sandbox:\n    tasks:\n      - {task_id: a, name: A, intent: do_a, input: {client: '{{journey.client_id}}'}, timeout: 5s, backoff: {initial: 100ms, max: 2s, multiplier: 2.0, jitter: 0.1}}\n      - {task_id: b, name: B, agent_id: agent-b, intent: do.b, depends_on: [a], input: {env: '{{tasks.a.output.env}}'}, max_retries: 1}\n    rollback:\n      tasks:\n        - {task_id: undo, name: Undo, intent: undo_a}\n  pilot:\n    tasks: []\n";
+
+    #[test]
+    fn content_hash_unchanged_for_playbooks_without_gates() {
+        let fixture = Playbook::from_yaml(FIXTURE).unwrap();
+        assert_eq!(fixture.content_hash(), FIXTURE_HASH_BEFORE_GATES);
+        let canonical = fixture.canonical_json();
+        for key in ["exit_criteria", "rollback_triggers", "evidence"] {
+            assert!(!canonical.contains(key), "{key} in {canonical}");
+        }
+        // Written out empty, they are the same playbook.
+        let explicit = FIXTURE.replace(
+            "  pilot:\n    tasks: []\n",
+            "  pilot:\n    tasks: []\n    exit_criteria: []\n    rollback_triggers: []\n",
+        );
+        assert_eq!(
+            Playbook::from_yaml(&explicit).unwrap().content_hash(),
+            FIXTURE_HASH_BEFORE_GATES
+        );
+
+        // The default playbook with its gates and mappings taken out is the old default.
+        let mut stripped = Playbook::default_playbook();
+        for stage in stripped.stages.values_mut() {
+            stage.exit_criteria.clear();
+            stage.rollback_triggers.clear();
+            for task in stage.tasks.iter_mut().chain(&mut stage.rollback.tasks) {
+                task.evidence.clear();
+            }
+        }
+        assert_eq!(stripped.content_hash(), DEFAULT_HASH_BEFORE_GATES);
+        assert_ne!(
+            Playbook::default_playbook().content_hash(),
+            DEFAULT_HASH_BEFORE_GATES
+        );
+
+        // Any change to a gate re-versions the playbook.
+        let hash = Playbook::default_playbook().content_hash();
+        for (from, to) in [
+            ("op: \">\", value: 0.85", "op: \">=\", value: 0.85"),
+            ("value: 0.80 }", "value: 0.81 }"),
+            ("within: 7d, max: 0 }", "within: 6d, max: 0 }"),
+            ("scan_result.critical", "scan_result.high"),
+        ] {
+            let changed = DEFAULT_PLAYBOOK_YAML.replacen(from, to, 1);
+            assert_ne!(changed, DEFAULT_PLAYBOOK_YAML, "{from}");
+            assert_ne!(
+                Playbook::from_yaml(&changed).unwrap().content_hash(),
+                hash,
+                "{from}"
+            );
+        }
+    }
+
+    #[test]
+    fn gate_declarations_are_validated() {
+        let stage = |body: &str| {
+            format!(
+                "name: t\nstages:\n  pilot:\n    tasks: [{{task_id: a, name: A, intent: x}}]\n{body}"
+            )
+        };
+        let cases: &[(String, &str)] = &[
+            (
+                stage("    exit_criteria:\n      - {name: q, metric: m, op: '>', value: 1}\n      - {name: q, flag: f}\n"),
+                "pilot: duplicate exit criterion `q`",
+            ),
+            (
+                stage("    rollback_triggers:\n      - {name: q, flag: f}\n      - {name: q, flag: g}\n"),
+                "pilot: duplicate rollback trigger `q`",
+            ),
+            (
+                stage("    exit_criteria:\n      - {name: a, flag: f}\n      - {name: '', flag: f}\n"),
+                "pilot: exit criterion #2 has an empty name",
+            ),
+            (
+                stage("    rollback_triggers:\n      - {name: '  ', flag: f}\n"),
+                "pilot: rollback trigger #1 has an empty name",
+            ),
+            (
+                stage("    exit_criteria:\n      - {name: q, metric: Search.Precision, op: '>', value: 1}\n"),
+                "pilot: exit criterion `q`: invalid metric name `Search.Precision`",
+            ),
+            (
+                stage("    exit_criteria:\n      - {name: q, flag: 'demo approved'}\n"),
+                "pilot: exit criterion `q`: invalid flag name `demo approved`",
+            ),
+            (
+                stage("    rollback_triggers:\n      - {name: bugs, event: bug.critical, within: 0s}\n"),
+                "pilot: rollback trigger `bugs`: `within` must be greater than zero",
+            ),
+            (
+                stage("    exit_criteria:\n      - {name: bugs, event: 'Bug', within: 1h}\n"),
+                "pilot: exit criterion `bugs`: invalid event name `Bug`",
+            ),
+            (
+                stage("    exit_criteria:\n      - {name: q, all_flags: 'Connector.'}\n"),
+                "pilot: exit criterion `q`: invalid flag prefix `Connector.`",
+            ),
+            (
+                stage("    exit_criteria:\n      - {name: soak, min_time_in_stage: 0s}\n"),
+                "pilot: exit criterion `soak`: `min_time_in_stage` must be greater than zero",
+            ),
+            (
+                stage("    exit_criteria:\n      - {name: q, metric: m, op: '>', value: .inf}\n"),
+                "pilot: exit criterion `q`: value must be a finite number, got inf",
+            ),
+            (
+                stage("    exit_criteria:\n      - {name: q, metric: m, value: 1}\n"),
+                "criterion `q`: a `metric` check needs `op` and `value`",
+            ),
+            (
+                stage("    exit_criteria:\n      - {name: q, flag: f, extra: 1}\n"),
+                "unknown field `extra`",
+            ),
+            (
+                stage("    exit_criterion: []\n"),
+                "unknown field `exit_criterion`",
+            ),
+            (
+                sandbox(&["{task_id: a, name: A, intent: x, evidence: {Bad: x}}"]),
+                "sandbox: task `a` evidence `Bad`: invalid evidence name",
+            ),
+            (
+                sandbox(&["{task_id: a, name: A, intent: x, evidence: {ok: 'a..b'}}"]),
+                "sandbox: task `a` evidence `ok`: invalid output path `a..b`",
+            ),
+            (
+                sandbox(&["{task_id: a, name: A, intent: x, evidence: {ok: ''}}"]),
+                "sandbox: task `a` evidence `ok`: invalid output path ``",
+            ),
+            (
+                "name: t\nstages:\n  sandbox:\n    tasks: []\n    rollback:\n      tasks:\n        - {task_id: u, name: U, intent: x, evidence: {'a b': x}}\n".to_owned(),
+                "sandbox.rollback: task `u` evidence `a b`: invalid evidence name",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let message = rejection(yaml);
+            assert!(message.contains(want), "got {message:?}, want {want:?}");
+        }
+
+        // The same names in the two lists are fine: they are separate namespaces.
+        Playbook::from_yaml(&stage(
+            "    exit_criteria:\n      - {name: q, flag: f}\n    rollback_triggers:\n      - {name: q, flag: f, equals: false}\n",
+        ))
+        .unwrap();
     }
 
     #[test]
