@@ -16,17 +16,13 @@ use chrono::Utc;
 use clap::Args;
 use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Confirmation};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use serde_json::json;
 use tokio::sync::watch;
 
 use crate::agent::{self, AgentConfig, AgentStats};
-use crate::broker::{self, Names};
+use crate::broker::{self, Names, Outgoing, Published, Publisher};
 use crate::cli::Global;
 use crate::orchestrator::{self, Stats};
 use crate::protocol::{AgentRef, Decoder, Envelope, JOURNEY_INTENTS, MessageType};
@@ -40,6 +36,12 @@ pub struct DemoArgs {
     /// Fraction of task attempts the simulated agents fail (retryably), so retries show.
     #[arg(long, default_value_t = 0.1)]
     pub failure_rate: f64,
+    /// Share of journeys whose first sandbox evidence fails the gate (then is corrected).
+    #[arg(long, default_value_t = 0.1)]
+    pub gate_refusals: f64,
+    /// Share of journeys whose pilot users report low satisfaction, rolling them back.
+    #[arg(long, default_value_t = 0.1)]
+    pub rollbacks: f64,
     /// Replicas of the simulated agents (competing consumers).
     #[arg(long, default_value_t = 2)]
     pub agent_replicas: usize,
@@ -61,7 +63,75 @@ pub struct DemoArgs {
 struct Track {
     stage: String,
     production_done: bool,
-    failed: bool,
+    /// The refused cohort has reported its corrected precision.
+    fixed: bool,
+    /// The rollback cohort has reported its unhappy pilot users.
+    complained: bool,
+}
+
+#[derive(Default)]
+struct Counts {
+    gate_refusals: u64,
+    rollbacks_started: u64,
+    rollbacks_completed: u64,
+    rollbacks_failed: u64,
+    pauses: u64,
+}
+
+/// Which journeys play which part: a share fails the sandbox gate first, another is
+/// rolled back automatically from pilot.
+struct Cohorts {
+    refused: std::collections::HashSet<String>,
+    rolled_back: std::collections::HashSet<String>,
+}
+
+impl Cohorts {
+    fn new(n: usize, refusals: f64, rollbacks: f64) -> Self {
+        let pick = |share: f64, offset: usize| {
+            let k = ((n as f64) * share.clamp(0.0, 1.0)).round() as usize;
+            (0..n)
+                .filter(|i| (i + offset) % n.max(1) < k)
+                .map(client_name)
+                .collect()
+        };
+        Self {
+            refused: pick(refusals, 0),
+            rolled_back: pick(rollbacks, n / 2),
+        }
+    }
+    fn refused(&self, c: &str) -> bool {
+        self.refused.contains(c)
+    }
+    fn rolled_back(&self, c: &str) -> bool {
+        self.rolled_back.contains(c)
+    }
+}
+
+fn client_name(i: usize) -> String {
+    format!("client-{:03}", i + 1)
+}
+
+/// A journey command from the demo's upstream agent.
+fn command(names: &Names, intent: &str, payload: serde_json::Value) -> Outgoing {
+    let env = Envelope::new(
+        AgentRef::new("journeyman-demo", "demo"),
+        AgentRef::orchestrator(),
+        MessageType::Request,
+        intent,
+        payload,
+        Utc::now(),
+    );
+    Outgoing {
+        exchange: names.intents(),
+        routing_key: intent.to_string(),
+        mandatory: true,
+        message_id: env.message_id.to_string(),
+        correlation_id: None,
+        reply_to: None,
+        message_type: "request".into(),
+        headers: Vec::new(),
+        body: env.to_bytes(),
+    }
 }
 
 pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
@@ -169,47 +239,29 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
 
     // Start the journeys.
     let started = Instant::now();
-    let pubch = conn.create_channel().await?;
-    pubch
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let mut confirms = Vec::new();
+    let publisher = Publisher::start(&conn).await?;
+    let cohorts = Cohorts::new(a.journeys, a.gate_refusals, a.rollbacks);
+    let mut pending = Vec::new();
     for i in 0..a.journeys {
-        let client = format!("client-{:03}", i + 1);
-        let env = Envelope::new(
-            AgentRef::new("journeyman-demo", "demo"),
-            AgentRef::orchestrator(),
-            MessageType::Request,
-            "journey.start",
-            json!({"client_id": client, "context": {
-                "data_sources": ["drive", "confluence", "jira"],
-                "connectors": ["gdrive", "confluence", "jira"],
-            }}),
-            Utc::now(),
-        );
-        let props = BasicProperties::default()
-            .with_content_type(ShortString::from(crate::protocol::CONTENT_TYPE))
-            .with_delivery_mode(2)
-            .with_message_id(ShortString::from(env.message_id.to_string()))
-            .with_type(ShortString::from("request"));
-        confirms.push(
-            pubch
-                .basic_publish(
-                    names.intents().as_str().into(),
-                    "journey.start".into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &env.to_bytes(),
-                    props,
-                )
+        let payload = json!({"client_id": client_name(i), "context": {
+            "data_sources": ["drive", "confluence", "jira"],
+            "connectors": ["gdrive", "confluence", "jira"],
+        }});
+        pending.push(
+            publisher
+                .enqueue(command(&names, "journey.start", payload))
                 .await?,
         );
     }
-    for c in confirms {
-        if !matches!(c.await?, Confirmation::Ack(None)) {
-            bail!("a journey.start command was not routed; the topology is missing");
+    for p in pending {
+        match p
+            .await
+            .map_err(|_| anyhow::anyhow!("the publisher stopped"))??
+        {
+            Published::Confirmed => {}
+            Published::Unroutable => {
+                bail!("a journey.start command was not routed; the topology is missing")
+            }
         }
     }
 
@@ -235,14 +287,12 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         .collect();
     let decoder = Decoder::default();
     let mut track: HashMap<String, Track> = HashMap::new();
+    let mut counts = Counts::default();
     let mut last_line = Instant::now();
     let deadline = tokio::time::Instant::now() + a.timeout;
     let mut timed_out = false;
     loop {
-        let done = track
-            .values()
-            .filter(|t| t.production_done || t.failed)
-            .count();
+        let done = track.values().filter(|t| t.production_done).count();
         if done >= a.journeys {
             break;
         }
@@ -260,12 +310,68 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         {
             let p = &env.payload;
             let client = p["client_id"].as_str().unwrap_or_default().to_string();
-            let t = track.entry(client).or_default();
+            let event = p["event"].as_str().unwrap_or_default().to_string();
+            let t = track.entry(client.clone()).or_default();
             t.stage = p["stage"].as_str().unwrap_or_default().to_string();
-            match p["event"].as_str().unwrap_or_default() {
+            let mut reply: Option<(&str, serde_json::Value)> = None;
+            match event.as_str() {
+                "journey.started" => {
+                    // Upstream agents report what the sandbox gate needs; one cohort
+                    // reports a precision below the gate's 80 %.
+                    let precision = if cohorts.refused(&client) { 0.78 } else { 0.9 };
+                    reply = Some((
+                        "journey.evidence",
+                        json!({"client_id": client,
+                        "metrics": {"search.precision": precision}, "flags": {"demo.approved": true}}),
+                    ));
+                }
+                "gate.failed" => {
+                    counts.gate_refusals += 1;
+                    if t.stage == "sandbox" && cohorts.refused(&client) && !t.fixed {
+                        t.fixed = true;
+                        reply = Some((
+                            "journey.evidence",
+                            json!({"client_id": client,
+                            "metrics": {"search.precision": 0.88}}),
+                        ));
+                    }
+                }
+                "journey.promoted"
+                    if t.stage == "pilot" && cohorts.rolled_back(&client) && !t.complained =>
+                {
+                    // Pilot users are unhappy: satisfaction below 3.5 triggers a rollback.
+                    t.complained = true;
+                    reply = Some((
+                        "journey.evidence",
+                        json!({"client_id": client,
+                        "metrics": {"user.satisfaction": 3.2}}),
+                    ));
+                }
+                "journey.rollback_started" => counts.rollbacks_started += 1,
+                "journey.rollback_completed" => counts.rollbacks_completed += 1,
+                "rollback.failed" => {
+                    counts.rollbacks_failed += 1;
+                    reply = Some((
+                        "journey.rollback",
+                        json!({"client_id": client,
+                        "reason": "on-call retry of a failed rollback"}),
+                    ));
+                }
+                "journey.paused" => {
+                    counts.pauses += 1;
+                    reply = Some(("journey.resume", json!({"client_id": client})));
+                }
                 "work.completed" if t.stage == "production" => t.production_done = true,
-                "work.failed" => t.failed = true,
                 _ => {}
+            }
+            if let Some((intent, payload)) = reply {
+                // Pipelined: the confirm is awaited off the event loop.
+                let rx = publisher.enqueue(command(&names, intent, payload)).await?;
+                tokio::spawn(async move {
+                    if !matches!(rx.await, Ok(Ok(Published::Confirmed))) {
+                        tracing::warn!("a demo command was not confirmed");
+                    }
+                });
             }
         }
         let reached = |s: &str| {
@@ -310,9 +416,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
 
     let mut per_stage: std::collections::BTreeMap<String, usize> = Default::default();
     for t in track.values() {
-        let key = if t.failed {
-            format!("{} (failed)", t.stage)
-        } else if t.production_done {
+        let key = if t.production_done {
             "production (rollout complete)".to_string()
         } else {
             t.stage.clone()
@@ -324,6 +428,16 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         .await
         .unwrap_or(0);
     let in_production = track.values().filter(|t| t.production_done).count();
+    // First-attempt success: rollbacks whose unit of work did not fail after its retries.
+    let rollback_rate = if counts.rollbacks_started == 0 {
+        serde_json::Value::Null
+    } else {
+        json!(
+            (counts.rollbacks_started - counts.rollbacks_failed.min(counts.rollbacks_started))
+                as f64
+                / counts.rollbacks_started as f64
+        )
+    };
     let summary = json!({
         "journeys": a.journeys,
         "in_production": in_production,
@@ -333,6 +447,14 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         "retries": Stats::get(&stats.retries),
         "agent_failures_injected": agent_stats.failed.load(Ordering::Relaxed),
         "promotions": Stats::get(&stats.promotions),
+        "gate_evaluations_passed": Stats::get(&stats.gate_passed),
+        "gate_refusals": counts.gate_refusals,
+        "rollbacks_started": counts.rollbacks_started,
+        "rollbacks_automatic": Stats::get(&stats.rollbacks_automatic),
+        "rollbacks_completed": counts.rollbacks_completed,
+        "rollbacks_failed_then_retried": counts.rollbacks_failed,
+        "rollback_success_rate": rollback_rate,
+        "pauses_resumed": counts.pauses,
         "dead_letters": dead_letters,
         "duplicates_absorbed": Stats::get(&stats.duplicates),
         "store_flushes": Stats::get(&stats.flushes),
@@ -368,7 +490,24 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
             summary["retries"],
             summary["agent_failures_injected"]
         );
-        println!("promotions:          {}", summary["promotions"]);
+        println!(
+            "promotions:          {} (gate passed {} times, refused {} times)",
+            summary["promotions"], summary["gate_evaluations_passed"], summary["gate_refusals"]
+        );
+        println!(
+            "rollbacks:           {} started ({} automatic), {} completed, {} failed and retried",
+            summary["rollbacks_started"],
+            summary["rollbacks_automatic"],
+            summary["rollbacks_completed"],
+            summary["rollbacks_failed_then_retried"]
+        );
+        if counts.rollbacks_started > 0 {
+            println!(
+                "rollback success:    {:.2}% on the first attempt (DES-002 §8.2 target: > 99%)",
+                rollback_rate.as_f64().unwrap_or(0.0) * 100.0
+            );
+        }
+        println!("pauses (resumed):    {}", summary["pauses_resumed"]);
         println!("dead letters:        {}", summary["dead_letters"]);
         println!("duplicates absorbed: {}", summary["duplicates_absorbed"]);
         println!(

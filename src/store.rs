@@ -22,6 +22,7 @@ const DEDUP: &[u8] = b"d/";
 const OUTBOX: &[u8] = b"o/";
 const HISTORY: &[u8] = b"h/";
 const PLAYBOOK: &[u8] = b"p/";
+const SNAPSHOT: &[u8] = b"s/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -172,6 +173,15 @@ impl Change {
         k.push(0);
         k.extend_from_slice(&seq.to_be_bytes());
         self.batch.insert(k, to_json(entry));
+    }
+
+    /// A rollback snapshot, under the client like the rest of its journey.
+    pub fn put_snapshot<T: Serialize>(&mut self, client_id: &str, seq: u64, snapshot: &T) {
+        self.empty = false;
+        let mut k = key(SNAPSHOT, client_id.as_bytes());
+        k.push(0);
+        k.extend_from_slice(&seq.to_be_bytes());
+        self.batch.insert(k, to_json(snapshot));
     }
 
     pub fn put_playbook<T: Serialize>(&mut self, hash: &str, playbook: &T) {
@@ -327,14 +337,46 @@ impl Store {
             .collect()
     }
 
-    /// Drops dedup marks older than `older_than` (judged by `is_old` on the stored value).
+    /// Drops dedup marks judged old by `is_old` on the stored value.
     pub fn prune_dedup<T: DeserializeOwned>(
         &self,
         is_old: impl Fn(&T) -> bool,
     ) -> Result<usize, StoreError> {
+        self.prune(DEDUP, is_old)
+    }
+
+    /// Drops rollback snapshots judged old by `is_old`.
+    pub fn prune_snapshots<T: DeserializeOwned>(
+        &self,
+        is_old: impl Fn(&T) -> bool,
+    ) -> Result<usize, StoreError> {
+        self.prune(SNAPSHOT, is_old)
+    }
+
+    /// Every snapshot of a client's journey, oldest first.
+    pub fn snapshots<T: DeserializeOwned>(&self, client_id: &str) -> Result<Vec<T>, StoreError> {
+        let mut p = key(SNAPSHOT, client_id.as_bytes());
+        p.push(0);
+        self.tree
+            .scan_prefix(p)
+            .map(|r| {
+                let (_, v) = r?;
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    what: "snapshot",
+                    detail: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn prune<T: DeserializeOwned>(
+        &self,
+        prefix: &[u8],
+        is_old: impl Fn(&T) -> bool,
+    ) -> Result<usize, StoreError> {
         let mut b = sled::Batch::default();
         let mut n = 0;
-        for r in self.tree.scan_prefix(DEDUP) {
+        for r in self.tree.scan_prefix(prefix) {
             let (k, v) = r?;
             if let Ok(t) = serde_json::from_slice::<T>(&v)
                 && is_old(&t)

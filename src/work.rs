@@ -33,6 +33,17 @@ pub enum WorkStatus {
     Running,
     Completed,
     Failed,
+    /// Stopped on purpose (rollback, cancel); replies still in flight are ignored.
+    Cancelled,
+}
+
+/// Whether a unit of work carries a journey through its stage or undoes the stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkKind {
+    #[default]
+    Stage,
+    Rollback,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,7 +70,10 @@ pub struct TaskState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UnitOfWork {
     pub work_id: String,
+    /// The stage this work runs (or, for a rollback, undoes).
     pub stage: Stage,
+    #[serde(default)]
+    pub kind: WorkKind,
     pub status: WorkStatus,
     pub tasks: Vec<TaskState>,
     pub created_at: DateTime<Utc>,
@@ -111,6 +125,7 @@ impl UnitOfWork {
         Self {
             work_id,
             stage,
+            kind: WorkKind::Stage,
             status: WorkStatus::Running,
             tasks: spec
                 .tasks
@@ -393,6 +408,19 @@ impl UnitOfWork {
             attempt,
             retry_at,
             error,
+        }
+    }
+
+    /// Stops the work on purpose. Replies still in flight become stale.
+    pub fn cancel(&mut self, reason: String, now: DateTime<Utc>) {
+        if self.status == WorkStatus::Running {
+            self.status = WorkStatus::Cancelled;
+            self.completed_at = Some(now);
+            self.failure = Some(reason);
+            for t in &mut self.tasks {
+                t.deadline = None;
+                t.retry_at = None;
+            }
         }
     }
 

@@ -200,8 +200,9 @@ fn what_the_rust_side_builds_validates() {
         context: ctx.clone(),
         work: Some(work),
         work_seq: 1,
-        history_seq: 0,
-        evidence: Vec::new(),
+        evidence: Default::default(),
+        gate: None,
+        rollback: None,
     };
     let state = state_view(&rec);
     assert!(

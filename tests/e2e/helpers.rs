@@ -14,7 +14,10 @@ use journeyman::agent::{self, Agent, AgentConfig, AgentStats};
 use journeyman::broker::{self, Names};
 use journeyman::orchestrator::{self, Stats};
 use journeyman::playbook::Playbook;
-use journeyman::protocol::{AgentRef, Command, Decoder, Envelope, JOURNEY_INTENTS, MessageType};
+use journeyman::protocol::{
+    AgentRef, Command, Decoder, Envelope, EvidenceEvent, EvidencePayload, JOURNEY_INTENTS,
+    MessageType,
+};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueBindOptions, QueueDeclareOptions,
@@ -293,13 +296,58 @@ impl TestApp {
         .await;
     }
 
-    pub async fn start_journey(&self, client: &str) -> Envelope {
+    /// Starts a journey, waits until it has started, and reports what upstream agents
+    /// report for the sandbox gate (DES-002 §1); the rest comes from task outputs.
+    pub async fn start_journey(&mut self, client: &str) -> Envelope {
         let env = Self::command(
             "journey.start",
             serde_json::json!({"client_id": client, "context": {"data_sources": ["drive"], "connectors": ["gdrive"]}}),
         );
         self.send(&env).await;
+        let c = client.to_string();
+        self.wait_event(&format!("{client} started"), move |p| {
+            p["event"] == "journey.started" && p["client_id"] == c.as_str()
+        })
+        .await;
+        self.evidence(
+            client,
+            &[("search.precision", 0.9)],
+            &[("demo.approved", true)],
+        )
+        .await;
         env
+    }
+
+    /// Reports evidence and waits until the orchestrator has applied it.
+    pub async fn evidence(
+        &self,
+        client: &str,
+        metrics: &[(&str, f64)],
+        flags: &[(&str, bool)],
+    ) -> Envelope {
+        let cmd = Command::Evidence(EvidencePayload {
+            client_id: client.into(),
+            metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            flags: flags.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            events: Vec::new(),
+        });
+        self.request(&cmd).await
+    }
+
+    /// Reports a dated event (a bug, an incident) and waits until it is applied.
+    pub async fn report_event(&self, client: &str, name: &str, severity: Option<&str>) -> Envelope {
+        let cmd = Command::Evidence(EvidencePayload {
+            client_id: client.into(),
+            metrics: Default::default(),
+            flags: Default::default(),
+            events: vec![EvidenceEvent {
+                name: name.into(),
+                at: Some(Utc::now()),
+                severity: severity.map(str::to_string),
+                detail: None,
+            }],
+        });
+        self.request(&cmd).await
     }
 
     /// A command with a reply, through the same code path as the CLI.

@@ -158,14 +158,46 @@ async fn commands_are_refused_with_reasons() {
     assert_eq!(dl[0].reason(), "already_exists");
     assert_eq!(dl[0].headers["x-journeyman-client-id"], "acme");
 
-    // Completing a journey still in sandbox is an invalid transition.
+    app.evidence(
+        "acme",
+        &[("search.precision", 0.9)],
+        &[("demo.approved", true)],
+    )
+    .await;
+    app.wait_in_production("acme").await;
+
+    // Production's success metrics gate completion: refused with the failing checks.
     let complete = Command::Complete(ClientPayload {
         client_id: "acme".into(),
     });
-    app.wait_in_production("acme").await;
+    let refused = app.request(&complete).await;
+    assert_eq!(refused.message_type, MessageType::Error);
+    assert_eq!(refused.payload["code"], "gate_failed");
+    let checks = refused.payload["details"]["checks"].as_array().unwrap();
+    assert_eq!(checks.len(), 3);
+    assert!(checks.iter().all(|c| c["passed"] == false));
+    assert!(
+        refused.payload["message"]
+            .as_str()
+            .unwrap()
+            .contains("users.adoption")
+    );
+
+    app.evidence(
+        "acme",
+        &[
+            ("users.adoption", 0.75),
+            ("search.satisfaction", 4.6),
+            ("query.growth_mom", 0.25),
+        ],
+        &[],
+    )
+    .await;
     let ok = app.request(&complete).await;
     assert_eq!(ok.message_type, MessageType::Response, "{:?}", ok.payload);
     assert_eq!(ok.payload["stage"], "completed");
+    assert_eq!(ok.payload["status"], "completed");
+    // Nothing happens to a completed journey.
     let after = app.request(&complete).await;
     assert_eq!(after.payload["code"], "invalid_transition");
     assert!(

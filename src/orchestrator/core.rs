@@ -1,0 +1,1346 @@
+//! The orchestrator's decisions turned into store changes: one inbound message (or timer,
+//! or returned publish) in, one atomic [`Change`] with its outbox out.
+//!
+//! No broker here: the run loop in `mod.rs` feeds inputs as plain data and publishes what
+//! comes back. The pure rules live in `journey` (transitions), `work` (the DAG), `gate`
+//! (exit criteria and rollback triggers) and `evidence`.
+
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tracing::{debug, info, info_span, warn};
+use uuid::Uuid;
+
+use super::record::{
+    HistoryEntry, JourneyRecord, RollbackInfo, Snapshot, event_payload, state_view,
+};
+use super::{OrchestratorError, Stats};
+use crate::broker::Names;
+use crate::gate;
+use crate::journey::{Event, Journey, Stage, TransitionError};
+use crate::playbook::{Playbook, StageWork};
+use crate::protocol::{
+    AgentRef, Command, Decoder, Envelope, ErrorPayload, MessageType, ProtocolError, TaskOutcome,
+};
+use crate::store::{Change, OutboxEntry, Purpose, Store};
+use crate::work::{JourneyView, ReplyEffect, TaskStatus, UnitOfWork, WorkKind, WorkStatus};
+
+/// Which queue a delivery came from decides how it is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Command,
+    Reply,
+}
+
+/// A delivery as plain data: what the core needs of it.
+pub struct Inbound<'a> {
+    pub source: Source,
+    pub data: &'a [u8],
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub queue: &'a str,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+}
+
+/// Behaviour the operator chooses.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Promote as soon as the unit of work is done and the gate passes.
+    pub auto_promote: bool,
+    /// How long rollback snapshots are kept.
+    pub snapshot_retention: ChronoDuration,
+    /// How long message ids are remembered for deduplication.
+    pub dedup_retention: ChronoDuration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            auto_promote: true,
+            snapshot_retention: ChronoDuration::days(30),
+            dedup_retention: ChronoDuration::days(7),
+        }
+    }
+}
+
+/// What a dedup mark remembers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Seen {
+    at: DateTime<Utc>,
+}
+
+/// A refusal of a journey command: answered with an `error`, and dead-lettered.
+struct Refusal {
+    code: &'static str,
+    message: String,
+    details: Option<Value>,
+}
+
+impl Refusal {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+}
+
+impl From<TransitionError> for Refusal {
+    fn from(e: TransitionError) -> Self {
+        let code = match e {
+            TransitionError::InvalidRollbackTarget { .. } => "invalid_rollback_target",
+            _ => "invalid_transition",
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
+
+impl From<OrchestratorError> for Refusal {
+    fn from(e: OrchestratorError) -> Self {
+        Refusal::new("internal", e.to_string())
+    }
+}
+
+struct DeadLetter<'a> {
+    reason: &'a str,
+    message: String,
+    exchange: &'a str,
+    routing_key: &'a str,
+    queue: &'a str,
+    client_id: Option<&'a str>,
+    task_id: Option<&'a str>,
+}
+
+/// The orchestrator's state between inputs: the store, the timers, the playbooks.
+pub struct Core {
+    pub(super) store: Store,
+    names: Names,
+    reply_queue: String,
+    decoder: Decoder,
+    current_playbook: String,
+    playbooks: HashMap<String, Arc<Playbook>>,
+    /// (due, client): wake-ups for task deadlines and retries. Duplicates are harmless:
+    /// firing re-reads the journey and only acts on what is due.
+    timers: BTreeSet<(DateTime<Utc>, String)>,
+    pub(super) stats: Arc<Stats>,
+    policy: Policy,
+}
+
+impl Core {
+    pub fn new(
+        store: Store,
+        names: Names,
+        reply_queue: String,
+        decoder: Decoder,
+        playbook: &Playbook,
+        stats: Arc<Stats>,
+        policy: Policy,
+    ) -> Result<Self, OrchestratorError> {
+        let hash = playbook.content_hash();
+        let mut change = Change::new();
+        change.put_playbook(&hash, playbook);
+        store.commit(change)?;
+        let mut playbooks = HashMap::new();
+        playbooks.insert(hash.clone(), Arc::new(playbook.clone()));
+        let mut core = Self {
+            store,
+            names,
+            reply_queue,
+            decoder,
+            current_playbook: hash,
+            playbooks,
+            timers: BTreeSet::new(),
+            stats,
+            policy,
+        };
+        core.load_timers()?;
+        Ok(core)
+    }
+
+    pub fn playbook_hash(&self) -> &str {
+        &self.current_playbook
+    }
+
+    pub fn timer_count(&self) -> usize {
+        self.timers.len()
+    }
+
+    pub fn next_timer(&self) -> Option<DateTime<Utc>> {
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    fn playbook(&mut self, hash: &str) -> Result<Arc<Playbook>, OrchestratorError> {
+        if let Some(p) = self.playbooks.get(hash) {
+            return Ok(p.clone());
+        }
+        let p: Playbook = self
+            .store
+            .playbook(hash)?
+            .ok_or_else(|| OrchestratorError::MissingPlaybook(hash.to_string()))?;
+        let p = Arc::new(p);
+        self.playbooks.insert(hash.to_string(), p.clone());
+        Ok(p)
+    }
+
+    fn load_timers(&mut self) -> Result<(), OrchestratorError> {
+        let mut timers = BTreeSet::new();
+        for rec in self.store.journeys::<JourneyRecord>() {
+            let rec = rec?;
+            if let Some(w) = &rec.work {
+                for (at, _, _) in w.timers() {
+                    timers.insert((at, rec.journey.client_id.clone()));
+                }
+            }
+        }
+        self.timers = timers;
+        Ok(())
+    }
+
+    /// Prunes old dedup marks and expired rollback snapshots. Not on the hot path.
+    pub fn housekeeping(&self, now: DateTime<Utc>) -> Result<(usize, usize), OrchestratorError> {
+        let dedup_before = now - self.policy.dedup_retention;
+        let snap_before = now - self.policy.snapshot_retention;
+        let d = self.store.prune_dedup(|s: &Seen| s.at < dedup_before)?;
+        let s = self
+            .store
+            .prune_snapshots(|s: &Snapshot| s.at < snap_before)?;
+        Ok((d, s))
+    }
+
+    /// Handles one delivery: decode, dedup, apply. Returns what to publish once durable.
+    pub fn handle(&mut self, m: &Inbound) -> Result<Vec<OutboxEntry>, OrchestratorError> {
+        Stats::inc(&self.stats.inputs);
+        let env = match self.decoder.envelope(m.data) {
+            Ok(env) => env,
+            Err(e) => return self.refuse_input(m, None, &e),
+        };
+        let span = info_span!("message", intent = %env.intent, message_id = %env.message_id,
+            correlation_id = env.correlation_id.as_deref().unwrap_or(""));
+        let _g = span.enter();
+        let mid = env.message_id.to_string();
+        if self.store.dedup::<Seen>(&mid)?.is_some() {
+            Stats::inc(&self.stats.duplicates);
+            debug!("duplicate message; already applied");
+            return Ok(Vec::new());
+        }
+        match m.source {
+            Source::Command => match self.decoder.command(&env) {
+                Ok(cmd) => self.apply_command(m, &env, cmd),
+                Err(e) => self.refuse_input(m, Some(&env), &e),
+            },
+            Source::Reply => match self.decoder.task_reply(&env) {
+                Ok(outcome) => self.apply_reply(&env, outcome),
+                Err(e) => self.refuse_input(m, Some(&env), &e),
+            },
+        }
+    }
+
+    /// Dead-letters an input that failed decoding, with its reason, and marks it seen.
+    fn refuse_input(
+        &mut self,
+        m: &Inbound,
+        env: Option<&Envelope>,
+        e: &ProtocolError,
+    ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
+        warn!(queue = m.queue, reason = e.reason_code(), error = %e, "refused message; dead-lettering it");
+        let mut change = Change::new();
+        let mid = env
+            .map(|e| e.message_id.to_string())
+            .or_else(|| m.message_id.clone());
+        if let Some(mid) = &mid {
+            if self.store.dedup::<Seen>(mid)?.is_some() {
+                return Ok(Vec::new());
+            }
+            change.put_dedup(mid, &Seen { at: Utc::now() });
+        }
+        change.push_outbox(self.dead_letter(
+            DeadLetter {
+                reason: e.reason_code(),
+                message: e.to_string(),
+                exchange: m.exchange,
+                routing_key: m.routing_key,
+                queue: m.queue,
+                client_id: None,
+                task_id: None,
+            },
+            mid.unwrap_or_else(|| Uuid::new_v4().to_string()),
+            m.correlation_id.clone(),
+            m.data.to_vec(),
+        ));
+        Stats::inc(&self.stats.dead_letters);
+        Ok(self.store.commit(change)?)
+    }
+
+    fn dead_letter(
+        &self,
+        dl: DeadLetter<'_>,
+        message_id: String,
+        correlation_id: Option<String>,
+        body: Vec<u8>,
+    ) -> OutboxEntry {
+        let now = Utc::now().to_rfc3339();
+        let mut headers = vec![
+            ("x-journeyman-reason".to_string(), dl.reason.to_string()),
+            ("x-journeyman-reason-message".to_string(), dl.message),
+            (
+                "x-journeyman-original-exchange".to_string(),
+                dl.exchange.to_string(),
+            ),
+            (
+                "x-journeyman-original-routing-key".to_string(),
+                dl.routing_key.to_string(),
+            ),
+            (
+                "x-journeyman-original-queue".to_string(),
+                dl.queue.to_string(),
+            ),
+            ("x-journeyman-failed-at".to_string(), now.clone()),
+            ("x-journeyman-first-failed-at".to_string(), now),
+            ("x-journeyman-attempts".to_string(), "1".to_string()),
+        ];
+        if let Some(c) = dl.client_id {
+            headers.push(("x-journeyman-client-id".into(), c.to_string()));
+        }
+        if let Some(t) = dl.task_id {
+            headers.push(("x-journeyman-task-id".into(), t.to_string()));
+        }
+        OutboxEntry {
+            id: 0,
+            exchange: self.names.dlx(),
+            routing_key: dl.routing_key.to_string(),
+            mandatory: false,
+            message_id,
+            correlation_id,
+            reply_to: None,
+            message_type: "dead_letter".into(),
+            headers,
+            purpose: Purpose::DeadLetter,
+            body,
+        }
+    }
+
+    fn reply(
+        &self,
+        to: &str,
+        request: &Envelope,
+        message_type: MessageType,
+        payload: Value,
+    ) -> OutboxEntry {
+        let env = Envelope::new(
+            AgentRef::orchestrator(),
+            request.source_agent.clone(),
+            message_type,
+            request.intent.clone(),
+            payload,
+            Utc::now(),
+        )
+        .with_correlation(request.reply_correlation());
+        OutboxEntry {
+            id: 0,
+            exchange: String::new(),
+            routing_key: to.to_string(),
+            mandatory: false,
+            message_id: env.message_id.to_string(),
+            correlation_id: env.correlation_id.clone(),
+            reply_to: None,
+            message_type: message_type.as_str().into(),
+            headers: Vec::new(),
+            purpose: Purpose::Reply,
+            body: env.to_bytes(),
+        }
+    }
+
+    fn event(&self, rec: &JourneyRecord, name: &str, detail: Value) -> OutboxEntry {
+        let payload = event_payload(rec, name, detail, Utc::now());
+        let env = Envelope::new(
+            AgentRef::orchestrator(),
+            AgentRef::new("*", "journeyman"),
+            MessageType::Event,
+            name,
+            payload,
+            Utc::now(),
+        );
+        OutboxEntry {
+            id: 0,
+            exchange: self.names.events(),
+            routing_key: name.to_string(),
+            mandatory: false,
+            message_id: env.message_id.to_string(),
+            correlation_id: None,
+            reply_to: None,
+            message_type: "event".into(),
+            headers: Vec::new(),
+            purpose: Purpose::Event,
+            body: env.to_bytes(),
+        }
+    }
+
+    /// Records a history line. Ids come from the store's monotonic counter, so lines stay
+    /// ordered even when a refused command's record is not saved.
+    fn history(
+        &self,
+        change: &mut Change,
+        rec: &JourneyRecord,
+        kind: &str,
+        detail: Value,
+        cause: Option<&str>,
+    ) {
+        let seq = self.store.next_id().unwrap_or_default();
+        change.push_history(
+            &rec.journey.client_id,
+            seq,
+            &HistoryEntry {
+                at: Utc::now(),
+                kind: kind.to_string(),
+                detail,
+                cause: cause.map(str::to_string),
+            },
+        );
+    }
+
+    fn apply_command(
+        &mut self,
+        m: &Inbound,
+        env: &Envelope,
+        cmd: Command,
+    ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
+        let now = Utc::now();
+        let client_id = cmd.client_id().to_string();
+        let mid = env.message_id.to_string();
+        let mut change = Change::new();
+        change.put_dedup(&mid, &Seen { at: now });
+        let existing: Option<JourneyRecord> = self.store.journey(&client_id)?;
+        let outcome: Result<JourneyRecord, Refusal> = match (cmd, existing) {
+            (Command::Start(p), None) => {
+                let mut rec = JourneyRecord {
+                    journey: Journey::start(client_id.clone(), now),
+                    playbook: self.current_playbook.clone(),
+                    context: Value::Object(p.context.unwrap_or_default()),
+                    work: None,
+                    work_seq: 0,
+                    evidence: Default::default(),
+                    gate: None,
+                    rollback: None,
+                };
+                Stats::inc(&self.stats.journeys_started);
+                self.history(
+                    &mut change,
+                    &rec,
+                    "started",
+                    json!({"stage": "sandbox", "playbook": rec.playbook}),
+                    Some(&mid),
+                );
+                change.push_outbox(self.event(&rec, "journey.started", json!({})));
+                self.enter_stage(&mut change, &mut rec, now)?;
+                Ok(rec)
+            }
+            (Command::Start(_), Some(rec)) => Err(Refusal::new(
+                "already_exists",
+                format!(
+                    "client {client_id} already has a journey (stage {}); there is one journey per client",
+                    rec.journey.stage
+                ),
+            )),
+            (Command::Status(_), Some(rec)) => Ok(rec),
+            (_, None) => Err(Refusal::new(
+                "not_found",
+                format!("no journey for client {client_id}; start one with journey.start"),
+            )),
+            (Command::Promote(_), Some(mut rec)) => self
+                .manual_promote(&mut change, &mut rec, now, &mid)
+                .map(|_| rec),
+            (Command::Complete(_), Some(mut rec)) => self
+                .manual_complete(&mut change, &mut rec, now, &mid)
+                .map(|_| rec),
+            (Command::Cancel(p), Some(mut rec)) => {
+                let reason = p.reason.unwrap_or_else(|| "cancelled".into());
+                self.transition(&mut change, &mut rec, &Event::Cancel, now, &mid)
+                    .map(|_| {
+                        if let Some(w) = rec.work.as_mut() {
+                            w.cancel(format!("journey cancelled: {reason}"), now);
+                        }
+                        rec.rollback = None;
+                        rec
+                    })
+            }
+            (Command::Rollback(p), Some(mut rec)) => {
+                let retry = rec.rollback.as_ref().is_some_and(|r| r.failed);
+                if retry && p.rollback_to.is_none() {
+                    self.retry_rollback(&mut change, &mut rec, now, &mid)
+                        .map(|_| rec)
+                } else {
+                    self.start_rollback(
+                        &mut change,
+                        &mut rec,
+                        &p.reason,
+                        p.rollback_to,
+                        false,
+                        now,
+                        &mid,
+                    )
+                    .map(|_| rec)
+                }
+            }
+            (Command::Evidence(p), Some(mut rec)) => {
+                if rec.journey.stage.is_terminal() {
+                    Err(Refusal::new(
+                        "invalid_transition",
+                        format!(
+                            "the journey is {}; it takes no more evidence",
+                            rec.journey.stage
+                        ),
+                    ))
+                } else {
+                    rec.evidence
+                        .record_report(&p, &env.source_agent.agent_id, &mid, now);
+                    let playbook = self.playbook(&rec.playbook)?;
+                    if let Some(window) = playbook.longest_event_window() {
+                        rec.evidence.prune_events_before(now - to_chrono(window));
+                    }
+                    self.history(
+                        &mut change,
+                        &rec,
+                        "evidence",
+                        json!({"reported_by": env.source_agent.agent_id, "evidence": p}),
+                        Some(&mid),
+                    );
+                    self.after_evidence(&mut change, &mut rec, now, &mid)?;
+                    Ok(rec)
+                }
+            }
+            (Command::Resume(_), Some(mut rec)) => {
+                let failed = rec
+                    .work
+                    .as_ref()
+                    .is_some_and(|w| w.status == WorkStatus::Failed);
+                if !failed || rec.journey.stage.is_terminal() {
+                    Err(Refusal::new(
+                        "invalid_transition",
+                        format!(
+                            "nothing to resume: the journey is {} ({})",
+                            rec.status(),
+                            rec.journey.stage
+                        ),
+                    ))
+                } else {
+                    self.resume(&mut change, &mut rec, now, &mid)?;
+                    Ok(rec)
+                }
+            }
+        };
+        match outcome {
+            Ok(rec) => {
+                if let Some(to) = &m.reply_to {
+                    change.push_outbox(self.reply(
+                        to,
+                        env,
+                        MessageType::Response,
+                        state_view(&rec),
+                    ));
+                }
+                change.put_journey(&client_id, &rec);
+                self.arm(&rec);
+            }
+            Err(r) => {
+                Stats::inc(&self.stats.refusals);
+                info!(client_id, code = r.code, reason = %r.message, "command refused");
+                if let Some(to) = &m.reply_to {
+                    let payload = serde_json::to_value(ErrorPayload {
+                        code: r.code.into(),
+                        message: r.message.clone(),
+                        retryable: false,
+                        details: r.details.clone(),
+                    })
+                    .unwrap_or(Value::Null);
+                    change.push_outbox(self.reply(to, env, MessageType::Error, payload));
+                }
+                // Refused state changes are kept for the on-call engineer; refused status
+                // queries are just answered.
+                if env.intent != "journey.status" {
+                    Stats::inc(&self.stats.dead_letters);
+                    change.push_outbox(self.dead_letter(
+                        DeadLetter {
+                            reason: r.code,
+                            message: r.message,
+                            exchange: m.exchange,
+                            routing_key: m.routing_key,
+                            queue: m.queue,
+                            client_id: Some(&client_id),
+                            task_id: None,
+                        },
+                        mid.clone(),
+                        env.correlation_id.clone(),
+                        m.data.to_vec(),
+                    ));
+                }
+            }
+        }
+        Ok(self.store.commit(change)?)
+    }
+
+    /// Evaluates the current stage's exit gate and records the evaluation.
+    fn evaluate_gate(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        now: DateTime<Utc>,
+        cause: &str,
+    ) -> Result<gate::ValidationResult, OrchestratorError> {
+        let playbook = self.playbook(&rec.playbook)?;
+        let stage = rec.journey.stage;
+        let criteria = playbook
+            .stage(stage.as_str())
+            .map(|s| s.exit_criteria.as_slice())
+            .unwrap_or(&[]);
+        let result = gate::evaluate(
+            stage.as_str(),
+            criteria,
+            &rec.evidence,
+            rec.journey.stage_started_at,
+            now,
+        );
+        if result.passed {
+            Stats::inc(&self.stats.gate_passed);
+        } else {
+            Stats::inc(&self.stats.gate_failed);
+        }
+        self.history(
+            change,
+            rec,
+            "gate_evaluation",
+            serde_json::to_value(&result).unwrap_or(Value::Null),
+            Some(cause),
+        );
+        rec.gate = Some(result.clone());
+        Ok(result)
+    }
+
+    fn stage_work_done(rec: &JourneyRecord) -> bool {
+        rec.work.as_ref().is_some_and(|w| {
+            w.kind == WorkKind::Stage
+                && w.stage == rec.journey.stage
+                && w.status == WorkStatus::Completed
+        })
+    }
+
+    /// The gate before promotion or completion: the work is done and every check passes.
+    fn gate_for(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        now: DateTime<Utc>,
+        cause: &str,
+    ) -> Result<(), Refusal> {
+        if !rec.journey.stage.is_active_stage() {
+            return Err(Refusal::new(
+                "invalid_transition",
+                format!(
+                    "a journey in stage {} has no gate to pass",
+                    rec.journey.stage
+                ),
+            ));
+        }
+        if !Self::stage_work_done(rec) {
+            return Err(Refusal::new(
+                "not_ready",
+                format!(
+                    "the {} unit of work is not complete ({})",
+                    rec.journey.stage,
+                    rec.status()
+                ),
+            ));
+        }
+        let result = self.evaluate_gate(change, rec, now, cause)?;
+        if result.passed {
+            Ok(())
+        } else {
+            Err(Refusal {
+                code: "gate_failed",
+                message: format!(
+                    "the {} exit gate refused: {}",
+                    rec.journey.stage,
+                    result.summary()
+                ),
+                details: serde_json::to_value(&result).ok(),
+            })
+        }
+    }
+
+    fn manual_promote(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        now: DateTime<Utc>,
+        cause: &str,
+    ) -> Result<(), Refusal> {
+        if rec.journey.stage == Stage::Production {
+            return Err(TransitionError::InvalidTransition {
+                stage: Stage::Production,
+                event: "promote".into(),
+            }
+            .into());
+        }
+        self.gate_for(change, rec, now, cause)?;
+        self.transition(change, rec, &Event::Promote, now, cause)
+    }
+
+    fn manual_complete(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        now: DateTime<Utc>,
+        cause: &str,
+    ) -> Result<(), Refusal> {
+        if rec.journey.stage != Stage::Production {
+            return Err(TransitionError::InvalidTransition {
+                stage: rec.journey.stage,
+                event: "complete".into(),
+            }
+            .into());
+        }
+        self.gate_for(change, rec, now, cause)?;
+        self.transition(change, rec, &Event::Complete, now, cause)
+    }
+
+    /// Promotes automatically when the work is done and the gate passes; otherwise says
+    /// why it waits (an event the dashboards and the demo see).
+    fn try_auto_promote(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        now: DateTime<Utc>,
+        cause: &str,
+    ) -> Result<(), OrchestratorError> {
+        if !self.policy.auto_promote
+            || !matches!(rec.journey.stage, Stage::Sandbox | Stage::Pilot)
+            || !Self::stage_work_done(rec)
+        {
+            return Ok(());
+        }
+        let result = self.evaluate_gate(change, rec, now, cause)?;
+        if result.passed {
+            if let Err(r) = self.transition(change, rec, &Event::Promote, now, cause) {
+                warn!(client_id = %rec.journey.client_id, error = %r.message, "promotion failed");
+            }
+        } else {
+            let failed: Vec<&str> = result.failed_checks().map(|c| c.name.as_str()).collect();
+            change.push_outbox(self.event(
+                rec,
+                "gate.failed",
+                json!({"summary": result.summary(), "failed": failed}),
+            ));
+        }
+        Ok(())
+    }
+
+    /// After new evidence: a rollback trigger that fires wins; else the gate may now pass.
+    fn after_evidence(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        now: DateTime<Utc>,
+        cause: &str,
+    ) -> Result<bool, OrchestratorError> {
+        let stage = rec.journey.stage;
+        if !stage.is_active_stage() {
+            return Ok(false);
+        }
+        let playbook = self.playbook(&rec.playbook)?;
+        let triggers = playbook
+            .stage(stage.as_str())
+            .map(|s| s.rollback_triggers.as_slice())
+            .unwrap_or(&[]);
+        let hits = gate::triggered(triggers, &rec.evidence, rec.journey.stage_started_at, now);
+        if !hits.is_empty() {
+            let reason = hits
+                .iter()
+                .map(|h| format!("{}: {}", h.name, h.message))
+                .collect::<Vec<_>>()
+                .join("; ");
+            info!(client_id = %rec.journey.client_id, %stage, %reason, "rollback trigger fired");
+            if let Err(r) = self.start_rollback(change, rec, &reason, None, true, now, cause) {
+                warn!(client_id = %rec.journey.client_id, error = %r.message, "automatic rollback refused");
+            }
+            return Ok(true);
+        }
+        self.try_auto_promote(change, rec, now, cause)?;
+        Ok(false)
+    }
+
+    /// DES-002 §5: pause the stage, snapshot, run the stage's rollback work, then land on
+    /// the stage before (or `to`).
+    #[allow(clippy::too_many_arguments)]
+    fn start_rollback(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        reason: &str,
+        to: Option<Stage>,
+        automatic: bool,
+        now: DateTime<Utc>,
+        cause: &str,
+    ) -> Result<(), Refusal> {
+        let from = rec.journey.stage;
+        let snapshot = Snapshot {
+            at: now,
+            reason: reason.to_string(),
+            record: rec.clone(),
+        };
+        let event = Event::InitiateRollback { to };
+        // Validate before touching anything.
+        let next = rec.journey.apply(&event, now)?;
+        let target = next.rollback_target.unwrap_or(Stage::Sandbox);
+        if let Some(w) = rec.work.as_mut() {
+            w.cancel(format!("rollback: {reason}"), now);
+        }
+        change.put_snapshot(
+            &rec.journey.client_id,
+            self.store.next_id().map_err(OrchestratorError::from)?,
+            &snapshot,
+        );
+        rec.rollback = Some(RollbackInfo {
+            reason: reason.to_string(),
+            automatic,
+            from,
+            to: target,
+            started_at: now,
+            failed: false,
+        });
+        Stats::inc(&self.stats.rollbacks_started);
+        if automatic {
+            Stats::inc(&self.stats.rollbacks_automatic);
+        }
+        self.transition_with(
+            change,
+            rec,
+            &event,
+            now,
+            cause,
+            json!({"reason": reason, "automatic": automatic, "from": from, "to": target}),
+        )?;
+        // Run the stage's rollback work; none means there is nothing to undo.
+        let playbook = self.playbook(&rec.playbook)?;
+        let rollback = playbook
+            .stage(from.as_str())
+            .map(|s| s.rollback.tasks.clone())
+            .unwrap_or_default();
+        if rollback.is_empty() {
+            return self.complete_rollback(change, rec, now, cause);
+        }
+        rec.work_seq += 1;
+        let spec = StageWork {
+            tasks: rollback,
+            ..Default::default()
+        };
+        let mut work = UnitOfWork::new(
+            format!(
+                "uow-{}-rollback-{}-{}",
+                rec.journey.client_id, from, rec.work_seq
+            ),
+            from,
+            &spec,
+            now,
+        );
+        work.kind = WorkKind::Rollback;
+        rec.work = Some(work);
+        self.advance(change, rec, now).map_err(Refusal::from)
+    }
+
+    fn complete_rollback(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        now: DateTime<Utc>,
+        cause: &str,
+    ) -> Result<(), Refusal> {
+        let info = rec.rollback.clone();
+        self.transition_with(
+            change,
+            rec,
+            &Event::CompleteRollback,
+            now,
+            cause,
+            json!({"rollback": info}),
+        )?;
+        Stats::inc(&self.stats.rollbacks_completed);
+        rec.rollback = None;
+        Ok(())
+    }
+
+    fn retry_rollback(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        now: DateTime<Utc>,
+        cause: &str,
+    ) -> Result<(), Refusal> {
+        self.resume(change, rec, now, cause)?;
+        Ok(())
+    }
+
+    /// Restarts failed work from its failed tasks, keeping completed ones (a redrive).
+    fn resume(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        now: DateTime<Utc>,
+        cause: &str,
+    ) -> Result<(), OrchestratorError> {
+        if let Some(w) = rec.work.as_mut() {
+            w.resume();
+        }
+        if let Some(r) = rec.rollback.as_mut() {
+            r.failed = false;
+        }
+        Stats::inc(&self.stats.resumes);
+        self.history(
+            change,
+            rec,
+            "resumed",
+            json!({"status": rec.status()}),
+            Some(cause),
+        );
+        change.push_outbox(self.event(rec, "journey.resumed", json!({})));
+        self.advance(change, rec, now)
+    }
+
+    fn transition(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        event: &Event,
+        now: DateTime<Utc>,
+        cause: &str,
+    ) -> Result<(), Refusal> {
+        self.transition_with(change, rec, event, now, cause, json!({}))
+    }
+
+    /// Applies a state-machine event, recording history and an event message; entering an
+    /// active stage runs its unit of work (again, after a rollback).
+    fn transition_with(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        event: &Event,
+        now: DateTime<Utc>,
+        cause: &str,
+        extra: Value,
+    ) -> Result<(), Refusal> {
+        let from = rec.journey.stage;
+        rec.journey = rec.journey.apply(event, now)?;
+        let to = rec.journey.stage;
+        let name = match event {
+            Event::Promote => {
+                Stats::inc(&self.stats.promotions);
+                "journey.promoted"
+            }
+            Event::InitiateRollback { .. } => "journey.rollback_started",
+            Event::CompleteRollback => "journey.rollback_completed",
+            Event::Cancel => "journey.cancelled",
+            Event::Complete => "journey.completed",
+        };
+        info!(client_id = %rec.journey.client_id, %from, %to, event = event.name(), "transition");
+        let mut detail = json!({"from": from, "to": to, "event": event.name()});
+        if let (Some(d), Value::Object(x)) = (detail.as_object_mut(), extra) {
+            d.extend(x);
+        }
+        self.history(change, rec, "transition", detail.clone(), Some(cause));
+        change.push_outbox(self.event(rec, name, detail));
+        if to.is_active_stage() && matches!(event, Event::Promote | Event::CompleteRollback) {
+            rec.gate = None;
+            self.enter_stage(change, rec, now)?;
+        }
+        Ok(())
+    }
+
+    fn enter_stage(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        now: DateTime<Utc>,
+    ) -> Result<(), OrchestratorError> {
+        let playbook = self.playbook(&rec.playbook)?;
+        let stage = rec.journey.stage;
+        let spec = playbook.stage(stage.as_str()).cloned().unwrap_or_default();
+        rec.work_seq += 1;
+        let work_id = format!("uow-{}-{}-{}", rec.journey.client_id, stage, rec.work_seq);
+        // A stage without tasks has an empty unit of work, done at once: only its gate
+        // stands between the journey and the next stage.
+        rec.work = Some(UnitOfWork::new(work_id, stage, &spec, now));
+        self.advance(change, rec, now)
+    }
+
+    /// The spec a unit of work runs: its stage's tasks, or its stage's rollback tasks.
+    fn spec_of<'a>(playbook: &'a Playbook, work: &UnitOfWork) -> Cow<'a, StageWork> {
+        let stage = playbook.stage(work.stage.as_str());
+        match work.kind {
+            WorkKind::Stage => stage.map(Cow::Borrowed).unwrap_or_default(),
+            WorkKind::Rollback => Cow::Owned(StageWork {
+                tasks: stage.map(|s| s.rollback.tasks.clone()).unwrap_or_default(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Dispatches what is ready, then reacts to the work finishing.
+    fn advance(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        now: DateTime<Utc>,
+    ) -> Result<(), OrchestratorError> {
+        let playbook = self.playbook(&rec.playbook)?;
+        let Some(work) = rec.work.as_mut() else {
+            return Ok(());
+        };
+        let spec = Self::spec_of(&playbook, work);
+        let view = JourneyView {
+            client_id: &rec.journey.client_id,
+            context: &rec.context,
+        };
+        let was_running = work.status == WorkStatus::Running;
+        let mut new_id = || Uuid::new_v4().to_string();
+        let dispatches = work.advance(&spec, &view, now, &mut new_id);
+        let (status, kind) = (work.status, work.kind);
+        for d in dispatches {
+            Stats::inc(&self.stats.tasks_dispatched);
+            if d.attempt > 1 {
+                Stats::inc(&self.stats.retries);
+            }
+            change.put_inflight(&d.correlation_id, &rec.journey.client_id);
+            let agent = spec
+                .task(&d.task_id)
+                .and_then(|t| t.agent_id.clone())
+                .unwrap_or_else(|| d.intent.clone());
+            let env = Envelope::new(
+                AgentRef::orchestrator(),
+                AgentRef::new(agent, "journeyman"),
+                MessageType::Request,
+                d.intent.clone(),
+                d.input,
+                now,
+            )
+            .with_correlation(d.correlation_id.clone());
+            debug!(client_id = %rec.journey.client_id, task = %d.task_id, attempt = d.attempt, "dispatch");
+            change.push_outbox(OutboxEntry {
+                id: 0,
+                exchange: self.names.intents(),
+                routing_key: d.intent.clone(),
+                mandatory: true,
+                message_id: env.message_id.to_string(),
+                correlation_id: Some(d.correlation_id.clone()),
+                reply_to: Some(self.reply_queue.clone()),
+                message_type: "request".into(),
+                headers: vec![
+                    (
+                        "x-journeyman-client-id".into(),
+                        rec.journey.client_id.clone(),
+                    ),
+                    ("x-journeyman-task-id".into(), d.task_id.clone()),
+                    ("x-journeyman-attempt".into(), d.attempt.to_string()),
+                ],
+                purpose: Purpose::TaskRequest {
+                    client_id: rec.journey.client_id.clone(),
+                    correlation_id: d.correlation_id,
+                },
+                body: env.to_bytes(),
+            });
+        }
+        if !was_running {
+            return Ok(());
+        }
+        let stage = rec.journey.stage;
+        match (status, kind) {
+            (WorkStatus::Failed, _) => self.work_failed(change, rec),
+            (WorkStatus::Completed, WorkKind::Stage) => {
+                self.history(change, rec, "work_completed", json!({"stage": stage}), None);
+                change.push_outbox(self.event(rec, "work.completed", json!({"stage": stage})));
+                self.try_auto_promote(change, rec, now, "work.completed")?;
+            }
+            (WorkStatus::Completed, WorkKind::Rollback) => {
+                // Validated: every rollback task reported success.
+                self.history(
+                    change,
+                    rec,
+                    "rollback_work_completed",
+                    json!({"undone": rec.rollback.as_ref().map(|r| r.from)}),
+                    None,
+                );
+                if let Err(r) = self.complete_rollback(change, rec, now, "rollback.work.completed")
+                {
+                    warn!(client_id = %rec.journey.client_id, error = %r.message, "completing the rollback failed");
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Work that failed after retries pauses the journey (or fails its rollback); a
+    /// dead-letter record keeps it in front of the on-call engineer.
+    fn work_failed(&mut self, change: &mut Change, rec: &mut JourneyRecord) {
+        Stats::inc(&self.stats.dead_letters);
+        let stage = rec.journey.stage;
+        let work = rec.work.as_ref();
+        let failure = work.and_then(|w| w.failure.clone()).unwrap_or_default();
+        let task_id = work
+            .and_then(|w| w.tasks.iter().find(|t| t.status == TaskStatus::Failed))
+            .map(|t| t.task_id.clone());
+        let rollback = work.is_some_and(|w| w.kind == WorkKind::Rollback);
+        let (reason, event) = if rollback {
+            Stats::inc(&self.stats.rollbacks_failed);
+            if let Some(r) = rec.rollback.as_mut() {
+                r.failed = true;
+            }
+            ("rollback_failed", "rollback.failed")
+        } else {
+            Stats::inc(&self.stats.pauses);
+            let reason = if failure.contains("no_agent") {
+                "no_agent"
+            } else {
+                "task_failed"
+            };
+            (reason, "journey.paused")
+        };
+        warn!(client_id = %rec.journey.client_id, %stage, %failure, "unit of work failed");
+        let detail = json!({"stage": stage, "failure": failure, "task_id": task_id});
+        self.history(change, rec, "work_failed", detail.clone(), None);
+        change.push_outbox(self.event(rec, event, detail.clone()));
+        // Kept for compatibility with consumers of issue 2's event.
+        change.push_outbox(self.event(rec, "work.failed", detail));
+        let body = serde_json::to_vec(&json!({
+            "client_id": rec.journey.client_id,
+            "stage": stage,
+            "work": rec.work,
+        }))
+        .unwrap_or_default();
+        let routing_key = format!("work.failed.{stage}");
+        let dl = self.dead_letter(
+            DeadLetter {
+                reason,
+                message: failure,
+                exchange: "",
+                routing_key: &routing_key,
+                queue: "",
+                client_id: Some(&rec.journey.client_id),
+                task_id: task_id.as_deref(),
+            },
+            Uuid::new_v4().to_string(),
+            None,
+            body,
+        );
+        change.push_outbox(dl);
+    }
+
+    fn apply_reply(
+        &mut self,
+        env: &Envelope,
+        outcome: TaskOutcome,
+    ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
+        let now = Utc::now();
+        let mid = env.message_id.to_string();
+        let mut change = Change::new();
+        change.put_dedup(&mid, &Seen { at: now });
+        let corr = env.correlation_id.clone().unwrap_or_default();
+        let client = self.store.inflight(&corr)?;
+        let rec: Option<JourneyRecord> = match &client {
+            Some(c) => self.store.journey(c)?,
+            None => None,
+        };
+        let Some(mut rec) = rec else {
+            Stats::inc(&self.stats.stale_replies);
+            warn!(correlation_id = %corr, "reply with an unknown correlation id; recorded and ignored");
+            return Ok(self.store.commit(change)?);
+        };
+        let playbook = self.playbook(&rec.playbook)?;
+        let result = match outcome {
+            TaskOutcome::Completed(o) => Ok(Value::Object(o)),
+            TaskOutcome::Failed(e) => Err(e),
+        };
+        let effect = match rec.work.as_mut() {
+            None => ReplyEffect::Unknown,
+            Some(work) => {
+                let spec = Self::spec_of(&playbook, work).into_owned();
+                work.on_reply(&spec, &corr, result.clone(), now, rand::random::<f64>())
+            }
+        };
+        // Task outputs feed evidence through the playbook's mapping.
+        if let (ReplyEffect::Completed { task_id }, Ok(output)) = (&effect, &result)
+            && let Some(work) = rec.work.as_ref()
+            && work.kind == WorkKind::Stage
+            && let Some(spec) = playbook
+                .stage(work.stage.as_str())
+                .and_then(|s| s.task(task_id))
+            && !spec.evidence.is_empty()
+        {
+            let problems =
+                rec.evidence
+                    .record_task_output(&spec.evidence, output, task_id, Some(&mid), now);
+            for p in problems {
+                warn!(client_id = %rec.journey.client_id, problem = %p, "task output evidence not recorded");
+            }
+        }
+        self.record_effect(&mut change, &mut rec, &effect, Some(&mid), now)?;
+        change.put_journey(&rec.journey.client_id.clone(), &rec);
+        self.arm(&rec);
+        Ok(self.store.commit(change)?)
+    }
+
+    fn record_effect(
+        &mut self,
+        change: &mut Change,
+        rec: &mut JourneyRecord,
+        effect: &ReplyEffect,
+        cause: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(), OrchestratorError> {
+        match effect {
+            ReplyEffect::Completed { task_id } => {
+                Stats::inc(&self.stats.tasks_completed);
+                debug!(client_id = %rec.journey.client_id, task_id, "task completed");
+                self.history(
+                    change,
+                    rec,
+                    "task_completed",
+                    json!({"task_id": task_id}),
+                    cause,
+                );
+                let is_stage_work = rec.work.as_ref().is_some_and(|w| w.kind == WorkKind::Stage);
+                // New evidence from the output may fire a rollback trigger first.
+                if is_stage_work
+                    && self.after_evidence(change, rec, now, cause.unwrap_or("task"))?
+                {
+                    return Ok(());
+                }
+                self.advance(change, rec, now)?;
+            }
+            ReplyEffect::RetryScheduled {
+                task_id,
+                attempt,
+                retry_at,
+                error,
+            } => {
+                info!(client_id = %rec.journey.client_id, task_id, attempt, %retry_at, error, "task attempt failed; retry scheduled");
+                let detail = json!({"task_id": task_id, "attempt": attempt, "retry_at": retry_at, "error": error});
+                self.history(change, rec, "task_retry", detail, cause);
+            }
+            ReplyEffect::TaskFailed { .. } => self.work_failed(change, rec),
+            ReplyEffect::Stale { task_id, why } => {
+                Stats::inc(&self.stats.stale_replies);
+                debug!(client_id = %rec.journey.client_id, task_id, why, "stale reply ignored");
+                self.history(
+                    change,
+                    rec,
+                    "reply_ignored",
+                    json!({"task_id": task_id, "why": why}),
+                    cause,
+                );
+            }
+            ReplyEffect::Unknown => {
+                Stats::inc(&self.stats.stale_replies);
+                self.history(
+                    change,
+                    rec,
+                    "reply_ignored",
+                    json!({"why": "unknown correlation id"}),
+                    cause,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A task request came back unroutable: no queue serves its intent (yet).
+    pub fn handle_unroutable(
+        &mut self,
+        outbox_id: u64,
+        client_id: &str,
+        correlation_id: &str,
+    ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
+        let now = Utc::now();
+        let mut change = Change::new();
+        change.remove_outbox(outbox_id);
+        if let Some(mut rec) = self.store.journey::<JourneyRecord>(client_id)? {
+            let playbook = self.playbook(&rec.playbook)?;
+            let effect = rec.work.as_mut().and_then(|w| {
+                let spec = Self::spec_of(&playbook, w).into_owned();
+                w.on_unroutable(&spec, correlation_id, now, rand::random::<f64>())
+            });
+            if let Some(effect) = effect {
+                self.record_effect(&mut change, &mut rec, &effect, None, now)?;
+                change.put_journey(client_id, &rec);
+                self.arm(&rec);
+            }
+        }
+        Ok(self.store.commit(change)?)
+    }
+
+    /// Handles every journey with a due deadline or retry.
+    pub fn fire_timers(
+        &mut self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
+        let mut due = BTreeSet::new();
+        while let Some((at, _)) = self.timers.first() {
+            if *at > now {
+                break;
+            }
+            if let Some((_, c)) = self.timers.pop_first() {
+                due.insert(c);
+            }
+        }
+        let mut out = Vec::new();
+        for client_id in due {
+            let Some(mut rec) = self.store.journey::<JourneyRecord>(&client_id)? else {
+                continue;
+            };
+            if rec.journey.stage.is_terminal() {
+                continue;
+            }
+            let playbook = self.playbook(&rec.playbook)?;
+            let mut change = Change::new();
+            let mut effects = Vec::new();
+            if let Some(w) = rec.work.as_mut() {
+                let spec = Self::spec_of(&playbook, w).into_owned();
+                for (at, task_id, attempt) in w.timers() {
+                    if at <= now
+                        && let Some(e) =
+                            w.on_timeout(&spec, &task_id, attempt, now, rand::random::<f64>())
+                    {
+                        effects.push(e);
+                    }
+                }
+            }
+            for e in &effects {
+                self.record_effect(&mut change, &mut rec, e, None, now)?;
+            }
+            // Retries that are due are dispatched here.
+            self.advance(&mut change, &mut rec, now)?;
+            if !change.empty {
+                change.put_journey(&client_id, &rec);
+                out.extend(self.store.commit(change)?);
+            }
+            self.arm(&rec);
+        }
+        Ok(out)
+    }
+
+    fn arm(&mut self, rec: &JourneyRecord) {
+        if let Some(w) = &rec.work {
+            for (at, _, _) in w.timers() {
+                self.timers.insert((at, rec.journey.client_id.clone()));
+            }
+        }
+    }
+}
+
+fn to_chrono(d: std::time::Duration) -> ChronoDuration {
+    ChronoDuration::from_std(d).unwrap_or(ChronoDuration::MAX)
+}

@@ -1,0 +1,487 @@
+//! The orchestrator worker: consumes journey commands and task replies, advances journeys
+//! and their units of work, and publishes task requests, replies and events.
+//!
+//! Every input goes through the same path: decode → dedup by message id → apply the change
+//! and record what to publish in one atomic store batch → flush (one fsync per group of
+//! inputs) → ack → publish with confirms → clear the outbox. A crash between any two steps
+//! loses nothing: before the flush the message is redelivered; after it the dedup mark
+//! absorbs the redelivery and the outbox still holds what to publish.
+//!
+//! Decisions live in `journey` (transitions) and `work` (the DAG); this module turns them
+//! into store writes and messages. It owns the timers (task deadlines and retry times,
+//! read back from the store on start) and the reconnect loop.
+
+mod core;
+mod record;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::options::BasicAckOptions;
+use tokio::sync::mpsc;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::broker::{self, BrokerError, Names, Outgoing, Published, Publisher};
+use crate::playbook::Playbook;
+use crate::protocol::{Decoder, JOURNEY_INTENTS};
+use crate::store::{OutboxEntry, Purpose, Store, StoreError};
+
+/// How often old dedup marks and expired snapshots are pruned.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(3600);
+
+/// How many inputs share one flush: bigger groups amortise the fsync further, at the cost
+/// of holding acks a little longer.
+const MAX_GROUP: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrchestratorError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("the default playbook's stored version {0} is missing from the store")]
+    MissingPlaybook(String),
+}
+
+impl OrchestratorError {
+    /// Broker trouble is retried by reconnecting; store trouble stops the worker.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            OrchestratorError::Broker(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub amqp_url: String,
+    pub names: Names,
+    pub data_dir: PathBuf,
+    /// Names this orchestrator's reply queue; several orchestrators (partitions) need
+    /// distinct ids.
+    pub orchestrator_id: String,
+    pub playbook: Playbook,
+    pub prefetch: u16,
+    pub max_message_bytes: usize,
+    pub policy: Policy,
+}
+
+impl Config {
+    pub fn new(amqp_url: &str, namespace: &str, data_dir: PathBuf) -> Self {
+        Self {
+            amqp_url: amqp_url.to_string(),
+            names: Names::new(namespace),
+            data_dir,
+            orchestrator_id: "0".into(),
+            playbook: Playbook::default_playbook(),
+            prefetch: 256,
+            max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+            policy: Policy::default(),
+        }
+    }
+}
+
+/// Counters the demo and tests read; the metrics endpoint will export them.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub journeys_started: AtomicU64,
+    pub tasks_dispatched: AtomicU64,
+    pub tasks_completed: AtomicU64,
+    pub retries: AtomicU64,
+    pub works_failed: AtomicU64,
+    pub promotions: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub stale_replies: AtomicU64,
+    pub refusals: AtomicU64,
+    pub gate_passed: AtomicU64,
+    pub gate_failed: AtomicU64,
+    pub rollbacks_started: AtomicU64,
+    pub rollbacks_automatic: AtomicU64,
+    pub rollbacks_completed: AtomicU64,
+    pub rollbacks_failed: AtomicU64,
+    pub pauses: AtomicU64,
+    pub resumes: AtomicU64,
+    pub inputs: AtomicU64,
+    pub flushes: AtomicU64,
+    /// True while connected and consuming.
+    pub ready: AtomicBool,
+}
+
+impl Stats {
+    fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+pub use core::{Core, Inbound, Policy, Source};
+pub use record::{HistoryEntry, JourneyRecord, RollbackInfo, Snapshot, event_payload, state_view};
+
+enum Input {
+    Delivery {
+        source: Source,
+        queue: Arc<str>,
+        delivery: Box<lapin::message::Delivery>,
+    },
+    Unroutable {
+        outbox_id: u64,
+        client_id: String,
+        correlation_id: String,
+    },
+    Failed(BrokerError),
+}
+
+/// Runs the orchestrator until `shutdown` resolves. Reconnects with backoff on broker
+/// failures; store failures are fatal.
+pub async fn run(
+    config: Config,
+    stats: Arc<Stats>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), OrchestratorError> {
+    let store = Store::open(&config.data_dir)?;
+    let mut core = Core::new(
+        store,
+        config.names.clone(),
+        config.names.replies(&config.orchestrator_id),
+        Decoder::new(config.max_message_bytes),
+        &config.playbook,
+        stats.clone(),
+        config.policy.clone(),
+    )?;
+    core.store.flush().await?;
+    match core.housekeeping(Utc::now()) {
+        Ok((d, s)) => info!(dedup_marks = d, snapshots = s, "pruned expired records"),
+        Err(e) => warn!(error = %e, "pruning failed"),
+    }
+    info!(
+        data_dir = %config.data_dir.display(),
+        namespace = %config.names.namespace,
+        playbook = %core.playbook_hash(),
+        timers = core.timer_count(),
+        "orchestrator starting"
+    );
+    tokio::pin!(shutdown);
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        let result = session(&mut core, &config, &mut shutdown).await;
+        stats.ready.store(false, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                info!("orchestrator stopped");
+                return Ok(());
+            }
+            Err(e) if e.is_retryable() => {
+                let wait = delays.next().unwrap_or(Duration::from_secs(10));
+                warn!(error = %e, retry_in = ?wait, "broker session ended; reconnecting");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "orchestrator cannot continue");
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// One broker session: connect, declare, consume, and handle inputs until an error or
+/// shutdown.
+async fn session(
+    core: &mut Core,
+    config: &Config,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<(), OrchestratorError> {
+    // Separate connections: a memory alarm blocks publishers, and consumers must keep
+    // acking meanwhile.
+    let consume_conn = broker::connect(&config.amqp_url, "journeyman-orchestrator-consume").await?;
+    let publish_conn = broker::connect(&config.amqp_url, "journeyman-orchestrator-publish").await?;
+    let reply_queue = config.names.replies(&config.orchestrator_id);
+    let ch = consume_conn
+        .create_channel()
+        .await
+        .map_err(|source| BrokerError::Amqp {
+            op: "create channel".into(),
+            source,
+        })?;
+    broker::declare_exchanges(&ch, &config.names).await?;
+    for intent in JOURNEY_INTENTS {
+        let q = config.names.intent_queue(intent);
+        broker::declare_queue(&ch, &config.names, &q, Some(intent)).await?;
+    }
+    broker::declare_queue(&ch, &config.names, &reply_queue, None).await?;
+
+    let (tx, mut rx) = mpsc::channel::<Input>(4096);
+    let publisher = Publisher::start(&publish_conn).await?;
+    let pump = OutboxPump::start(publisher, core.store.clone(), tx.clone());
+    // Whatever a previous session or process left unpublished goes first.
+    pump.send(core.store.outbox()?);
+
+    let mut queues: Vec<(String, Source)> = JOURNEY_INTENTS
+        .iter()
+        .map(|i| (config.names.intent_queue(i), Source::Command))
+        .collect();
+    queues.push((reply_queue.clone(), Source::Reply));
+    let mut channels = Vec::new();
+    for (q, source) in queues {
+        let (chan, consumer) = broker::consume(
+            &consume_conn,
+            &q,
+            "journeyman-orchestrator",
+            config.prefetch,
+        )
+        .await?;
+        channels.push(chan);
+        let tx = tx.clone();
+        let queue: Arc<str> = Arc::from(q.as_str());
+        tokio::spawn(async move {
+            let mut consumer = consumer;
+            let mut source = Some(source);
+            while let Some(next) = consumer.next().await {
+                match next {
+                    Ok(delivery) => {
+                        let s = match source.as_ref() {
+                            Some(Source::Command) => Source::Command,
+                            _ => Source::Reply,
+                        };
+                        let input = Input::Delivery {
+                            source: s,
+                            queue: queue.clone(),
+                            delivery: Box::new(delivery),
+                        };
+                        if tx.send(input).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(source) => {
+                        let _ = tx
+                            .send(Input::Failed(BrokerError::Amqp {
+                                op: format!("consume {queue}"),
+                                source,
+                            }))
+                            .await;
+                        return;
+                    }
+                }
+            }
+            source.take();
+            // The stream ended without an error: the broker cancelled the consumer.
+            let _ = tx
+                .send(Input::Failed(BrokerError::ConsumerCancelled(
+                    queue.to_string(),
+                )))
+                .await;
+        });
+    }
+    drop(tx);
+    core.stats.ready.store(true, Ordering::Relaxed);
+    info!(queues = channels.len(), "consuming");
+
+    let mut last_housekeeping = Instant::now();
+    loop {
+        let next_timer = core.next_timer();
+        let sleep = match next_timer {
+            Some(at) => (at - Utc::now()).to_std().unwrap_or(Duration::ZERO),
+            None => Duration::from_secs(3600),
+        };
+        let first = tokio::select! {
+            _ = shutdown.as_mut() => {
+                info!("shutdown requested; finishing");
+                return Ok(());
+            }
+            input = rx.recv() => match input {
+                Some(i) => Some(i),
+                None => return Err(BrokerError::PublisherGone.into()),
+            },
+            _ = tokio::time::sleep(sleep) => None,
+        };
+        let mut group: Vec<Input> = first.into_iter().collect();
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(i) => group.push(i),
+                Err(_) => break,
+            }
+        }
+        let mut published = Vec::new();
+        // Highest delivery per queue: one multiple-ack per channel after the flush.
+        let mut acks: BTreeMap<Arc<str>, Box<lapin::message::Delivery>> = BTreeMap::new();
+        let mut failure = None;
+        for input in group {
+            match input {
+                Input::Delivery {
+                    source,
+                    queue,
+                    delivery,
+                } => {
+                    let inbound = Inbound {
+                        source,
+                        data: &delivery.data,
+                        exchange: delivery.exchange.as_str(),
+                        routing_key: delivery.routing_key.as_str(),
+                        queue: &queue,
+                        message_id: prop(delivery.properties.message_id()),
+                        correlation_id: prop(delivery.properties.correlation_id()),
+                        reply_to: prop(delivery.properties.reply_to()),
+                    };
+                    published.extend(core.handle(&inbound)?);
+                    acks.insert(queue, delivery);
+                }
+                Input::Unroutable {
+                    outbox_id,
+                    client_id,
+                    correlation_id,
+                } => {
+                    published.extend(core.handle_unroutable(
+                        outbox_id,
+                        &client_id,
+                        &correlation_id,
+                    )?);
+                }
+                Input::Failed(e) => failure = Some(e),
+            }
+        }
+        published.extend(core.fire_timers(Utc::now())?);
+        if !acks.is_empty() || !published.is_empty() {
+            core.store.flush().await?;
+            Stats::inc(&core.stats.flushes);
+        }
+        for (queue, d) in acks {
+            let opts = BasicAckOptions { multiple: true };
+            match d.acker.ack(opts).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!(%queue, "ack not delivered (channel closed); the messages will be redelivered and deduplicated")
+                }
+                Err(e) => {
+                    warn!(%queue, error = %e, "ack failed; the messages will be redelivered and deduplicated")
+                }
+            }
+        }
+        pump.send(published);
+        if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+            last_housekeeping = Instant::now();
+            if let Err(e) = core.housekeeping(Utc::now()) {
+                warn!(error = %e, "pruning failed");
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+    }
+}
+
+fn prop(v: &Option<lapin::types::ShortString>) -> Option<String> {
+    v.as_ref().map(|s| s.as_str().to_string())
+}
+
+/// Publishes outbox entries in order, pipelining confirms, and clears them once confirmed.
+struct OutboxPump {
+    tx: mpsc::UnboundedSender<Vec<OutboxEntry>>,
+}
+
+impl OutboxPump {
+    fn start(publisher: Publisher, store: Store, core: mpsc::Sender<Input>) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<OutboxEntry>>();
+        let retry_tx = tx.clone();
+        tokio::spawn(
+            async move {
+                let mut inflight = futures_util::stream::FuturesUnordered::new();
+                let mut confirmed: Vec<u64> = Vec::new();
+                loop {
+                    tokio::select! {
+                        batch = rx.recv() => {
+                            let Some(batch) = batch else { break };
+                            for e in batch {
+                                let out = Outgoing {
+                                    exchange: e.exchange.clone(),
+                                    routing_key: e.routing_key.clone(),
+                                    mandatory: e.mandatory,
+                                    message_id: e.message_id.clone(),
+                                    correlation_id: e.correlation_id.clone(),
+                                    reply_to: e.reply_to.clone(),
+                                    message_type: e.message_type.clone(),
+                                    headers: e.headers.clone(),
+                                    body: e.body.clone(),
+                                };
+                                match publisher.enqueue(out).await {
+                                    Ok(rx) => inflight.push(async move { (e, rx.await) }),
+                                    Err(err) => {
+                                        let _ = core.send(Input::Failed(err)).await;
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                        Some((e, res)) = inflight.next(), if !inflight.is_empty() => {
+                            match res {
+                                Ok(Ok(Published::Confirmed)) => confirmed.push(e.id),
+                                Ok(Ok(Published::Unroutable)) => match &e.purpose {
+                                    Purpose::TaskRequest { client_id, correlation_id } => {
+                                        warn!(intent = %e.routing_key, client_id, "task request unroutable: no agent serves this intent");
+                                        let _ = core.send(Input::Unroutable {
+                                            outbox_id: e.id,
+                                            client_id: client_id.clone(),
+                                            correlation_id: correlation_id.clone(),
+                                        }).await;
+                                    }
+                                    _ => {
+                                        warn!(exchange = %e.exchange, routing_key = %e.routing_key, "message unroutable; dropped");
+                                        confirmed.push(e.id);
+                                    }
+                                },
+                                Ok(Err(err @ (BrokerError::ConfirmTimeout { .. } | BrokerError::Nacked { .. }))) => {
+                                    // Unknown outcome: keep it and publish again shortly.
+                                    warn!(error = %err, "publish not confirmed; will retry");
+                                    let retry = retry_tx.clone();
+                                    tokio::spawn(async move {
+                                        tokio::time::sleep(Duration::from_secs(1)).await;
+                                        let _ = retry.send(vec![e]);
+                                    });
+                                }
+                                Ok(Err(err)) => {
+                                    let _ = core.send(Input::Failed(err)).await;
+                                    return;
+                                }
+                                Err(_) => {
+                                    let _ = core.send(Input::Failed(BrokerError::PublisherGone)).await;
+                                    return;
+                                }
+                            }
+                            if inflight.is_empty() || confirmed.len() >= 256 {
+                                if let Err(err) = store.clear_outbox(&confirmed) {
+                                    error!(error = %err, "cannot clear the outbox");
+                                }
+                                confirmed.clear();
+                            }
+                        }
+                    }
+                }
+            }
+            .instrument(info_span!("outbox")),
+        );
+        Self { tx }
+    }
+
+    fn send(&self, entries: Vec<OutboxEntry>) {
+        if !entries.is_empty() {
+            let _ = self.tx.send(entries);
+        }
+    }
+}

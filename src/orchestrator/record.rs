@@ -1,0 +1,149 @@
+//! What the store keeps about one journey, and the views built from it: the state the
+//! protocol answers with, the events it publishes, the history it records.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::evidence::Evidence;
+use crate::gate::ValidationResult;
+use crate::journey::{Journey, Stage};
+use crate::work::{TaskStatus, UnitOfWork, WorkKind, WorkStatus};
+
+/// Everything the store keeps about one journey, under its client id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JourneyRecord {
+    pub journey: Journey,
+    /// Content hash of the playbook the journey is pinned to.
+    pub playbook: String,
+    pub context: Value,
+    /// The unit of work in progress or last run: the stage's, or a rollback's.
+    pub work: Option<UnitOfWork>,
+    /// Numbers units of work so their ids are unique across re-entries of a stage.
+    pub work_seq: u32,
+    #[serde(default)]
+    pub evidence: Evidence,
+    /// The last evaluation of the current stage's exit gate.
+    #[serde(default)]
+    pub gate: Option<ValidationResult>,
+    /// The rollback in progress, if any.
+    #[serde(default)]
+    pub rollback: Option<RollbackInfo>,
+}
+
+/// Why and where a rollback goes, kept while it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RollbackInfo {
+    pub reason: String,
+    /// Fired by a trigger over evidence, not asked for by a person.
+    pub automatic: bool,
+    pub from: Stage,
+    pub to: Stage,
+    pub started_at: DateTime<Utc>,
+    /// Its unit of work failed after retries; `journey.rollback` or `journey.resume` retries.
+    pub failed: bool,
+}
+
+/// One line of a journey's history: every state change, evaluation, refusal and ignored
+/// reply, with its time and cause.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub at: DateTime<Utc>,
+    pub kind: String,
+    pub detail: Value,
+    /// The message that caused it, when there was one.
+    pub cause: Option<String>,
+}
+
+/// A copy of a journey taken when a rollback starts, kept for the retention period.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub at: DateTime<Utc>,
+    pub reason: String,
+    pub record: JourneyRecord,
+}
+
+impl JourneyRecord {
+    /// One word for where the journey is, for people and dashboards.
+    pub fn status(&self) -> &'static str {
+        let work = self.work.as_ref();
+        let failed = work.is_some_and(|w| w.status == WorkStatus::Failed);
+        let done =
+            work.is_some_and(|w| w.status == WorkStatus::Completed && w.kind == WorkKind::Stage);
+        match self.journey.stage {
+            Stage::Completed => "completed",
+            Stage::Cancelled => "cancelled",
+            Stage::Rollback if failed => "rollback_failed",
+            Stage::Rollback => "rolling_back",
+            _ if failed => "paused",
+            Stage::Production if done => "live",
+            _ if done => "awaiting_gate",
+            _ => "running",
+        }
+    }
+
+    /// The failed task of a paused journey: (task, attempts, last error).
+    pub fn failed_task(&self) -> Option<(&str, u32, &str)> {
+        let w = self.work.as_ref()?;
+        if w.status != WorkStatus::Failed {
+            return None;
+        }
+        let t = w.tasks.iter().find(|t| t.status == TaskStatus::Failed)?;
+        Some((
+            &t.task_id,
+            t.attempts,
+            t.last_error.as_deref().unwrap_or(""),
+        ))
+    }
+}
+
+/// The public view of a journey: the payload of `response` replies and `journey status`
+/// (`schemas/journey-state.schema.json`).
+pub fn state_view(rec: &JourneyRecord) -> Value {
+    let work = rec.work.as_ref().map(|w| {
+        json!({
+            "work_id": w.work_id,
+            "kind": w.kind,
+            "stage": w.stage,
+            "status": w.status,
+            "failure": w.failure,
+            "tasks": w.tasks.iter().map(|t| json!({
+                "task_id": t.task_id,
+                "intent": t.intent,
+                "status": t.status,
+                "attempts": t.attempts,
+                "last_error": t.last_error,
+            })).collect::<Vec<_>>(),
+        })
+    });
+    let paused = rec.failed_task().map(|(task, attempts, error)| {
+        json!({"task_id": task, "attempts": attempts, "last_error": error})
+    });
+    json!({
+        "client_id": rec.journey.client_id,
+        "stage": rec.journey.stage,
+        "status": rec.status(),
+        "previous_stage": rec.journey.previous_stage,
+        "completed_stages": rec.journey.completed_stages,
+        "started_at": rec.journey.started_at,
+        "stage_started_at": rec.journey.stage_started_at,
+        "playbook": rec.playbook,
+        "work": work,
+        "paused": paused,
+        "gate": rec.gate,
+        "rollback": rec.rollback,
+        "evidence": rec.evidence,
+    })
+}
+
+/// The payload of a journey event on `<ns>.events` (`schemas/journey-event.schema.json`).
+pub fn event_payload(rec: &JourneyRecord, name: &str, detail: Value, at: DateTime<Utc>) -> Value {
+    json!({
+        "client_id": rec.journey.client_id,
+        "event": name,
+        "stage": rec.journey.stage,
+        "previous_stage": rec.journey.previous_stage,
+        "at": at,
+        "detail": detail,
+    })
+}
