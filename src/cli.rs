@@ -18,10 +18,12 @@ use lapin::{BasicProperties, Confirmation, Connection};
 use serde_json::{Map, Value};
 
 use crate::broker::{self, Names};
+use crate::journey::Stage;
 use crate::orchestrator::{self, Stats};
 use crate::playbook::Playbook;
 use crate::protocol::{
-    AgentRef, ClientPayload, Command, Decoder, Envelope, MessageType, StartPayload,
+    AgentRef, CancelPayload, ClientPayload, Command, Decoder, Envelope, EvidenceEvent,
+    EvidencePayload, MessageType, RollbackPayload, StartPayload,
 };
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -164,6 +166,76 @@ pub enum JourneyCmd {
         #[command(flatten)]
         out: ReplyArgs,
     },
+    /// Promote through the current stage's exit gate (refused with the failing checks).
+    Promote {
+        client_id: String,
+        #[command(flatten)]
+        out: ReplyArgs,
+    },
+    /// Roll back to the stage before, or to --to; on a failed rollback, retry it.
+    Rollback {
+        client_id: String,
+        /// Why: recorded in the journey's history and the notification event.
+        #[arg(long)]
+        reason: String,
+        /// An earlier stage to land on (default: the stage before; sandbox restarts sandbox).
+        #[arg(long)]
+        to: Option<Stage>,
+        #[command(flatten)]
+        out: ReplyArgs,
+    },
+    /// Retry a paused journey from its failed task, keeping completed tasks.
+    Resume {
+        client_id: String,
+        #[command(flatten)]
+        out: ReplyArgs,
+    },
+    /// End a journey (from any non-terminal stage).
+    Cancel {
+        client_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        out: ReplyArgs,
+    },
+    /// Mark a production journey complete (gated by production's success metrics).
+    Complete {
+        client_id: String,
+        #[command(flatten)]
+        out: ReplyArgs,
+    },
+    /// Report evidence: --metric name=value, --flag name=true|false, --event name[:severity].
+    Evidence {
+        client_id: String,
+        #[arg(long = "metric", value_parser = parse_metric)]
+        metrics: Vec<(String, f64)>,
+        #[arg(long = "flag", value_parser = parse_flag)]
+        flags: Vec<(String, bool)>,
+        #[arg(long = "event")]
+        events: Vec<String>,
+        #[command(flatten)]
+        out: ReplyArgs,
+    },
+}
+
+fn parse_metric(s: &str) -> Result<(String, f64), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected name=value, e.g. search.precision=0.87, got '{s}'"))?;
+    let v: f64 = v
+        .parse()
+        .map_err(|_| format!("'{v}' is not a number (in '{s}')"))?;
+    Ok((k.to_string(), v))
+}
+
+fn parse_flag(s: &str) -> Result<(String, bool), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected name=true|false, e.g. demo.approved=true, got '{s}'"))?;
+    let v: bool = v
+        .parse()
+        .map_err(|_| format!("'{v}' is not true or false (in '{s}')"))?;
+    Ok((k.to_string(), v))
 }
 
 #[derive(Debug, Args)]
@@ -314,6 +386,68 @@ pub async fn run(cli: Cli) -> Result<()> {
                 JourneyCmd::Status { client_id, out } => {
                     (Command::Status(ClientPayload { client_id }), out)
                 }
+                JourneyCmd::Promote { client_id, out } => {
+                    (Command::Promote(ClientPayload { client_id }), out)
+                }
+                JourneyCmd::Resume { client_id, out } => {
+                    (Command::Resume(ClientPayload { client_id }), out)
+                }
+                JourneyCmd::Complete { client_id, out } => {
+                    (Command::Complete(ClientPayload { client_id }), out)
+                }
+                JourneyCmd::Cancel {
+                    client_id,
+                    reason,
+                    out,
+                } => (Command::Cancel(CancelPayload { client_id, reason }), out),
+                JourneyCmd::Rollback {
+                    client_id,
+                    reason,
+                    to,
+                    out,
+                } => (
+                    Command::Rollback(RollbackPayload {
+                        client_id,
+                        reason,
+                        rollback_to: to,
+                    }),
+                    out,
+                ),
+                JourneyCmd::Evidence {
+                    client_id,
+                    metrics,
+                    flags,
+                    events,
+                    out,
+                } => {
+                    if metrics.is_empty() && flags.is_empty() && events.is_empty() {
+                        bail!("nothing to report: give at least one --metric, --flag or --event");
+                    }
+                    let events = events
+                        .into_iter()
+                        .map(|e| {
+                            let (name, severity) = match e.split_once(':') {
+                                Some((n, s)) => (n.to_string(), Some(s.to_string())),
+                                None => (e, None),
+                            };
+                            EvidenceEvent {
+                                name,
+                                at: Some(Utc::now()),
+                                severity,
+                                detail: None,
+                            }
+                        })
+                        .collect();
+                    (
+                        Command::Evidence(EvidencePayload {
+                            client_id,
+                            metrics: metrics.into_iter().collect(),
+                            flags: flags.into_iter().collect(),
+                            events,
+                        }),
+                        out,
+                    )
+                }
             };
             let conn = broker::connect(&g.amqp_url, "journeyman-cli").await?;
             let reply = request(&conn, &names, &cmd, out.timeout).await?;
@@ -408,6 +542,16 @@ fn print_reply(reply: &Envelope, json: bool) -> Result<()> {
         let code = reply.payload["code"].as_str().unwrap_or("error");
         let msg = reply.payload["message"].as_str().unwrap_or("");
         eprintln!("refused ({code}): {msg}");
+        if let Some(checks) = reply.payload["details"]["checks"].as_array() {
+            for c in checks {
+                let mark = if c["passed"] == true { "pass" } else { "FAIL" };
+                eprintln!(
+                    "  [{mark}] {:<28} {}",
+                    c["name"].as_str().unwrap_or(""),
+                    c["message"].as_str().unwrap_or("")
+                );
+            }
+        }
     } else {
         print_state(&reply.payload);
     }
@@ -439,7 +583,48 @@ pub fn print_state(p: &Value) {
         }
     );
     println!("started:     {}", s(&p["started_at"]));
+    println!("status:      {}", s(&p["status"]));
     println!("playbook:    {}", s(&p["playbook"]));
+    if let Some(pz) = p["paused"].as_object() {
+        println!(
+            "paused at:   task {} after {} attempts: {}",
+            s(&pz["task_id"]),
+            pz["attempts"],
+            s(&pz["last_error"])
+        );
+    }
+    if let Some(r) = p["rollback"].as_object() {
+        println!(
+            "rollback:    {} -> {} ({}){}: {}",
+            s(&r["from"]),
+            s(&r["to"]),
+            if r["automatic"] == true {
+                "automatic"
+            } else {
+                "manual"
+            },
+            if r["failed"] == true {
+                ", FAILED: retry with journey rollback"
+            } else {
+                ""
+            },
+            s(&r["reason"])
+        );
+    }
+    if let Some(checks) = p["gate"]["checks"].as_array() {
+        println!(
+            "gate:        {}",
+            if p["gate"]["passed"] == true {
+                "passed"
+            } else {
+                "not passed"
+            }
+        );
+        for c in checks {
+            let mark = if c["passed"] == true { "pass" } else { "FAIL" };
+            println!("  [{mark}] {:<28} {}", s(&c["name"]), s(&c["message"]));
+        }
+    }
     if let Some(w) = p["work"].as_object() {
         let empty = Map::new();
         let _ = &empty;

@@ -4,6 +4,11 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() {
+    // Piping into `head` must end quietly, as other command-line tools do, not panic.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = journeyman::cli::Cli::parse();
     // The demo's progress display is its output; workers log what they do.
     let default = match cli.command {

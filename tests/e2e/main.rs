@@ -1,6 +1,7 @@
 //! End-to-end tests over the real RabbitMQ and real sled directories. Each test runs in a
 //! namespace of its own (see `helpers`), so they run in parallel on a shared broker.
 
+mod gates;
 mod helpers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -14,19 +15,19 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, watch};
 
 /// Wraps an agent and records every request it sees: (intent, correlation id, message id).
-struct Recorder<A> {
+pub(crate) struct Recorder<A> {
     inner: A,
     seen: Mutex<Vec<(String, String, String)>>,
 }
 
 impl<A> Recorder<A> {
-    fn new(inner: A) -> Arc<Self> {
+    pub(crate) fn new(inner: A) -> Arc<Self> {
         Arc::new(Self {
             inner,
             seen: Mutex::new(Vec::new()),
         })
     }
-    fn attempts(&self, intent: &str) -> BTreeSet<String> {
+    pub(crate) fn attempts(&self, intent: &str) -> BTreeSet<String> {
         self.seen
             .lock()
             .unwrap()
@@ -53,13 +54,13 @@ impl<A: Agent> Agent for Recorder<A> {
 }
 
 /// Fails the first `n` attempts of chosen intents, then behaves like the simulated agent.
-struct Flaky {
+pub(crate) struct Flaky {
     remaining: Mutex<HashMap<String, u32>>,
     retryable: bool,
 }
 
 impl Flaky {
-    fn new(intent: &str, n: u32, retryable: bool) -> Self {
+    pub(crate) fn new(intent: &str, n: u32, retryable: bool) -> Self {
         Self {
             remaining: Mutex::new(HashMap::from([(intent.to_string(), n)])),
             retryable,
@@ -383,10 +384,10 @@ async fn a_duplicate_delivery_is_applied_once() {
 }
 
 /// Holds requests of one intent until released, reporting each arrival.
-struct Gate {
-    intent: String,
-    arrived: mpsc::UnboundedSender<String>,
-    open: watch::Receiver<bool>,
+pub(crate) struct Gate {
+    pub(crate) intent: String,
+    pub(crate) arrived: mpsc::UnboundedSender<String>,
+    pub(crate) open: watch::Receiver<bool>,
 }
 
 impl Agent for Gate {
