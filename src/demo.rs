@@ -42,6 +42,12 @@ pub struct DemoArgs {
     /// Share of journeys whose pilot users report low satisfaction, rolling them back.
     #[arg(long, default_value_t = 0.1)]
     pub rollbacks: f64,
+    /// Shortest simulated task latency, in milliseconds (0 and 0 to measure throughput).
+    #[arg(long, default_value_t = 5)]
+    pub min_latency_ms: u64,
+    /// Longest simulated task latency, in milliseconds.
+    #[arg(long, default_value_t = 30)]
+    pub max_latency_ms: u64,
     /// Replicas of the simulated agents (competing consumers).
     #[arg(long, default_value_t = 2)]
     pub agent_replicas: usize,
@@ -209,7 +215,8 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
     let agent_stats = Arc::new(AgentStats::default());
     let sim = Arc::new(SimAgent {
         failure_rate: a.failure_rate.clamp(0.0, 1.0),
-        ..SimAgent::default()
+        min_latency: Duration::from_millis(a.min_latency_ms),
+        max_latency: Duration::from_millis(a.max_latency_ms.max(a.min_latency_ms)),
     });
     let mut workers = Vec::new();
     for i in 0..a.agent_replicas.max(1) {
