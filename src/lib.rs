@@ -11,6 +11,7 @@ pub mod broker;
 pub mod cli;
 pub mod demo;
 pub mod evidence;
+pub mod failpoint;
 pub mod gate;
 pub mod journey;
 pub mod orchestrator;

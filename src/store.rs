@@ -23,6 +23,11 @@ const OUTBOX: &[u8] = b"o/";
 const HISTORY: &[u8] = b"h/";
 const PLAYBOOK: &[u8] = b"p/";
 const SNAPSHOT: &[u8] = b"s/";
+/// Written when a store is created. sled recovers from a torn or garbled log by dropping
+/// what it cannot read, so a store whose files exist but whose marker is gone has lost
+/// data: that is reported, never silently started empty.
+const FORMAT_KEY: &[u8] = b"meta/format";
+const FORMAT: &[u8] = b"journeyman-store-1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -34,6 +39,10 @@ pub enum StoreError {
         "cannot open the data directory {path}: {source}. If it is corrupt, move it aside and restart; journeys in flight will need to be restarted"
     )]
     Open { path: String, source: sled::Error },
+    #[error(
+        "the data directory {path} is corrupt: {detail}. Move it aside (keep it for analysis) and start with an empty directory; journeys in flight must then be restarted"
+    )]
+    Corrupted { path: String, detail: String },
     #[error("store I/O failed: {0}")]
     Io(#[from] sled::Error),
     #[error("a stored {what} record could not be decoded: {detail}")]
@@ -214,27 +223,65 @@ impl Store {
     /// error, not a hang; a corrupt one is a clear fatal error, never a panic.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|source| match &source {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::Locked {
-                        path: shown.clone(),
-                        source,
-                    }
+        let existed = path.join("db").exists() || path.join("conf").exists();
+        let config = sled::Config::new().path(path).flush_every_ms(Some(500));
+        // sled may panic on some corrupt files; that must be a clear error, not a crash.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
+            .map_err(|panic| {
+                let detail = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "sled panicked while reading it".into());
+                StoreError::Corrupted {
+                    path: shown.clone(),
+                    detail,
                 }
-                sled::Error::Io(io) if io.to_string().contains("lock") => StoreError::Locked {
-                    path: shown.clone(),
-                    source,
-                },
-                _ => StoreError::Open {
-                    path: shown.clone(),
-                    source,
-                },
             })?;
+        let db = opened.map_err(|source| match &source {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                StoreError::Locked {
+                    path: shown.clone(),
+                    source,
+                }
+            }
+            sled::Error::Io(io) if io.to_string().contains("lock") => StoreError::Locked {
+                path: shown.clone(),
+                source,
+            },
+            sled::Error::Corruption { .. } => StoreError::Corrupted {
+                path: shown.clone(),
+                detail: source.to_string(),
+            },
+            _ => StoreError::Open {
+                path: shown.clone(),
+                source,
+            },
+        })?;
         let tree = db.open_tree("journeyman")?;
+        match tree.get(FORMAT_KEY)? {
+            Some(v) if v.as_ref() == FORMAT => {}
+            Some(v) => {
+                return Err(StoreError::Corrupted {
+                    path: shown,
+                    detail: format!(
+                        "unknown store format {:?} (this build reads {:?})",
+                        String::from_utf8_lossy(&v),
+                        String::from_utf8_lossy(FORMAT)
+                    ),
+                });
+            }
+            None if existed => {
+                return Err(StoreError::Corrupted {
+                    path: shown,
+                    detail: "its files exist but its format marker is gone: the log was truncated or damaged".into(),
+                });
+            }
+            None => {
+                tree.insert(FORMAT_KEY, FORMAT)?;
+                tree.flush()?;
+            }
+        }
         Ok(Self { db, tree })
     }
 

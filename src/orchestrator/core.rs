@@ -69,10 +69,24 @@ impl Default for Policy {
     }
 }
 
-/// What a dedup mark remembers.
+/// What a dedup mark remembers: when, and a digest of the body, so a different message
+/// reusing an id is caught as a conflict instead of silently dropped as a duplicate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Seen {
     at: DateTime<Utc>,
+    #[serde(default)]
+    digest: Option<String>,
+}
+
+impl Seen {
+    fn of(data: &[u8], at: DateTime<Utc>) -> Self {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(data);
+        Self {
+            at,
+            digest: Some(hex::encode(&d[..16])),
+        }
+    }
 }
 
 /// A refusal of a journey command: answered with an `error`, and dead-lettered.
@@ -164,6 +178,12 @@ impl Core {
         Ok(core)
     }
 
+    /// Every change goes through here: the `before_commit` crash point.
+    fn commit(&self, change: Change) -> Result<Vec<OutboxEntry>, crate::store::StoreError> {
+        crate::failpoint::hit("before_commit");
+        self.store.commit(change)
+    }
+
     pub fn playbook_hash(&self) -> &str {
         &self.current_playbook
     }
@@ -225,7 +245,10 @@ impl Core {
             correlation_id = env.correlation_id.as_deref().unwrap_or(""));
         let _g = span.enter();
         let mid = env.message_id.to_string();
-        if self.store.dedup::<Seen>(&mid)?.is_some() {
+        if let Some(seen) = self.store.dedup::<Seen>(&mid)? {
+            if seen.digest.is_some() && seen.digest != Seen::of(m.data, now()).digest {
+                return self.conflict(m, &env);
+            }
             Stats::inc(&self.stats.duplicates);
             debug!("duplicate message; already applied");
             return Ok(Vec::new());
@@ -236,10 +259,40 @@ impl Core {
                 Err(e) => self.refuse_input(m, Some(&env), &e),
             },
             Source::Reply => match self.decoder.task_reply(&env) {
-                Ok(outcome) => self.apply_reply(&env, outcome),
+                Ok(outcome) => self.apply_reply(m, &env, outcome),
                 Err(e) => self.refuse_input(m, Some(&env), &e),
             },
         }
+    }
+
+    /// A message id already applied, with another body: never applied, kept for a person.
+    fn conflict(
+        &mut self,
+        m: &Inbound,
+        env: &Envelope,
+    ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
+        warn!(queue = m.queue, message_id = %env.message_id, "message id reused with a different body; dead-lettering it");
+        Stats::inc(&self.stats.dead_letters);
+        Stats::inc(&self.stats.conflicts);
+        let mut change = Change::new();
+        change.push_outbox(self.dead_letter(
+            DeadLetter {
+                reason: "conflict",
+                message: format!(
+                    "message id {} was already applied with a different body; not applied",
+                    env.message_id
+                ),
+                exchange: m.exchange,
+                routing_key: m.routing_key,
+                queue: m.queue,
+                client_id: None,
+                task_id: None,
+            },
+            Uuid::new_v4().to_string(),
+            m.correlation_id.clone(),
+            m.data.to_vec(),
+        ));
+        Ok(self.commit(change)?)
     }
 
     /// Dead-letters an input that failed decoding, with its reason, and marks it seen.
@@ -258,7 +311,7 @@ impl Core {
             if self.store.dedup::<Seen>(mid)?.is_some() {
                 return Ok(Vec::new());
             }
-            change.put_dedup(mid, &Seen { at: Utc::now() });
+            change.put_dedup(mid, &Seen::of(m.data, Utc::now()));
         }
         change.push_outbox(self.dead_letter(
             DeadLetter {
@@ -275,7 +328,7 @@ impl Core {
             m.data.to_vec(),
         ));
         Stats::inc(&self.stats.dead_letters);
-        Ok(self.store.commit(change)?)
+        Ok(self.commit(change)?)
     }
 
     fn dead_letter(
@@ -415,7 +468,7 @@ impl Core {
         let client_id = cmd.client_id().to_string();
         let mid = env.message_id.to_string();
         let mut change = Change::new();
-        change.put_dedup(&mid, &Seen { at: now });
+        change.put_dedup(&mid, &Seen::of(m.data, now));
         let existing: Option<JourneyRecord> = self.store.journey(&client_id)?;
         let outcome: Result<JourneyRecord, Refusal> = match (cmd, existing) {
             (Command::Start(p), None) => {
@@ -461,14 +514,21 @@ impl Core {
                 .map(|_| rec),
             (Command::Cancel(p), Some(mut rec)) => {
                 let reason = p.reason.unwrap_or_else(|| "cancelled".into());
-                self.transition(&mut change, &mut rec, &Event::Cancel, now, &mid)
-                    .map(|_| {
-                        if let Some(w) = rec.work.as_mut() {
-                            w.cancel(format!("journey cancelled: {reason}"), now);
-                        }
-                        rec.rollback = None;
-                        rec
-                    })
+                self.transition_with(
+                    &mut change,
+                    &mut rec,
+                    &Event::Cancel,
+                    now,
+                    &mid,
+                    json!({"reason": reason}),
+                )
+                .map(|_| {
+                    if let Some(w) = rec.work.as_mut() {
+                        w.cancel(format!("journey cancelled: {reason}"), now);
+                    }
+                    rec.rollback = None;
+                    rec
+                })
             }
             (Command::Rollback(p), Some(mut rec)) => {
                 let retry = rec.rollback.as_ref().is_some_and(|r| r.failed);
@@ -582,7 +642,7 @@ impl Core {
                 }
             }
         }
-        Ok(self.store.commit(change)?)
+        Ok(self.commit(change)?)
     }
 
     /// Evaluates the current stage's exit gate and records the evaluation.
@@ -1141,13 +1201,14 @@ impl Core {
 
     fn apply_reply(
         &mut self,
+        m: &Inbound,
         env: &Envelope,
         outcome: TaskOutcome,
     ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
         let now = Utc::now();
         let mid = env.message_id.to_string();
         let mut change = Change::new();
-        change.put_dedup(&mid, &Seen { at: now });
+        change.put_dedup(&mid, &Seen::of(m.data, now));
         let corr = env.correlation_id.clone().unwrap_or_default();
         let client = self.store.inflight(&corr)?;
         let rec: Option<JourneyRecord> = match &client {
@@ -1157,7 +1218,7 @@ impl Core {
         let Some(mut rec) = rec else {
             Stats::inc(&self.stats.stale_replies);
             warn!(correlation_id = %corr, "reply with an unknown correlation id; recorded and ignored");
-            return Ok(self.store.commit(change)?);
+            return Ok(self.commit(change)?);
         };
         let playbook = self.playbook(&rec.playbook)?;
         let result = match outcome {
@@ -1190,7 +1251,7 @@ impl Core {
         self.record_effect(&mut change, &mut rec, &effect, Some(&mid), now)?;
         change.put_journey(&rec.journey.client_id.clone(), &rec);
         self.arm(&rec);
-        Ok(self.store.commit(change)?)
+        Ok(self.commit(change)?)
     }
 
     fn record_effect(
@@ -1279,7 +1340,7 @@ impl Core {
                 self.arm(&rec);
             }
         }
-        Ok(self.store.commit(change)?)
+        Ok(self.commit(change)?)
     }
 
     /// Handles every journey with a due deadline or retry.
@@ -1325,7 +1386,7 @@ impl Core {
             self.advance(&mut change, &mut rec, now)?;
             if !change.empty {
                 change.put_journey(&client_id, &rec);
-                out.extend(self.store.commit(change)?);
+                out.extend(self.commit(change)?);
             }
             self.arm(&rec);
         }
@@ -1339,6 +1400,10 @@ impl Core {
             }
         }
     }
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now()
 }
 
 fn to_chrono(d: std::time::Duration) -> ChronoDuration {

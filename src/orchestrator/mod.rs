@@ -102,6 +102,7 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     pub stale_replies: AtomicU64,
     pub refusals: AtomicU64,
+    pub conflicts: AtomicU64,
     pub gate_passed: AtomicU64,
     pub gate_failed: AtomicU64,
     pub rollbacks_started: AtomicU64,
@@ -361,6 +362,7 @@ async fn session(
         if !acks.is_empty() || !published.is_empty() {
             core.store.flush().await?;
             Stats::inc(&core.stats.flushes);
+            crate::failpoint::hit("after_flush_before_ack");
         }
         for (queue, d) in acks {
             let opts = BasicAckOptions { multiple: true };
@@ -373,6 +375,9 @@ async fn session(
                     warn!(%queue, error = %e, "ack failed; the messages will be redelivered and deduplicated")
                 }
             }
+        }
+        if !published.is_empty() {
+            crate::failpoint::hit("after_ack_before_publish");
         }
         pump.send(published);
         if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
@@ -431,7 +436,10 @@ impl OutboxPump {
                         }
                         Some((e, res)) = inflight.next(), if !inflight.is_empty() => {
                             match res {
-                                Ok(Ok(Published::Confirmed)) => confirmed.push(e.id),
+                                Ok(Ok(Published::Confirmed)) => {
+                                    crate::failpoint::hit("after_confirm_before_clear");
+                                    confirmed.push(e.id)
+                                }
                                 Ok(Ok(Published::Unroutable)) => match &e.purpose {
                                     Purpose::TaskRequest { client_id, correlation_id } => {
                                         warn!(intent = %e.routing_key, client_id, "task request unroutable: no agent serves this intent");
