@@ -123,6 +123,15 @@ pub struct OrchestratorArgs {
     /// Unacknowledged messages per queue.
     #[arg(long, default_value_t = 256)]
     pub prefetch: u16,
+    /// Dashboard webhook: every status card is POSTed here (JSON), retried until accepted.
+    #[arg(long, env = "JOURNEYMAN_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// Bearer token for the webhook.
+    #[arg(long, env = "JOURNEYMAN_WEBHOOK_TOKEN", hide_env_values = true)]
+    pub webhook_token: Option<String>,
+    /// Promote only on journey.promote, never automatically.
+    #[arg(long)]
+    pub no_auto_promote: bool,
 }
 
 #[derive(Debug, Args)]
@@ -306,6 +315,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             config.playbook = a.playbook.load()?;
             config.orchestrator_id = a.orchestrator_id;
             config.prefetch = a.prefetch;
+            config.policy.auto_promote = !a.no_auto_promote;
+            config.webhook = a.webhook_url.map(|url| crate::webhook::WebhookConfig {
+                url,
+                token: a.webhook_token.map(crate::webhook::Secret::new),
+                timeout: Duration::from_secs(10),
+            });
             orchestrator::run(config, Arc::new(Stats::default()), shutdown_signal())
                 .await
                 .context("the orchestrator stopped")?;

@@ -19,4 +19,5 @@ pub mod playbook;
 pub mod protocol;
 pub mod sim;
 pub mod store;
+pub mod webhook;
 pub mod work;

@@ -16,7 +16,7 @@ use tracing::{debug, info, info_span, warn};
 use uuid::Uuid;
 
 use super::record::{
-    HistoryEntry, JourneyRecord, RollbackInfo, Snapshot, event_payload, state_view,
+    HistoryEntry, JourneyRecord, RollbackInfo, Snapshot, event_payload, state_view, status_card,
 };
 use super::{OrchestratorError, Stats};
 use crate::broker::Names;
@@ -28,6 +28,9 @@ use crate::protocol::{
 };
 use crate::store::{Change, OutboxEntry, Purpose, Store};
 use crate::work::{JourneyView, ReplyEffect, TaskStatus, UnitOfWork, WorkKind, WorkStatus};
+
+/// How many history lines a status card shows.
+const RECENT_ACTIVITIES: usize = 5;
 
 /// Which queue a delivery came from decides how it is decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +60,8 @@ pub struct Policy {
     pub snapshot_retention: ChronoDuration,
     /// How long message ids are remembered for deduplication.
     pub dedup_retention: ChronoDuration,
+    /// Queue status cards for the dashboard webhook.
+    pub webhook: bool,
 }
 
 impl Default for Policy {
@@ -65,6 +70,7 @@ impl Default for Policy {
             auto_promote: true,
             snapshot_retention: ChronoDuration::days(30),
             dedup_retention: ChronoDuration::days(7),
+            webhook: false,
         }
     }
 }
@@ -145,6 +151,8 @@ pub struct Core {
     timers: BTreeSet<(DateTime<Utc>, String)>,
     pub(super) stats: Arc<Stats>,
     policy: Policy,
+    /// Wakes the webhook delivery task once queued cards are durable.
+    wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Core {
@@ -173,6 +181,7 @@ impl Core {
             timers: BTreeSet::new(),
             stats,
             policy,
+            wake: None,
         };
         core.load_timers()?;
         Ok(core)
@@ -182,6 +191,17 @@ impl Core {
     fn commit(&self, change: Change) -> Result<Vec<OutboxEntry>, crate::store::StoreError> {
         crate::failpoint::hit("before_commit");
         self.store.commit(change)
+    }
+
+    pub fn set_wake(&mut self, wake: Arc<tokio::sync::Notify>) {
+        self.wake = Some(wake);
+    }
+
+    /// Called after a flush: queued cards are durable and may be delivered.
+    pub fn wake_webhook(&self) {
+        if let Some(w) = &self.wake {
+            w.notify_one();
+        }
     }
 
     pub fn playbook_hash(&self) -> &str {
@@ -605,8 +625,7 @@ impl Core {
                         state_view(&rec),
                     ));
                 }
-                change.put_journey(&client_id, &rec);
-                self.arm(&rec);
+                self.save(&mut change, &rec)?;
             }
             Err(r) => {
                 Stats::inc(&self.stats.refusals);
@@ -1249,8 +1268,7 @@ impl Core {
             }
         }
         self.record_effect(&mut change, &mut rec, &effect, Some(&mid), now)?;
-        change.put_journey(&rec.journey.client_id.clone(), &rec);
-        self.arm(&rec);
+        self.save(&mut change, &rec)?;
         Ok(self.commit(change)?)
     }
 
@@ -1336,8 +1354,7 @@ impl Core {
             });
             if let Some(effect) = effect {
                 self.record_effect(&mut change, &mut rec, &effect, None, now)?;
-                change.put_journey(client_id, &rec);
-                self.arm(&rec);
+                self.save(&mut change, &rec)?;
             }
         }
         Ok(self.commit(change)?)
@@ -1385,12 +1402,31 @@ impl Core {
             // Retries that are due are dispatched here.
             self.advance(&mut change, &mut rec, now)?;
             if !change.empty {
-                change.put_journey(&client_id, &rec);
+                self.save(&mut change, &rec)?;
                 out.extend(self.commit(change)?);
             }
             self.arm(&rec);
         }
         Ok(out)
+    }
+
+    /// Stores the journey with its status card: an event on `<ns>.events`, and when a
+    /// dashboard webhook is configured, a card queued in the same batch for delivery.
+    fn save(&mut self, change: &mut Change, rec: &JourneyRecord) -> Result<(), OrchestratorError> {
+        let client = rec.journey.client_id.as_str();
+        change.put_journey(client, rec);
+        let mut recent = self.store.recent_history(client, RECENT_ACTIVITIES)?;
+        recent.extend(change.history_of(client).cloned());
+        let skip = recent.len().saturating_sub(RECENT_ACTIVITIES);
+        let recent: Vec<Value> = recent.into_iter().skip(skip).collect();
+        let card_id = self.store.next_id()?;
+        let card = status_card(rec, &recent, card_id, Utc::now());
+        change.push_outbox(self.event(rec, "journey.status_card", card.clone()));
+        if self.policy.webhook {
+            change.push_card(card_id, &card);
+        }
+        self.arm(rec);
+        Ok(())
     }
 
     fn arm(&mut self, rec: &JourneyRecord) {

@@ -72,6 +72,8 @@ pub struct Config {
     pub prefetch: u16,
     pub max_message_bytes: usize,
     pub policy: Policy,
+    /// Where status cards are posted, if anywhere.
+    pub webhook: Option<crate::webhook::WebhookConfig>,
 }
 
 impl Config {
@@ -85,6 +87,7 @@ impl Config {
             prefetch: 256,
             max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
             policy: Policy::default(),
+            webhook: None,
         }
     }
 }
@@ -115,6 +118,7 @@ pub struct Stats {
     pub flushes: AtomicU64,
     /// True while connected and consuming.
     pub ready: AtomicBool,
+    pub webhook: Arc<crate::webhook::WebhookStats>,
 }
 
 impl Stats {
@@ -151,6 +155,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), OrchestratorError> {
     let store = Store::open(&config.data_dir)?;
+    let mut policy = config.policy.clone();
+    policy.webhook = config.webhook.is_some();
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let webhook_task = config.webhook.clone().map(|w| {
+        tokio::spawn(crate::webhook::deliver(
+            store.clone(),
+            w,
+            wake.clone(),
+            stats.webhook.clone(),
+        ))
+    });
+    let _abort_webhook = AbortOnDrop(webhook_task);
     let mut core = Core::new(
         store,
         config.names.clone(),
@@ -158,8 +174,9 @@ pub async fn run(
         Decoder::new(config.max_message_bytes),
         &config.playbook,
         stats.clone(),
-        config.policy.clone(),
+        policy,
     )?;
+    core.set_wake(wake);
     core.store.flush().await?;
     match core.housekeeping(Utc::now()) {
         Ok((d, s)) => info!(dedup_marks = d, snapshots = s, "pruned expired records"),
@@ -363,6 +380,7 @@ async fn session(
             core.store.flush().await?;
             Stats::inc(&core.stats.flushes);
             crate::failpoint::hit("after_flush_before_ack");
+            core.wake_webhook();
         }
         for (queue, d) in acks {
             let opts = BasicAckOptions { multiple: true };
@@ -388,6 +406,17 @@ async fn session(
         }
         if let Some(e) = failure {
             return Err(e.into());
+        }
+    }
+}
+
+/// Stops a background task when the orchestrator stops.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
         }
     }
 }

@@ -143,9 +143,15 @@ impl TestApp {
     }
 
     pub fn start_orchestrator(&mut self) {
+        self.start_orchestrator_with(|_| {})
+    }
+
+    /// The in-process orchestrator with a test's own settings.
+    pub fn start_orchestrator_with(&mut self, configure: impl FnOnce(&mut orchestrator::Config)) {
         let mut config =
             orchestrator::Config::new(&self.url, &self.names.namespace, self.data_dir());
         config.playbook = self.playbook.clone();
+        configure(&mut config);
         let stats = self.stats.clone();
         let mut rx = self.stop.subscribe();
         self.orchestrator = Some(tokio::spawn(async move {
@@ -376,6 +382,11 @@ impl TestApp {
         journeyman::cli::request(&self.conn, &self.names, cmd, WAIT)
             .await
             .expect("the orchestrator answers")
+    }
+
+    /// Every event received so far.
+    pub fn seen_events(&self) -> &[Value] {
+        &self.seen
     }
 
     /// Waits for a journey event matching `pred` (or finds it among those already seen).

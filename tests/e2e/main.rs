@@ -4,6 +4,7 @@
 mod crash;
 mod gates;
 mod helpers;
+mod webhook;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
