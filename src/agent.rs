@@ -267,8 +267,12 @@ async fn handle_delivery<A: Agent>(
             return;
         }
     };
+    let trace = broker::header(&d.properties, crate::trace::HEADER)
+        .as_deref()
+        .and_then(crate::trace::TraceParent::parse);
     let span = info_span!("task", intent = %request.intent, message_id = %request.message_id,
-        correlation_id = request.correlation_id.as_deref().unwrap_or(""));
+        correlation_id = request.correlation_id.as_deref().unwrap_or(""),
+        trace_id = trace.as_ref().map(|t| t.trace_id.as_str()).unwrap_or(""));
     async {
         let Some(reply_to) = d
             .properties
@@ -332,7 +336,11 @@ async fn handle_delivery<A: Agent>(
             correlation_id: reply.correlation_id.clone(),
             reply_to: None,
             message_type: message_type.as_str().into(),
-            headers: Vec::new(),
+            // The reply continues the request's trace.
+            headers: trace
+                .as_ref()
+                .map(|t| vec![(crate::trace::HEADER.to_string(), t.child().header())])
+                .unwrap_or_default(),
             body: reply.to_bytes(),
         };
         match publisher.publish(out).await {

@@ -19,5 +19,6 @@ pub mod playbook;
 pub mod protocol;
 pub mod sim;
 pub mod store;
+pub mod trace;
 pub mod webhook;
 pub mod work;

@@ -27,6 +27,7 @@ use crate::protocol::{
     AgentRef, Command, Decoder, Envelope, ErrorPayload, MessageType, ProtocolError, TaskOutcome,
 };
 use crate::store::{Change, OutboxEntry, Purpose, Store};
+use crate::trace::{self, TraceParent};
 use crate::work::{JourneyView, ReplyEffect, TaskStatus, UnitOfWork, WorkKind, WorkStatus};
 
 /// How many history lines a status card shows.
@@ -49,6 +50,8 @@ pub struct Inbound<'a> {
     pub message_id: Option<String>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    /// W3C `traceparent` header, when the sender gave one.
+    pub traceparent: Option<String>,
 }
 
 /// Behaviour the operator chooses.
@@ -261,8 +264,14 @@ impl Core {
             Ok(env) => env,
             Err(e) => return self.refuse_input(m, None, &e),
         };
+        let trace_id = m
+            .traceparent
+            .as_deref()
+            .and_then(TraceParent::parse)
+            .map(|t| t.trace_id)
+            .unwrap_or_default();
         let span = info_span!("message", intent = %env.intent, message_id = %env.message_id,
-            correlation_id = env.correlation_id.as_deref().unwrap_or(""));
+            correlation_id = env.correlation_id.as_deref().unwrap_or(""), trace_id = %trace_id);
         let _g = span.enter();
         let mid = env.message_id.to_string();
         if let Some(seen) = self.store.dedup::<Seen>(&mid)? {
@@ -449,7 +458,7 @@ impl Core {
             correlation_id: None,
             reply_to: None,
             message_type: "event".into(),
-            headers: Vec::new(),
+            headers: vec![(trace::HEADER.into(), journey_trace(rec).header())],
             purpose: Purpose::Event,
             body: env.to_bytes(),
         }
@@ -501,6 +510,13 @@ impl Core {
                     evidence: Default::default(),
                     gate: None,
                     rollback: None,
+                    trace_id: Some(
+                        m.traceparent
+                            .as_deref()
+                            .and_then(TraceParent::parse)
+                            .unwrap_or_else(TraceParent::new_root)
+                            .trace_id,
+                    ),
                 };
                 Stats::inc(&self.stats.journeys_started);
                 self.history(
@@ -1124,6 +1140,7 @@ impl Core {
                     ),
                     ("x-journeyman-task-id".into(), d.task_id.clone()),
                     ("x-journeyman-attempt".into(), d.attempt.to_string()),
+                    (trace::HEADER.into(), journey_trace(rec).header()),
                 ],
                 purpose: Purpose::TaskRequest {
                     client_id: rec.journey.client_id.clone(),
@@ -1435,6 +1452,14 @@ impl Core {
                 self.timers.insert((at, rec.journey.client_id.clone()));
             }
         }
+    }
+}
+
+/// A new span in the journey's trace (journeys from before tracing get a fresh trace).
+fn journey_trace(rec: &JourneyRecord) -> TraceParent {
+    match &rec.trace_id {
+        Some(t) => TraceParent::child_of(t),
+        None => TraceParent::new_root(),
     }
 }
 

@@ -357,6 +357,7 @@ async fn session(
                         message_id: prop(delivery.properties.message_id()),
                         correlation_id: prop(delivery.properties.correlation_id()),
                         reply_to: prop(delivery.properties.reply_to()),
+                        traceparent: broker::header(&delivery.properties, crate::trace::HEADER),
                     };
                     published.extend(core.handle(&inbound)?);
                     acks.insert(queue, delivery);

@@ -29,6 +29,9 @@ pub struct JourneyRecord {
     /// The rollback in progress, if any.
     #[serde(default)]
     pub rollback: Option<RollbackInfo>,
+    /// The W3C trace id every message about this journey carries.
+    #[serde(default)]
+    pub trace_id: Option<String>,
 }
 
 /// Why and where a rollback goes, kept while it runs.

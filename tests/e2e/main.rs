@@ -4,6 +4,7 @@
 mod crash;
 mod gates;
 mod helpers;
+mod trace;
 mod webhook;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
