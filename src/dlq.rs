@@ -945,8 +945,11 @@ pub enum DlqCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Republish to the original exchange and routing key (publisher confirms), then
-    /// remove from the dead letters. The copy keeps the message id, so a crash mid-replay
+    /// Republish to the original exchange and routing key, then remove from the dead
+    /// letters.
+    ///
+    /// Publishes with the mandatory flag and publisher confirms, and removes a dead letter
+    /// only after its copy is confirmed. The copy keeps the message id, so a crash mid-replay
     /// is harmless (the consumer drops the duplicate); messages the orchestrator itself
     /// refused need --new-id.
     Replay(ReplayArgs),
@@ -1004,9 +1007,9 @@ pub struct PurgeArgs {
 pub async fn run(amqp_url: &str, names: Names, cmd: DlqCmd) -> Result<(), DlqError> {
     let conn = broker::connect(amqp_url, "journeyman-dlq").await?;
     let dlq = Dlq::new(&conn, names);
-    let result = run_on(&dlq, cmd).await;
-    let _ = conn.close(200, "bye".into()).await;
-    result
+    // The connection ends with the process, as for `journey` commands: closing it here
+    // races the publisher's channel, which closes on its own once dropped.
+    run_on(&dlq, cmd).await
 }
 
 fn print_json(v: &impl Serialize) -> Result<(), DlqError> {
@@ -1271,7 +1274,11 @@ fn print_show(d: &DeadLetter, full: &Value) {
         }
     };
     println!("id:             {}", d.id);
-    println!("reason:         {} ({:?})", d.reason, d.dead_lettered_by);
+    let by = match d.dead_lettered_by {
+        DeadLetteredBy::Journeyman => "journeyman",
+        DeadLetteredBy::Broker => "the broker (x-death)",
+    };
+    println!("reason:         {} (dead-lettered by {by})", d.reason);
     println!("message:        {}", d.reason_message);
     println!(
         "from:           exchange {}, routing key {}, queue {}",

@@ -179,6 +179,12 @@ async fn a_refused_evidence_is_replayed_with_a_new_id_and_applied_once_the_journ
     );
     app.send(&early).await;
     wait_dead_letters(&app, 1).await;
+    let to_edit = TestApp::command(
+        "journey.evidence",
+        json!({"client_id": "acme", "metrics": {"dlq.edited": 1.0}}),
+    );
+    app.send(&to_edit).await;
+    wait_dead_letters(&app, 2).await;
     // The tool's own connection, as the CLI has.
     let conn = broker::connect(&app.url, "journeyman-dlq-test")
         .await
@@ -203,7 +209,7 @@ async fn a_refused_evidence_is_replayed_with_a_new_id_and_applied_once_the_journ
         "{}",
         r.skipped[0].why
     );
-    wait_dead_letters(&app, 1).await;
+    wait_dead_letters(&app, 2).await;
 
     app.start_journey("acme").await;
     let dl = dlq.show(&id).await.unwrap().remove(0);
@@ -226,7 +232,23 @@ async fn a_refused_evidence_is_replayed_with_a_new_id_and_applied_once_the_journ
     assert_eq!(r.replayed[0].routing_key, "journey.evidence");
     assert_eq!(r.replayed[0].exchange, app.names.intents());
 
-    // Applied: the metric shows in the journey's evidence, and nothing new is refused.
+    // --edit replaces the payload of the copy.
+    let edit = json!({"client_id": "acme", "metrics": {"dlq.edited": 2.0}});
+    let r = dlq
+        .replay(
+            &Selector::Id(to_edit.message_id.to_string()),
+            &ReplayOptions {
+                edit: Some(edit.as_object().unwrap().clone()),
+                ..opts.clone()
+            },
+            &mut no_progress(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.replayed.len(), 1, "{:?}", r.skipped);
+    assert!(r.replayed[0].edited);
+
+    // Applied: the metrics show in the journey's evidence, and nothing new is refused.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let st = app
@@ -235,7 +257,8 @@ async fn a_refused_evidence_is_replayed_with_a_new_id_and_applied_once_the_journ
             }))
             .await;
         let v = &st.payload["evidence"]["metrics"]["dlq.replayed"];
-        if v["value"] == json!(0.42) {
+        let edited = &st.payload["evidence"]["metrics"]["dlq.edited"]["value"];
+        if v["value"] == json!(0.42) && *edited == json!(2.0) {
             assert_eq!(
                 v["message_id"],
                 expected_id.as_str(),
@@ -430,10 +453,17 @@ async fn broker_dead_letters_replay_with_their_id_and_records_are_refused() {
 
     // Replay everything: the two broker dead letters go back to their queue with their
     // ids and properties, the record stays.
+    // At 4/s the second copy goes out a quarter of a second after the first.
+    let started = std::time::Instant::now();
+    let throttled = ReplayOptions {
+        rate: 4.0,
+        ..Default::default()
+    };
     let r = dlq
-        .replay(&Selector::All, &fast, &mut no_progress())
+        .replay(&Selector::All, &throttled, &mut no_progress())
         .await
         .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(240), "throttled");
     let ids: Vec<&str> = r.replayed.iter().map(|x| x.replayed_as.as_str()).collect();
     assert_eq!(ids, ["rejected-1", "poison-1"]);
     assert_eq!(r.skipped.len(), 1);
