@@ -5,10 +5,9 @@
 //! **Reading without consuming.** Every command reads the queue the same way: on a
 //! channel of its own it takes up to the queue's message count with `basic.get` and
 //! manual acks, keeps every message unacked, acks only the ones it removes (replayed or
-//! purged), and closes the channel. The broker requeues the rest, in their original order
-//! (a quorum queue puts returned messages back ahead of newer ones, in message order;
-//! `tests/e2e/dlq.rs` checks this). A crash of this process at any point has the same
-//! effect as closing the channel: nothing is lost.
+//! purged), and closes the channel. The broker requeues the rest in their original order
+//! (`tests/e2e/dlq.rs` checks this on RabbitMQ 3.10 with repeated reads). A crash of this
+//! process at any point has the same effect as closing the channel: nothing is lost.
 //!
 //! Each such read counts as a delivery for the quorum queue (`x-delivery-count` grows).
 //! That matters only where `x-delivery-limit` is set: the dead-letter queue is declared
