@@ -544,7 +544,16 @@ impl<'a> Dlq<'a> {
                 FieldTable::default(),
             )
             .await
-            .map_err(|_| DlqError::NoQueue(queue.clone()))?
+            .map_err(|source| {
+                if source.to_string().contains("NOT_FOUND") {
+                    DlqError::NoQueue(queue.clone())
+                } else {
+                    DlqError::Amqp {
+                        op: format!("inspect {queue}"),
+                        source,
+                    }
+                }
+            })?
             .message_count() as usize;
         let mut items = Vec::with_capacity(count);
         // Only up to the count seen now: dead letters arriving meanwhile wait for the

@@ -343,8 +343,10 @@ async fn purge_by_reason_id_and_age_removes_only_those() {
 async fn broker_dead_letters_replay_with_their_id_and_records_are_refused() {
     let app = TestApp::spawn().await;
     let ch = app.conn.create_channel().await.unwrap();
-    // A task queue nobody consumes: declared like every work queue (delivery limit 20).
-    let intent = "check_dlq_tooling";
+    // A task queue of the playbook that nobody consumes here (no agents), declared like
+    // every work queue (delivery limit 20); the app deletes it with the namespace.
+    let intent = app.playbook.intents().into_iter().next().unwrap();
+    let intent = intent.as_str();
     let queue = app.names.intent_queue(intent);
     broker::declare_queue(&ch, &app.names, &queue, Some(intent))
         .await
@@ -494,9 +496,6 @@ async fn broker_dead_letters_replay_with_their_id_and_records_are_refused() {
         assert!(broker::header(p, "x-death").is_none(), "x-death dropped");
         d.acker.ack(Default::default()).await.unwrap();
     }
-    let _ = ch
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await;
 }
 
 /// The binary: `dlq list --json`, `dlq stats --json`, and a purge refused without
