@@ -82,6 +82,11 @@ pub enum Cmd {
         #[command(subcommand)]
         command: JourneyCmd,
     },
+    /// Dead letters: list, stats, show, replay, purge.
+    Dlq {
+        #[command(subcommand)]
+        command: crate::dlq::DlqCmd,
+    },
     /// Broker topology.
     Topology {
         #[command(subcommand)]
@@ -352,6 +357,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Demo(a) => crate::demo::run(g, a).await,
+        Cmd::Dlq { command } => Ok(crate::dlq::run(&g.amqp_url, g.names(), command).await?),
         Cmd::Topology {
             command: TopologyCmd::Declare { playbook },
         } => {

@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod demo;
+pub mod dlq;
 pub mod evidence;
 pub mod failpoint;
 pub mod gate;

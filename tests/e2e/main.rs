@@ -2,6 +2,7 @@
 //! namespace of its own (see `helpers`), so they run in parallel on a shared broker.
 
 mod crash;
+mod dlq;
 mod gates;
 mod helpers;
 mod trace;
