@@ -58,6 +58,12 @@ pub trait Agent: Send + Sync + 'static {
         request: &Envelope,
         input: Map<String, Value>,
     ) -> impl Future<Output = Result<Map<String, Value>, TaskError>> + Send;
+
+    /// Fault injection for chaos runs: publish this reply twice (same message id), as a
+    /// redelivering network would. Real agents keep the default.
+    fn duplicate_reply(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -343,8 +349,14 @@ async fn handle_delivery<A: Agent>(
                 .unwrap_or_default(),
             body: reply.to_bytes(),
         };
+        let twice = agent.duplicate_reply().then(|| out.clone());
         match publisher.publish(out).await {
-            Ok(_) => ack(&d).await,
+            Ok(_) => {
+                if let Some(copy) = twice {
+                    let _ = publisher.publish(copy).await;
+                }
+                ack(&d).await
+            }
             Err(e) => {
                 warn!(error = %e, "reply not confirmed; requeueing the request");
                 let _ = d

@@ -87,6 +87,9 @@ pub enum Cmd {
         #[command(subcommand)]
         command: crate::dlq::DlqCmd,
     },
+    /// Chaos run: journeys while the orchestrator is killed repeatedly, agents fail and
+    /// duplicate replies, poison is mixed in; checks nothing is lost or applied twice.
+    Chaos(ChaosArgs),
     /// Broker topology.
     Topology {
         #[command(subcommand)]
@@ -161,6 +164,34 @@ pub struct AgentsArgs {
     /// Agent id reported on replies and in the broker's connection names.
     #[arg(long, default_value = "sim-agent")]
     pub agent_id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ChaosArgs {
+    #[arg(long, default_value_t = 500)]
+    pub journeys: usize,
+    /// Times the orchestrator is SIGKILLed (and restarted on the same directory).
+    #[arg(long, default_value_t = 5)]
+    pub kills: usize,
+    /// Share of task attempts the agents fail.
+    #[arg(long, default_value_t = 0.1)]
+    pub failure_rate: f64,
+    /// Share of replies the agents publish twice.
+    #[arg(long, default_value_t = 0.01)]
+    pub duplicate_rate: f64,
+    /// Poison messages (malformed, schema-invalid) mixed among the commands.
+    #[arg(long, default_value_t = 10)]
+    pub poison: usize,
+    /// A shell command that restarts the broker, run once mid-run. Point it at a broker
+    /// of your own (e.g. `rabbitmqctl -n jm-chaos@localhost stop_app && rabbitmqctl -n
+    /// jm-chaos@localhost start_app`), never a shared one.
+    #[arg(long)]
+    pub broker_restart_cmd: Option<String>,
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -342,6 +373,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 min_latency: Duration::from_millis(a.min_latency_ms),
                 max_latency: Duration::from_millis(a.max_latency_ms.max(a.min_latency_ms)),
                 failure_rate: a.failure_rate.clamp(0.0, 1.0),
+                duplicate_rate: 0.0,
             };
             let config = crate::agent::AgentConfig {
                 amqp_url: g.amqp_url.clone(),
@@ -357,6 +389,46 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Demo(a) => crate::demo::run(g, a).await,
+        Cmd::Chaos(a) => {
+            let restart: Option<crate::chaos::BrokerRestart> = a.broker_restart_cmd.map(|cmd| {
+                let f: crate::chaos::BrokerRestart = Box::new(move || {
+                    let cmd = cmd.clone();
+                    Box::pin(async move {
+                        eprintln!("chaos: restarting the broker: {cmd}");
+                        let status = tokio::process::Command::new("sh")
+                            .arg("-c")
+                            .arg(&cmd)
+                            .status()
+                            .await;
+                        if !matches!(status, Ok(s) if s.success()) {
+                            eprintln!("chaos: the broker restart command failed: {status:?}");
+                        }
+                    })
+                });
+                f
+            });
+            let report = crate::chaos::run(crate::chaos::ChaosConfig {
+                amqp_url: g.amqp_url.clone(),
+                binary: std::env::current_exe().context("cannot find the journeyman binary")?,
+                journeys: a.journeys,
+                kills: a.kills,
+                failure_rate: a.failure_rate.clamp(0.0, 1.0),
+                duplicate_rate: a.duplicate_rate.clamp(0.0, 1.0),
+                poison: a.poison,
+                timeout: a.timeout,
+                broker_restart: restart,
+            })
+            .await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.line());
+            }
+            if !report.ok() {
+                bail!("the chaos run found lost, duplicated or unexpected messages; see above");
+            }
+            Ok(())
+        }
         Cmd::Dlq { command } => Ok(crate::dlq::run(&g.amqp_url, g.names(), command).await?),
         Cmd::Topology {
             command: TopologyCmd::Declare { playbook },

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod broker;
+pub mod chaos;
 pub mod cli;
 pub mod demo;
 pub mod dlq;
