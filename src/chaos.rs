@@ -214,11 +214,10 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport> {
 
     // Journeys, with poison spread among them.
     let publisher = Publisher::start(&conn).await?;
-    let poison_every = if cfg.poison == 0 {
-        usize::MAX
-    } else {
-        (cfg.journeys / cfg.poison).max(1)
-    };
+    let poison_every = cfg
+        .journeys
+        .checked_div(cfg.poison)
+        .map_or(usize::MAX, |n| n.max(1));
     let mut poison_sent = 0;
     for i in 0..cfg.journeys {
         let env = Envelope::new(
