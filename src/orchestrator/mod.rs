@@ -74,6 +74,8 @@ pub struct Config {
     pub policy: Policy,
     /// Where status cards are posted, if anywhere.
     pub webhook: Option<crate::webhook::WebhookConfig>,
+    /// Inputs handled per store flush (group commit); 1 means one fsync per message.
+    pub max_group: usize,
 }
 
 impl Config {
@@ -88,6 +90,7 @@ impl Config {
             max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
             policy: Policy::default(),
             webhook: None,
+            max_group: MAX_GROUP,
         }
     }
 }
@@ -331,7 +334,7 @@ async fn session(
             _ = tokio::time::sleep(sleep) => None,
         };
         let mut group: Vec<Input> = first.into_iter().collect();
-        while group.len() < MAX_GROUP {
+        while group.len() < config.max_group.max(1) {
             match rx.try_recv() {
                 Ok(i) => group.push(i),
                 Err(_) => break,
