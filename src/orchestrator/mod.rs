@@ -361,6 +361,7 @@ async fn session(
                         correlation_id: prop(delivery.properties.correlation_id()),
                         reply_to: prop(delivery.properties.reply_to()),
                         traceparent: broker::header(&delivery.properties, crate::trace::HEADER),
+                        replay: replay_of(&delivery.properties),
                     };
                     published.extend(core.handle(&inbound)?);
                     acks.insert(queue, delivery);
@@ -423,6 +424,19 @@ impl Drop for AbortOnDrop {
             h.abort();
         }
     }
+}
+
+/// The failure history `journeyman dlq replay` attaches to a republished dead letter.
+fn replay_of(p: &lapin::BasicProperties) -> Option<core::Replay> {
+    broker::header(p, "x-journeyman-replayed-at")?;
+    Some(core::Replay {
+        replay_of: broker::header(p, "x-journeyman-replay-of"),
+        attempts: broker::header(p, "x-journeyman-attempts")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(1),
+        first_failed_at: broker::header(p, "x-journeyman-first-failed-at"),
+        edited_at: broker::header(p, "x-journeyman-edited-at"),
+    })
 }
 
 fn prop(v: &Option<lapin::types::ShortString>) -> Option<String> {
