@@ -237,6 +237,9 @@ pub enum JourneyCmd {
     /// Show a client's journey.
     Status {
         client_id: String,
+        /// Read it from the orchestrator's HTTP API instead of asking over the broker.
+        #[arg(long)]
+        via_http: bool,
         #[command(flatten)]
         out: ReplyArgs,
     },
@@ -526,7 +529,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                     };
                     (Command::Start(StartPayload { client_id, context }), out)
                 }
-                JourneyCmd::Status { client_id, out } => {
+                JourneyCmd::Status {
+                    client_id,
+                    via_http: true,
+                    out,
+                } => {
+                    let client = http_client(g);
+                    return crate::http::client::journey_status(&client, &client_id, out.json)
+                        .await;
+                }
+                JourneyCmd::Status { client_id, out, .. } => {
                     (Command::Status(ClientPayload { client_id }), out)
                 }
                 JourneyCmd::Promote { client_id, out } => {

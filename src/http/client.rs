@@ -152,6 +152,19 @@ pub fn render_list(list: &[JourneySummary], now: chrono::DateTime<chrono::Utc>) 
     o
 }
 
+/// `journeyman journey status <client> --via-http`: the same view as over the protocol.
+pub async fn journey_status(client: &Client, client_id: &str, json: bool) -> Result<()> {
+    let state: serde_json::Value = client
+        .get(&format!("/api/journeys/{}", encode(client_id)))
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&state)?);
+    } else {
+        crate::cli::print_state(&state);
+    }
+    Ok(())
+}
+
 /// `journeyman journey history <client>`.
 pub async fn journey_history(client: &Client, client_id: &str, json: bool) -> Result<()> {
     let h: Vec<HistoryEntry> = client

@@ -71,12 +71,10 @@ impl Metrics {
     pub fn task_failed(&self, intent: &str) {
         self.tasks.inc(&[intent, "failed"]);
     }
-    /// A task completed; `round_trip` is from its attempt's dispatch to the reply.
-    pub fn task_completed(&self, intent: &str, round_trip: Duration) {
+    pub fn task_completed(&self, intent: &str) {
         self.tasks.inc(&[intent, "completed"]);
-        self.observe_round_trip(intent, round_trip);
     }
-    /// Any attempt's reply (success or error), for the round-trip histogram.
+    /// An attempt's reply (success or error) came `round_trip` after its dispatch.
     pub fn observe_round_trip(&self, intent: &str, round_trip: Duration) {
         let secs = round_trip.as_secs_f64();
         let mut m = self.round_trip.lock().unwrap_or_else(|e| e.into_inner());
@@ -149,7 +147,7 @@ pub fn render(stats: &Stats, metrics: &Metrics, gauges: &StoreGauges, ready: boo
     );
     sample(o, "journeyman_outbox_depth", &[], gauges.outbox_depth);
 
-    let totals: [(&str, &str, u64); 12] = [
+    let totals: [(&str, &str, u64); 13] = [
         (
             "journeyman_journeys_started_total",
             "Journeys started.",
@@ -189,6 +187,11 @@ pub fn render(stats: &Stats, metrics: &Metrics, gauges: &StoreGauges, ready: boo
             "journeyman_stale_replies_total",
             "Replies ignored: late, for a superseded attempt, or unknown.",
             c(&stats.stale_replies),
+        ),
+        (
+            "journeyman_conflicts_total",
+            "Messages reusing a handled message id with other content (dead-lettered).",
+            c(&stats.conflicts),
         ),
         (
             "journeyman_refusals_total",
@@ -406,7 +409,8 @@ mod tests {
         let m = Metrics::default();
         m.task_dispatched("connector.configure");
         m.task_dispatched("connector.configure");
-        m.task_completed("connector.configure", Duration::from_millis(30));
+        m.task_completed("connector.configure");
+        m.observe_round_trip("connector.configure", Duration::from_millis(30));
         m.dead_letter("schema_violation");
         m.rollback_started("precision \"dropped\"", true);
         let mut g = StoreGauges::default();

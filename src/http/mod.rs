@@ -419,6 +419,7 @@ fn stats_view(state: &AppState) -> StatsView {
         ("duplicates", c(&s.duplicates)),
         ("stale_replies", c(&s.stale_replies)),
         ("refusals", c(&s.refusals)),
+        ("conflicts", c(&s.conflicts)),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

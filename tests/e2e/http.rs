@@ -252,6 +252,13 @@ async fn journey_list_history_and_report_commands_read_the_http_api() {
     let v: Vec<JourneySummary> = serde_json::from_str(&out).unwrap();
     assert_eq!(v.len(), 1);
 
+    let (ok, out, err) = cli(&addr, &["journey", "status", "acme", "--via-http"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("stage:       production") && out.contains("status:      live"),
+        "{out}"
+    );
+
     let (ok, out, err) = cli(&addr, &["journey", "history", "acme"]).await;
     assert!(ok, "{err}");
     println!("$ journeyman journey history acme\n{out}");
@@ -434,5 +441,54 @@ async fn the_dashboard_shows_journeys_by_stage_in_a_headless_browser() {
         "a real PNG"
     );
     println!("dashboard screenshot: {}", shot.display());
+    app.stop_orchestrator().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_journey_shows_in_metrics_the_api_and_the_report() {
+    let mut app = TestApp::spawn().await;
+    let c = client(app.http_addr().await);
+    // The first sandbox task fails for good: the journey pauses and is dead-lettered.
+    app.start_agent_for_all(Arc::new(crate::Flaky::new(
+        "provision_sandbox_environment",
+        1,
+        false,
+    )))
+    .await;
+    app.start_journey("acme").await;
+    app.wait_event("acme paused", |p| {
+        p["client_id"] == "acme" && p["event"] == "journey.paused"
+    })
+    .await;
+
+    let (_, m) = text(&c, "/metrics").await;
+    assert_eq!(
+        series(
+            &m,
+            "journeyman_journeys{stage=\"sandbox\",status=\"paused\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(series(&m, "journeyman_pauses_total"), Some(1.0));
+    assert_eq!(series(&m, "journeyman_dead_letters_total"), Some(1.0));
+    assert_eq!(series(&m, "journeyman_promotions_total"), Some(0.0));
+
+    let paused: Vec<JourneySummary> = c.get("/api/journeys?status=paused").await.unwrap();
+    assert_eq!(paused.len(), 1);
+    assert_eq!(paused[0].client_id, "acme");
+    let detail: Value = c.get("/api/journeys/acme").await.unwrap();
+    assert_eq!(detail["paused"]["task_id"], "provision-infra");
+
+    let report: Report = c.get("/api/report").await.unwrap();
+    assert_eq!(report.tasks_failed, 1);
+    assert!(report.task_failure_rate.unwrap() > 0.0);
+    assert_eq!(report.active_by_stage.get("sandbox"), Some(&1));
+
+    let (_, page) = text(&c, "/?client=acme").await;
+    assert!(
+        page.contains(">paused</span>") && page.contains("1 dead-lettered"),
+        "{page}"
+    );
     app.stop_orchestrator().await.unwrap();
 }
