@@ -119,7 +119,7 @@ pub(super) fn render(d: &PageData, client: Option<&str>) -> String {
          <title>journeyman: {ns}</title><style>{STYLE}</style></head><body>\
          <h1>journeyman <span class=\"muted\">namespace {ns}</span> \
          <span id=\"readiness\" class=\"badge {rc}\">{rt}</span></h1>\
-         <div class=\"muted\">rendered {now} · refreshed <span id=\"updated\">-</span></div>",
+         <div class=\"muted\">rendered {now} · refreshed every 5 s, last <span id=\"updated\">never</span></div>",
         ns = esc(&d.stats.namespace),
         rc = if d.stats.ready { "ok" } else { "bad" },
         rt = if d.stats.ready { "ready" } else { "not ready" },

@@ -388,10 +388,15 @@ async fn the_dashboard_shows_journeys_by_stage_in_a_headless_browser() {
     let dom = run_chromium(
         &bin,
         profile.path(),
-        &["--virtual-time-budget=3000".into(), "--dump-dom".into()],
+        // Long enough for the page's script to refresh the board once from the API.
+        &["--virtual-time-budget=8000".into(), "--dump-dom".into()],
         &url,
     )
     .await;
+    assert!(
+        !dom.contains("id=\"updated\">never<"),
+        "the script refreshed the board from /api/journeys"
+    );
     for want in [
         "id=\"stage-sandbox\"",
         "id=\"stage-production\"",
