@@ -176,16 +176,16 @@ pub(super) fn render(d: &PageData, client: Option<&str>) -> String {
     o.push_str("</div>");
 
     o.push_str("<h2>Dead letters by reason</h2>");
+    let _ = write!(
+        o,
+        "<p id=\"dead-letters\">{} dead-lettered by this orchestrator since it started \
+         <span class=\"muted\">(<code>journeyman dlq stats</code> reads the queue itself)</span></p>",
+        c("dead_letters")
+    );
     if d.stats.dead_letters_by_reason.is_empty() {
-        let _ = write!(
-            o,
-            "<p id=\"dead-letters\">{} dead-lettered by this orchestrator since it started \
-             <span class=\"muted\">(by reason once the core counts them by reason; \
-             <code>journeyman dlq stats</code> reads the queue itself)</span></p>",
-            c("dead_letters")
-        );
+        o.push_str("<p class=\"muted\">No counts by reason yet: the core has not counted any.</p>");
     } else {
-        o.push_str("<table id=\"dead-letters\"><tr><th>reason</th><th>count</th></tr>");
+        o.push_str("<table id=\"dead-letter-reasons\"><tr><th>reason</th><th>count</th></tr>");
         for (reason, n) in &d.stats.dead_letters_by_reason {
             let _ = write!(o, "<tr><td>{}</td><td>{n}</td></tr>", esc(reason));
         }
