@@ -20,6 +20,8 @@ use crate::orchestrator::{HistoryEntry, JourneyRecord};
 use crate::report::human;
 
 pub(super) struct PageData {
+    /// Counts read from the dead-letter queue (or why not), when a broker is configured.
+    pub dead_letter_queue: Option<Result<crate::dlq::Stats, String>>,
     pub stats: StatsView,
     pub journeys: Vec<JourneySummary>,
     pub selected: Option<(JourneyRecord, Vec<HistoryEntry>)>,
@@ -178,15 +180,36 @@ pub(super) fn render(d: &PageData, client: Option<&str>) -> String {
     o.push_str("<h2>Dead letters by reason</h2>");
     let _ = write!(
         o,
-        "<p id=\"dead-letters\">{} dead-lettered by this orchestrator since it started \
-         <span class=\"muted\">(<code>journeyman dlq stats</code> reads the queue itself)</span></p>",
+        "<p id=\"dead-letters\">{} dead-lettered by this orchestrator since it started</p>",
         c("dead_letters")
     );
-    if d.stats.dead_letters_by_reason.is_empty() {
-        o.push_str("<p class=\"muted\">No counts by reason yet: the core has not counted any.</p>");
-    } else {
+    // The queue is the truth (it holds what every process dead-lettered, minus what was
+    // replayed or purged); the core's own counts by reason are the fallback.
+    let (caption, by_reason): (String, Vec<(String, u64)>) = match &d.dead_letter_queue {
+        Some(Ok(q)) => (
+            format!("In the dead-letter queue now: {}", q.total),
+            q.by_reason
+                .iter()
+                .map(|(k, v)| (k.clone(), *v as u64))
+                .collect(),
+        ),
+        Some(Err(e)) => (
+            format!("The dead-letter queue could not be read: {e}"),
+            Vec::new(),
+        ),
+        None => (
+            "Counted by this orchestrator by reason".to_string(),
+            d.stats
+                .dead_letters_by_reason
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+        ),
+    };
+    let _ = write!(o, "<p class=\"muted\">{}</p>", esc(&caption));
+    if !by_reason.is_empty() {
         o.push_str("<table id=\"dead-letter-reasons\"><tr><th>reason</th><th>count</th></tr>");
-        for (reason, n) in &d.stats.dead_letters_by_reason {
+        for (reason, n) in &by_reason {
             let _ = write!(o, "<tr><td>{}</td><td>{n}</td></tr>", esc(reason));
         }
         o.push_str("</table>");

@@ -94,6 +94,9 @@ pub struct AppState {
     /// Counters by intent and reason, fed by the core.
     metrics: Arc<Metrics>,
     names: Names,
+    /// The broker, for reading the dead-letter queue (as `journeyman dlq` does); `None`:
+    /// the dead-letter endpoints answer 503.
+    amqp_url: Option<String>,
 }
 
 impl AppState {
@@ -112,7 +115,14 @@ impl AppState {
             stats,
             metrics,
             names,
+            amqp_url: None,
         }
+    }
+
+    /// Serves `/api/dead-letters` by reading the dead-letter queue on this broker.
+    pub fn with_broker(mut self, amqp_url: &str) -> Self {
+        self.amqp_url = Some(amqp_url.to_string());
+        self
     }
 }
 
@@ -162,6 +172,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/journeys/{client}/history", get(history))
         .route("/api/report", get(report))
         .route("/api/stats", get(stats))
+        .route("/api/dead-letters", get(dead_letters))
+        .route("/api/dead-letters/stats", get(dead_letter_stats))
         .with_state(state)
 }
 
@@ -436,6 +448,77 @@ async fn stats(State(state): State<AppState>) -> axum::Json<StatsView> {
     axum::Json(stats_view(&state))
 }
 
+/// How long a read of the dead-letter queue may take before the API gives up.
+const DLQ_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads the dead-letter queue the way `journeyman dlq` does (without consuming or
+/// reordering it), on a connection of its own that is closed afterwards.
+async fn read_dead_letters(
+    state: &AppState,
+    filter: crate::dlq::Filter,
+) -> Result<Vec<crate::dlq::DeadLetter>, ApiError> {
+    let unavailable = |e: String| ApiError(StatusCode::SERVICE_UNAVAILABLE, e);
+    let Some(url) = &state.amqp_url else {
+        return Err(unavailable(
+            "this server does not read the dead-letter queue (no broker configured)".into(),
+        ));
+    };
+    let read = async {
+        let conn = crate::broker::connect(url, "journeyman-http-dlq")
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let r = crate::dlq::Dlq::new(&conn, state.names.clone())
+            .list(&filter)
+            .await
+            .map_err(|e| unavailable(e.to_string()));
+        let _ = conn.close(200, "done".into()).await;
+        r
+    };
+    tokio::time::timeout(DLQ_READ_TIMEOUT, read)
+        .await
+        .map_err(|_| unavailable("reading the dead-letter queue timed out".into()))?
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct DeadLetterQuery {
+    pub reason: Option<String>,
+    pub intent: Option<String>,
+    pub client: Option<String>,
+}
+
+/// `GET /api/dead-letters?reason=&intent=&client=`: what `journeyman dlq list --json` shows.
+async fn dead_letters(
+    State(state): State<AppState>,
+    Query(q): Query<DeadLetterQuery>,
+) -> Result<axum::Json<Vec<crate::dlq::DeadLetter>>, ApiError> {
+    let filter = crate::dlq::Filter {
+        reason: q.reason.filter(|s| !s.is_empty()),
+        intent: q.intent.filter(|s| !s.is_empty()),
+        client: q.client.filter(|s| !s.is_empty()),
+    };
+    Ok(axum::Json(read_dead_letters(&state, filter).await?))
+}
+
+/// Counts of the dead-letter queue by reason and intent (`journeyman dlq stats`).
+async fn dead_letter_counts(state: &AppState) -> Result<crate::dlq::Stats, ApiError> {
+    let all = read_dead_letters(state, crate::dlq::Filter::default()).await?;
+    let mut s = crate::dlq::Stats {
+        total: all.len(),
+        ..Default::default()
+    };
+    for d in &all {
+        *s.by_reason.entry(d.reason.clone()).or_default() += 1;
+        *s.by_intent.entry(d.intent().to_string()).or_default() += 1;
+    }
+    Ok(s)
+}
+
+async fn dead_letter_stats(
+    State(state): State<AppState>,
+) -> Result<axum::Json<crate::dlq::Stats>, ApiError> {
+    Ok(axum::Json(dead_letter_counts(&state).await?))
+}
+
 /// What the dashboard shows, read in one go.
 async fn page_data(
     state: &AppState,
@@ -454,7 +537,13 @@ async fn page_data(
         Ok((journeys, selected))
     })
     .await?;
+    // The queue itself, when a broker is configured; the page says when it could not.
+    let queue = match state.amqp_url {
+        Some(_) => Some(dead_letter_counts(state).await.map_err(|e| e.1)),
+        None => None,
+    };
     Ok(dashboard::PageData {
+        dead_letter_queue: queue,
         stats: stats_view(state),
         journeys,
         selected,

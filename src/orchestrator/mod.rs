@@ -196,7 +196,8 @@ pub async fn run(
     let _http = match config.http_addr {
         Some(addr) => {
             let state =
-                crate::http::AppState::new(core.store.clone(), stats.clone(), config.names.clone());
+                crate::http::AppState::new(core.store.clone(), stats.clone(), config.names.clone())
+                    .with_broker(&config.amqp_url);
             Some(crate::http::spawn(addr, state, &config.http_bound).await?)
         }
         None => None,

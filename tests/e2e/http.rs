@@ -490,9 +490,34 @@ async fn a_paused_journey_shows_in_metrics_the_api_and_the_report() {
     assert!(report.task_failure_rate.unwrap() > 0.0);
     assert_eq!(report.active_by_stage.get("sandbox"), Some(&1));
 
+    // The dead letter, read from the queue without consuming it (as `journeyman dlq` does).
+    let stats = async {
+        loop {
+            let s: Value = c.get("/api/dead-letters/stats").await.unwrap();
+            if s["total"] == 1 {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let stats = tokio::time::timeout(WAIT, stats)
+        .await
+        .expect("the dead letter arrives");
+    assert_eq!(stats["by_reason"]["task_failed"], 1, "{stats}");
+    let listed: Vec<Value> = c.get("/api/dead-letters?client=acme").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["reason"], "task_failed");
+    let none: Vec<Value> = c.get("/api/dead-letters?reason=no_agent").await.unwrap();
+    assert!(none.is_empty());
+    let again: Value = c.get("/api/dead-letters/stats").await.unwrap();
+    assert_eq!(again["total"], 1, "reading did not consume it");
+
     let (_, page) = text(&c, "/?client=acme").await;
     assert!(
-        page.contains(">paused</span>") && page.contains("1 dead-lettered"),
+        page.contains(">paused</span>")
+            && page.contains("1 dead-lettered")
+            && page.contains("In the dead-letter queue now: 1")
+            && page.contains("<td>task_failed</td><td>1</td>"),
         "{page}"
     );
     app.stop_orchestrator().await.unwrap();
