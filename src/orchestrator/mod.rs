@@ -16,6 +16,7 @@ mod record;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -48,6 +49,8 @@ pub enum OrchestratorError {
     Broker(#[from] BrokerError),
     #[error("the default playbook's stored version {0} is missing from the store")]
     MissingPlaybook(String),
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
 }
 
 impl OrchestratorError {
@@ -76,6 +79,12 @@ pub struct Config {
     pub webhook: Option<crate::webhook::WebhookConfig>,
     /// Inputs handled per store flush (group commit); 1 means one fsync per message.
     pub max_group: usize,
+    /// Where to serve health, readiness, metrics, the JSON API and the dashboard; `None`
+    /// serves nothing (the demo, most tests). Port 0 picks a free port.
+    pub http_addr: Option<SocketAddr>,
+    /// Reports the address the HTTP server actually bound (the port 0 picked), to whoever
+    /// holds a clone of the config.
+    pub http_bound: crate::http::BoundAddr,
 }
 
 impl Config {
@@ -91,6 +100,8 @@ impl Config {
             policy: Policy::default(),
             webhook: None,
             max_group: MAX_GROUP,
+            http_addr: None,
+            http_bound: Default::default(),
         }
     }
 }
@@ -181,6 +192,16 @@ pub async fn run(
     )?;
     core.set_wake(wake);
     core.store.flush().await?;
+    // Aborted when `run` returns, so a restarted orchestrator can bind the same address.
+    let _http = match config.http_addr {
+        Some(addr) => {
+            let state =
+                crate::http::AppState::new(core.store.clone(), stats.clone(), config.names.clone())
+                    .with_broker(&config.amqp_url);
+            Some(crate::http::spawn(addr, state, &config.http_bound).await?)
+        }
+        None => None,
+    };
     match core.housekeeping(Utc::now()) {
         Ok((d, s)) => info!(dedup_marks = d, snapshots = s, "pruned expired records"),
         Err(e) => warn!(error = %e, "pruning failed"),

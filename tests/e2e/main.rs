@@ -6,6 +6,7 @@ mod crash;
 mod dlq;
 mod gates;
 mod helpers;
+mod http;
 mod trace;
 mod webhook;
 
