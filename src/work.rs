@@ -57,6 +57,9 @@ pub struct TaskState {
     pub correlation_id: Option<String>,
     /// When the attempt in flight times out.
     pub deadline: Option<DateTime<Utc>>,
+    /// When the attempt in flight was dispatched (for the round-trip histogram).
+    #[serde(default)]
+    pub dispatched_at: Option<DateTime<Utc>>,
     /// When the next attempt is due, while waiting to retry.
     pub retry_at: Option<DateTime<Utc>>,
     pub output: Option<Value>,
@@ -137,6 +140,7 @@ impl UnitOfWork {
                     attempts: 0,
                     correlation_id: None,
                     deadline: None,
+                    dispatched_at: None,
                     retry_at: None,
                     output: None,
                     last_error: None,
@@ -245,6 +249,7 @@ impl UnitOfWork {
         t.status = TaskStatus::Dispatched;
         t.correlation_id = Some(correlation_id.clone());
         t.deadline = Some(deadline);
+        t.dispatched_at = Some(now);
         t.retry_at = None;
         Dispatch {
             task_id: spec.task_id.clone(),

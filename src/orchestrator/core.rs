@@ -319,6 +319,7 @@ impl Core {
         warn!(queue = m.queue, message_id = %env.message_id, "message id reused with a different body; dead-lettering it");
         Stats::inc(&self.stats.dead_letters);
         Stats::inc(&self.stats.conflicts);
+        self.stats.metrics.dead_letter("conflict");
         let mut change = Change::new();
         change.push_outbox(self.dead_letter(
             DeadLetter {
@@ -375,6 +376,7 @@ impl Core {
             m.data.to_vec(),
         ));
         Stats::inc(&self.stats.dead_letters);
+        self.stats.metrics.dead_letter(e.reason_code());
         Ok(self.commit(change)?)
     }
 
@@ -699,6 +701,7 @@ impl Core {
                 // queries are just answered.
                 if env.intent != "journey.status" {
                     Stats::inc(&self.stats.dead_letters);
+                    self.stats.metrics.dead_letter(r.code);
                     change.push_outbox(self.dead_letter(
                         DeadLetter {
                             reason: r.code,
@@ -949,6 +952,7 @@ impl Core {
             failed: false,
         });
         Stats::inc(&self.stats.rollbacks_started);
+        self.stats.metrics.rollback_started(reason, automatic);
         if automatic {
             Stats::inc(&self.stats.rollbacks_automatic);
         }
@@ -1146,8 +1150,10 @@ impl Core {
         let (status, kind) = (work.status, work.kind);
         for d in dispatches {
             Stats::inc(&self.stats.tasks_dispatched);
+            self.stats.metrics.task_dispatched(&d.intent);
             if d.attempt > 1 {
                 Stats::inc(&self.stats.retries);
+                self.stats.metrics.task_retried(&d.intent);
             }
             change.put_inflight(&d.correlation_id, &rec.journey.client_id);
             let agent = spec
@@ -1229,6 +1235,9 @@ impl Core {
         let task_id = work
             .and_then(|w| w.tasks.iter().find(|t| t.status == TaskStatus::Failed))
             .map(|t| t.task_id.clone());
+        let failed_intent = work
+            .and_then(|w| w.tasks.iter().find(|t| t.status == TaskStatus::Failed))
+            .map(|t| t.intent.clone());
         let rollback = work.is_some_and(|w| w.kind == WorkKind::Rollback);
         let (reason, event) = if rollback {
             Stats::inc(&self.stats.rollbacks_failed);
@@ -1245,6 +1254,10 @@ impl Core {
             };
             (reason, "journey.paused")
         };
+        self.stats.metrics.dead_letter(reason);
+        if let Some(intent) = &failed_intent {
+            self.stats.metrics.task_failed(intent);
+        }
         warn!(client_id = %rec.journey.client_id, %stage, %failure, "unit of work failed");
         let detail = json!({"stage": stage, "failure": failure, "task_id": task_id});
         self.history(change, rec, "work_failed", detail.clone(), None);
@@ -1302,6 +1315,20 @@ impl Core {
             TaskOutcome::Completed(o) => Ok(Value::Object(o)),
             TaskOutcome::Failed(e) => Err(e),
         };
+        let sent = rec
+            .work
+            .as_ref()
+            .and_then(|w| {
+                w.tasks
+                    .iter()
+                    .find(|t| t.correlation_id.as_deref() == Some(corr.as_str()))
+            })
+            .and_then(|t| Some((t.intent.clone(), t.dispatched_at?)));
+        if let Some((intent, at)) = sent {
+            self.stats
+                .metrics
+                .observe_round_trip(&intent, (now - at).to_std().unwrap_or_default());
+        }
         let effect = match rec.work.as_mut() {
             None => ReplyEffect::Unknown,
             Some(work) => {
@@ -1341,6 +1368,13 @@ impl Core {
         match effect {
             ReplyEffect::Completed { task_id } => {
                 Stats::inc(&self.stats.tasks_completed);
+                if let Some(t) = rec
+                    .work
+                    .as_ref()
+                    .and_then(|w| w.tasks.iter().find(|t| &t.task_id == task_id))
+                {
+                    self.stats.metrics.task_completed(&t.intent);
+                }
                 debug!(client_id = %rec.journey.client_id, task_id, "task completed");
                 self.history(
                     change,

@@ -132,6 +132,8 @@ pub struct Stats {
     pub flushes: AtomicU64,
     /// True while connected and consuming.
     pub ready: AtomicBool,
+    /// Counters by intent and reason, exported on /metrics.
+    pub metrics: Arc<crate::http::Metrics>,
     pub webhook: Arc<crate::webhook::WebhookStats>,
 }
 
@@ -195,9 +197,13 @@ pub async fn run(
     // Aborted when `run` returns, so a restarted orchestrator can bind the same address.
     let _http = match config.http_addr {
         Some(addr) => {
-            let state =
-                crate::http::AppState::new(core.store.clone(), stats.clone(), config.names.clone())
-                    .with_broker(&config.amqp_url);
+            let state = crate::http::AppState::with_metrics(
+                core.store.clone(),
+                stats.clone(),
+                stats.metrics.clone(),
+                config.names.clone(),
+            )
+            .with_broker(&config.amqp_url);
             Some(crate::http::spawn(addr, state, &config.http_bound).await?)
         }
         None => None,

@@ -125,6 +125,28 @@ async fn metrics_move_as_a_journey_advances_and_readyz_reports_readiness() {
     assert_eq!(series(&after, "journeyman_dead_letters_total"), Some(0.0));
     assert!(series(&after, "journeyman_outbox_depth").is_some());
     assert!(series(&after, "journeyman_flushes_total").unwrap() >= 1.0);
+    assert_eq!(
+        series(
+            &after,
+            "journeyman_task_outcomes_total{intent=\"provision_sandbox_environment\",outcome=\"dispatched\"}"
+        ),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        series(
+            &after,
+            "journeyman_task_outcomes_total{intent=\"provision_sandbox_environment\",outcome=\"completed\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        series(
+            &after,
+            "journeyman_task_round_trip_seconds_count{intent=\"provision_sandbox_environment\"}"
+        ),
+        Some(1.0)
+    );
     app.stop_orchestrator().await.unwrap();
 }
 
@@ -478,6 +500,21 @@ async fn a_paused_journey_shows_in_metrics_the_api_and_the_report() {
     assert_eq!(series(&m, "journeyman_pauses_total"), Some(1.0));
     assert_eq!(series(&m, "journeyman_dead_letters_total"), Some(1.0));
     assert_eq!(series(&m, "journeyman_promotions_total"), Some(0.0));
+    assert_eq!(
+        series(
+            &m,
+            "journeyman_dead_letters_by_reason_total{reason=\"task_failed\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        series(
+            &m,
+            "journeyman_task_outcomes_total{intent=\"provision_sandbox_environment\",outcome=\"failed\"}"
+        ),
+        Some(1.0)
+    );
 
     let paused: Vec<JourneySummary> = c.get("/api/journeys?status=paused").await.unwrap();
     assert_eq!(paused.len(), 1);
