@@ -50,6 +50,8 @@ pub enum BrokerError {
     },
     #[error("the publisher has stopped")]
     PublisherGone,
+    #[error("broker operation '{op}' got no answer within {timeout:?}")]
+    Timeout { op: String, timeout: Duration },
 }
 
 impl BrokerError {
