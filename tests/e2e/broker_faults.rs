@@ -3,8 +3,8 @@
 //! the memory alarm blocking publishers, a poison message, and a 406 at start-up.
 //!
 //! Tests that stop, kill or throttle the broker run on a node of their own
-//! ([`BrokerNode`]), one at a time; the others use the shared broker in a namespace of their
-//! own. Each checks that nothing is lost (every journey reaches production), that nothing
+//! ([`BrokerNode::shared`], one node for these tests, which take turns); the others use the
+//! machine's broker. Every test works in a namespace of its own. Each checks that nothing is lost (every journey reaches production), that nothing
 //! is applied twice (one attempt per task, one completion event per stage), and the
 //! readiness flags.
 
@@ -354,8 +354,7 @@ enum Outage {
 }
 
 async fn broker_outage_mid_run(outage: Outage) {
-    let _serial = BrokerNode::serial().await;
-    let mut node = BrokerNode::start().await;
+    let mut node = BrokerNode::shared().await;
     let pb = patient_playbook();
     let mut app = TestApp::spawn_on(&node.url(), pb.clone(), Mode::InProcess).await;
     let mut log = EventLog::declare(&mut app).await;
@@ -447,8 +446,7 @@ impl Agent for Gated {
 /// is recognised as stale, not applied twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_connections_with_unacked_deliveries_redeliver_without_double_effect() {
-    let _serial = BrokerNode::serial().await;
-    let node = BrokerNode::start().await;
+    let node = BrokerNode::shared().await;
     let pb = patient_playbook();
 
     for only_agent_consumer in [false, true] {
@@ -545,8 +543,7 @@ enum Cancelled {
 /// session behind (one connection of each kind, one consumer per queue, each with its
 /// prefetch). Journeys then run as usual.
 async fn consumer_cancelled(which: Cancelled) {
-    let _serial = BrokerNode::serial().await;
-    let node = BrokerNode::start().await;
+    let node = BrokerNode::shared().await;
     let pb = patient_playbook();
     let mut app = TestApp::spawn_on(&node.url(), pb.clone(), Mode::InProcess).await;
     let mut log = EventLog::declare(&mut app).await;
@@ -622,8 +619,7 @@ async fn an_orchestrator_consumer_cancelled_by_the_broker_redeclares_and_resumes
 /// alarm, and resumes when the alarm clears.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_alarm_blocks_publishing_but_not_acking() {
-    let _serial = BrokerNode::serial().await;
-    let node = BrokerNode::start().await;
+    let mut node = BrokerNode::shared().await;
     let pb = patient_playbook();
     let mut app = TestApp::spawn_on(&node.url(), pb.clone(), Mode::ChildProcess).await;
     let mut log = EventLog::declare(&mut app).await;

@@ -6,8 +6,10 @@
 //! and Erlang cookie (`HOME`, shared with the `rabbitmqctl` calls). It is stopped and its
 //! directory removed on drop, and by a watchdog process if the test process dies first.
 //!
-//! Starting a node takes seconds and two cores are shared with the other tests, so the
-//! tests hold [`BrokerNode::serial`] while theirs runs: one private node at a time.
+//! Starting a node takes seconds (more on a busy machine), so the tests share one node,
+//! [`BrokerNode::shared`], and take turns: each holds it for its whole run, in a namespace
+//! of its own, and leaves it running and unthrottled (a test that fails half-way is
+//! cleaned up after by the next one). The watchdog stops it when the test process exits.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -32,9 +34,28 @@ pub struct BrokerNode {
     /// The beam process, for `kill` and as a last resort on drop.
     beam_pid: Option<i32>,
     watchdog: Option<std::process::Child>,
+    /// Faults in effect, undone before the next test gets the node.
+    app_stopped: bool,
+    throttled: bool,
 }
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+static SHARED: tokio::sync::Mutex<Option<BrokerNode>> = tokio::sync::Mutex::const_new(None);
+
+/// The shared node, held by one test at a time.
+pub struct SharedNode(tokio::sync::MutexGuard<'static, Option<BrokerNode>>);
+
+impl std::ops::Deref for SharedNode {
+    type Target = BrokerNode;
+    fn deref(&self) -> &BrokerNode {
+        self.0.as_ref().unwrap()
+    }
+}
+
+impl std::ops::DerefMut for SharedNode {
+    fn deref_mut(&mut self) -> &mut BrokerNode {
+        self.0.as_mut().unwrap()
+    }
+}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -44,9 +65,24 @@ fn free_port() -> u16 {
 }
 
 impl BrokerNode {
-    /// Held by a test for as long as its node runs: private nodes start one at a time.
-    pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-        SERIAL.lock().await
+    /// The node shared by this test binary's broker-fault tests, started on first use and
+    /// healed if an earlier test left it stopped, killed or throttled.
+    pub async fn shared() -> SharedNode {
+        let mut guard = SHARED.lock().await;
+        match guard.as_mut() {
+            None => *guard = Some(Self::start().await),
+            Some(node) => {
+                if node.beam_pid.is_none() {
+                    node.restart().await;
+                } else if node.app_stopped {
+                    node.start_app().await;
+                }
+                if node.throttled {
+                    node.set_vm_memory_high_watermark(0.4).await;
+                }
+            }
+        }
+        SharedNode(guard)
     }
 
     /// Starts a fresh node and waits until it accepts AMQP connections.
@@ -67,6 +103,8 @@ impl BrokerNode {
             dir,
             beam_pid: None,
             watchdog: None,
+            app_stopped: false,
+            throttled: false,
         };
         let root = node.root().to_path_buf();
         for d in ["home", "mnesia", "log"] {
@@ -193,13 +231,15 @@ impl BrokerNode {
 
     /// Stops the rabbit application (the Erlang node stays up): every client connection is
     /// closed and no new one is accepted.
-    pub async fn stop_app(&self) {
+    pub async fn stop_app(&mut self) {
+        self.app_stopped = true;
         self.ctl_ok(&["stop_app"]).await;
     }
 
-    pub async fn start_app(&self) {
+    pub async fn start_app(&mut self) {
         self.ctl_ok(&["start_app"]).await;
         self.await_startup().await;
+        self.app_stopped = false;
     }
 
     /// SIGKILLs the broker's Erlang VM (no clean shutdown) and waits until it is gone.
@@ -219,6 +259,8 @@ impl BrokerNode {
     /// Starts the node again on the same data directory (after `kill`).
     pub async fn restart(&mut self) {
         self.launch().await;
+        self.app_stopped = false;
+        self.throttled = false;
     }
 
     pub async fn close_all_connections(&self) {
@@ -227,9 +269,11 @@ impl BrokerNode {
     }
 
     /// 0 raises the memory alarm at once: every publishing connection is blocked.
-    pub async fn set_vm_memory_high_watermark(&self, fraction: f64) {
+    pub async fn set_vm_memory_high_watermark(&mut self, fraction: f64) {
+        self.throttled = true;
         self.ctl_ok(&["set_vm_memory_high_watermark", &fraction.to_string()])
             .await;
+        self.throttled = fraction < 0.4;
     }
 
     /// Whether a memory alarm is in effect on the node.
