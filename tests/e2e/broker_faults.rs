@@ -874,3 +874,59 @@ async fn a_queue_with_other_arguments_is_a_clear_startup_error() {
     queues.extend(JOURNEY_INTENTS.iter().map(|i| names.intent_queue(i)));
     broker::delete_namespace(&conn, &names, &queues).await;
 }
+
+/// Only a 406 is a mismatch. A queue held exclusively by another connection (405
+/// RESOURCE_LOCKED) is transient: the orchestrator must keep retrying, not exit with
+/// "already exists with other arguments", and start once the owner is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_queue_is_retried_not_reported_as_a_mismatch() {
+    let names = Names::new(format!(
+        "t-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    ));
+    let url = amqp_url();
+    let conn = broker::connect(&url, "journeyman-test").await.unwrap();
+    let owner = broker::connect(&url, "journeyman-test-owner")
+        .await
+        .unwrap();
+    let replies = names.replies("0");
+    let ch = owner.create_channel().await.unwrap();
+    ch.queue_declare(
+        replies.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = orchestrator::Config::new(&url, &names.namespace, dir.path().join("store"));
+    let stats = Arc::new(Stats::default());
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let run = tokio::spawn(orchestrator::run(config, stats.clone(), async move {
+        let _ = stop_rx.wait_for(|v| *v).await;
+    }));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !run.is_finished(),
+        "the orchestrator gave up on a locked queue: {:?}",
+        run.await
+    );
+    assert!(!stats.ready.load(Ordering::Relaxed));
+    // The owner goes away, its exclusive queue with it.
+    owner.close(200, "bye".into()).await.unwrap();
+    wait_until(
+        "orchestrator ready once the queue is free",
+        Duration::from_secs(30),
+        orchestrator_ready(&stats),
+    )
+    .await;
+    stop_tx.send(true).unwrap();
+    run.await.unwrap().unwrap();
+
+    let mut queues = vec![names.dead_letter(), replies];
+    queues.extend(JOURNEY_INTENTS.iter().map(|i| names.intent_queue(i)));
+    broker::delete_namespace(&conn, &names, &queues).await;
+}
