@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -153,13 +153,65 @@ pub async fn run<A: Agent>(
     }
 }
 
+/// How long connecting, declaring and starting the consumers may take. A broker that is
+/// still recovering its queues can leave a `basic.consume` unanswered; without a bound
+/// the agent would wait forever, connected but consuming nothing.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
+
 async fn session<A: Agent>(
     config: &AgentConfig,
     agent: Arc<A>,
     stats: Arc<AgentStats>,
 ) -> Result<(), BrokerError> {
-    let consume_conn =
-        broker::connect(&config.amqp_url, &format!("{}-consume", config.agent_id)).await?;
+    let setup_timeout = |op: &str| BrokerError::Timeout {
+        op: op.into(),
+        timeout: SETUP_TIMEOUT,
+    };
+    let consume_conn = tokio::time::timeout(
+        SETUP_TIMEOUT,
+        broker::connect(&config.amqp_url, &format!("{}-consume", config.agent_id)),
+    )
+    .await
+    .map_err(|_| setup_timeout("connect"))??;
+    let (err_tx, err_rx) = mpsc::channel::<BrokerError>(16);
+    let res = match tokio::time::timeout(
+        SETUP_TIMEOUT,
+        start_consuming(config, agent, stats.clone(), &consume_conn, err_tx.clone()),
+    )
+    .await
+    {
+        Err(_) => Err(setup_timeout("declare and consume")),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(())) => {
+            info!(agent = %config.agent_id, intents = config.intents.len(), "agent consuming");
+            stats.set_ready(true);
+            wait_for_failure(err_rx).await
+        }
+    };
+    drop(err_tx);
+    // Whatever ended the session, its consumers must not outlive it: one cancelled
+    // consumer would otherwise leave the others consuming on a connection nobody
+    // watches, next to the new session's. The publishing connection closes by itself
+    // once the requests in flight are answered.
+    let _ = consume_conn.close(200, "session ended".into()).await;
+    res
+}
+
+async fn wait_for_failure(mut err_rx: mpsc::Receiver<BrokerError>) -> Result<(), BrokerError> {
+    match err_rx.recv().await {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Declares the topology, starts the publisher and one consumer task per intent.
+async fn start_consuming<A: Agent>(
+    config: &AgentConfig,
+    agent: Arc<A>,
+    stats: Arc<AgentStats>,
+    consume_conn: &lapin::Connection,
+    err_tx: mpsc::Sender<BrokerError>,
+) -> Result<(), BrokerError> {
     let publish_conn =
         broker::connect(&config.amqp_url, &format!("{}-publish", config.agent_id)).await?;
     let ch = consume_conn
@@ -172,12 +224,11 @@ async fn session<A: Agent>(
     broker::declare_exchanges(&ch, &config.names).await?;
     let publisher = Publisher::start(&publish_conn).await?;
     let decoder = Decoder::new(config.max_message_bytes);
-    let (err_tx, mut err_rx) = mpsc::channel::<BrokerError>(16);
     for intent in &config.intents {
         let q = config.names.intent_queue(intent);
         broker::declare_queue(&ch, &config.names, &q, Some(intent)).await?;
         let (_chan, mut consumer) =
-            broker::consume(&consume_conn, &q, &config.agent_id, config.prefetch).await?;
+            broker::consume(consume_conn, &q, &config.agent_id, config.prefetch).await?;
         let (agent, stats, publisher, decoder, err_tx) = (
             agent.clone(),
             stats.clone(),
@@ -222,12 +273,7 @@ async fn session<A: Agent>(
             let _ = err_tx.send(BrokerError::ConsumerCancelled(q)).await;
         });
     }
-    info!(agent = %config.agent_id, intents = config.intents.len(), "agent consuming");
-    stats.set_ready(true);
-    match err_rx.recv().await {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -302,7 +348,25 @@ async fn handle_delivery<A: Agent>(
             Value::Object(m) => m.clone(),
             _ => Map::new(),
         };
-        let (message_type, payload) = match agent.handle(&request, input).await {
+        // A handler that panics must not leave its request unacked for the life of the
+        // channel (a stuck prefetch slot, never redelivered): it goes back to the queue,
+        // and the queue's delivery limit dead-letters a request that crashes every time.
+        let handled = std::panic::AssertUnwindSafe(agent.handle(&request, input))
+            .catch_unwind()
+            .await;
+        let Ok(handled) = handled else {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            warn!("the handler panicked; requeueing the request (the delivery limit dead-letters it if it keeps crashing)");
+            let _ = d
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+            return;
+        };
+        let (message_type, payload) = match handled {
             Ok(output) => {
                 stats.handled.fetch_add(1, Ordering::Relaxed);
                 (

@@ -50,6 +50,8 @@ pub enum BrokerError {
     },
     #[error("the publisher has stopped")]
     PublisherGone,
+    #[error("broker operation '{op}' got no answer within {timeout:?}")]
+    Timeout { op: String, timeout: Duration },
 }
 
 impl BrokerError {
@@ -57,6 +59,22 @@ impl BrokerError {
     /// URLs need a person.
     pub fn is_retryable(&self) -> bool {
         !matches!(self, BrokerError::QueueMismatch { .. })
+    }
+}
+
+/// A failed queue declare: a 406 (PRECONDITION_FAILED) means the queue exists with other
+/// arguments, which needs a person; anything else (a lost connection, a queue locked by
+/// another connection's exclusive use) may pass and is retried.
+fn declare_failed(queue: &str) -> impl FnOnce(lapin::Error) -> BrokerError {
+    let queue = queue.to_string();
+    move |source| match source.kind() {
+        lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406 => {
+            BrokerError::QueueMismatch { queue, source }
+        }
+        _ => BrokerError::Amqp {
+            op: format!("declare queue {queue}"),
+            source,
+        },
     }
 }
 
@@ -183,10 +201,7 @@ pub async fn declare_exchanges(ch: &Channel, names: &Names) -> Result<(), Broker
         FieldTable::from(args),
     )
     .await
-    .map_err(|source| BrokerError::QueueMismatch {
-        queue: dl.clone(),
-        source,
-    })?;
+    .map_err(declare_failed(&dl))?;
     ch.queue_bind(
         dl.as_str().into(),
         names.dlx().as_str().into(),
@@ -216,10 +231,7 @@ pub async fn declare_queue(
         quorum_args(names),
     )
     .await
-    .map_err(|source| BrokerError::QueueMismatch {
-        queue: queue.to_string(),
-        source,
-    })?;
+    .map_err(declare_failed(queue))?;
     if let Some(key) = binding {
         ch.queue_bind(
             queue.into(),

@@ -84,6 +84,11 @@ impl TestApp {
     }
 
     pub async fn spawn_with(playbook: Playbook, mode: Mode) -> Self {
+        Self::spawn_on(&amqp_url(), playbook, mode).await
+    }
+
+    /// Like `spawn_with`, on the broker at `url` (a test's own node, see `broker_node`).
+    pub async fn spawn_on(url: &str, playbook: Playbook, mode: Mode) -> Self {
         static LOGS: std::sync::Once = std::sync::Once::new();
         LOGS.call_once(|| {
             let filter =
@@ -101,7 +106,7 @@ impl TestApp {
             "t-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..10]
         ));
-        let url = amqp_url();
+        let url = url.to_string();
         let conn = broker::connect(&url, "journeyman-test")
             .await
             .expect("the tests need RabbitMQ: run scripts/test, which starts one");
@@ -139,6 +144,11 @@ impl TestApp {
             Mode::Manual => {}
         }
         app
+    }
+
+    /// Deletes `queue` with the namespace when the app is dropped.
+    pub fn track_queue(&mut self, queue: String) {
+        self.queues.push(queue);
     }
 
     pub fn data_dir(&self) -> PathBuf {
