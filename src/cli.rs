@@ -330,6 +330,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 intents,
                 prefetch: a.prefetch,
                 max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+                keyring: None,
+                signing_key: None,
             };
             crate::agent::run(config, Arc::new(sim), Default::default(), shutdown_signal())
                 .await

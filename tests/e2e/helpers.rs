@@ -221,6 +221,8 @@ impl TestApp {
             intents: intents.iter().map(|s| s.to_string()).collect(),
             prefetch: 16,
             max_message_bytes: journeyman::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+            keyring: None,
+            signing_key: None,
         };
         let stats = Arc::new(AgentStats::default());
         let st = stats.clone();
