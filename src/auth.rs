@@ -38,8 +38,9 @@ pub const LEEWAY: Duration = Duration::from_secs(60);
 pub const MIN_SECRET_BYTES: usize = 16;
 /// Bytes of a generated secret (the size of the SHA-256 block's natural key).
 pub const GENERATED_SECRET_BYTES: usize = 32;
-/// Tokens longer than this are refused unparsed: ours are a few hundred bytes.
-pub const MAX_TOKEN_BYTES: usize = 4096;
+/// Tokens longer than this are refused unparsed (the envelope schema's limit too); ours
+/// are a few hundred bytes.
+pub const MAX_TOKEN_BYTES: usize = 8192;
 /// Environment variable holding keys inline (`kid=base64secret`, `;`-separated).
 pub const KEYS_ENV: &str = "JOURNEYMAN_AUTH_KEYS";
 /// Environment variable naming a key file.
@@ -1014,7 +1015,7 @@ mod tests {
             "a.b.c.d",
             "!!.b.c",
             "e30.e30.***",
-            &"a".repeat(5000),
+            &"a".repeat(9000),
         ] {
             let e = verify(&r, t, t0()).unwrap_err();
             assert!(

@@ -17,7 +17,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection};
 use serde_json::{Map, Value};
 
-use crate::auth::{Key, Keyring, Signer};
+use crate::auth::{Guard, Key, Keyring, Policy, Signer};
 use crate::broker::{self, Names};
 use crate::journey::Stage;
 use crate::orchestrator::{self, Stats};
@@ -195,6 +195,42 @@ pub struct OrchestratorArgs {
     /// Unacknowledged messages per queue.
     #[arg(long, default_value_t = 256)]
     pub prefetch: u16,
+    /// Allow-list file: which agents may send which journey commands (`intent = rule`
+    /// lines, see docs/protocol.md §10). Default: anyone authenticated, cancel by operators.
+    #[arg(long, env = "JOURNEYMAN_ALLOW_LIST")]
+    pub allow_list: Option<PathBuf>,
+    /// Accept unsigned messages when no key is configured (logs a warning). Without it,
+    /// the orchestrator refuses to start without keys.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+}
+
+impl OrchestratorArgs {
+    /// The orchestrator's authentication: a guard for its inputs and a signer for its task
+    /// requests, or `None` when turned off explicitly with --insecure-no-auth.
+    pub fn auth(&self, g: &Global) -> Result<Option<(Guard, Signer)>> {
+        let Some(ring) = g.keyring()? else {
+            if self.insecure_no_auth {
+                tracing::warn!(
+                    "authentication is OFF (--insecure-no-auth): any agent on the broker can send commands"
+                );
+                return Ok(None);
+            }
+            bail!(
+                "{}; or pass --insecure-no-auth to run without authentication",
+                crate::auth::KeyError::NoKeys
+            );
+        };
+        let policy = match &self.allow_list {
+            Some(p) => Policy::from_file(p)?,
+            None => Policy::default(),
+        };
+        let signer = Signer::new(
+            ring.signing_key().clone(),
+            AgentRef::orchestrator().agent_id,
+        );
+        Ok(Some((Guard::new(Arc::new(ring), policy), signer)))
+    }
 }
 
 #[derive(Debug, Args)]
