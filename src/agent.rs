@@ -59,6 +59,12 @@ pub trait Agent: Send + Sync + 'static {
         request: &Envelope,
         input: Map<String, Value>,
     ) -> impl Future<Output = Result<Map<String, Value>, TaskError>> + Send;
+
+    /// Fault injection for chaos runs: publish this reply twice (same message id), as a
+    /// redelivering network would. Real agents keep the default.
+    fn duplicate_reply(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -306,8 +312,12 @@ async fn handle_delivery<A: Agent>(
         .await;
         return;
     }
+    let trace = broker::header(&d.properties, crate::trace::HEADER)
+        .as_deref()
+        .and_then(crate::trace::TraceParent::parse);
     let span = info_span!("task", intent = %request.intent, message_id = %request.message_id,
-        correlation_id = request.correlation_id.as_deref().unwrap_or(""));
+        correlation_id = request.correlation_id.as_deref().unwrap_or(""),
+        trace_id = trace.as_ref().map(|t| t.trace_id.as_str()).unwrap_or(""));
     async {
         let Some(reply_to) = d
             .properties
@@ -374,11 +384,21 @@ async fn handle_delivery<A: Agent>(
             correlation_id: reply.correlation_id.clone(),
             reply_to: None,
             message_type: message_type.as_str().into(),
-            headers: Vec::new(),
+            // The reply continues the request's trace.
+            headers: trace
+                .as_ref()
+                .map(|t| vec![(crate::trace::HEADER.to_string(), t.child().header())])
+                .unwrap_or_default(),
             body: reply.to_bytes(),
         };
+        let twice = agent.duplicate_reply().then(|| out.clone());
         match publisher.publish(out).await {
-            Ok(_) => ack(&d).await,
+            Ok(_) => {
+                if let Some(copy) = twice {
+                    let _ = publisher.publish(copy).await;
+                }
+                ack(&d).await
+            }
             Err(e) => {
                 warn!(error = %e, "reply not confirmed; requeueing the request");
                 let _ = d

@@ -124,6 +124,14 @@ pub enum Cmd {
         #[command(subcommand)]
         command: JourneyCmd,
     },
+    /// Dead letters: list, stats, show, replay, purge.
+    Dlq {
+        #[command(subcommand)]
+        command: crate::dlq::DlqCmd,
+    },
+    /// Chaos run: journeys while the orchestrator is killed repeatedly, agents fail and
+    /// duplicate replies, poison is mixed in; checks nothing is lost or applied twice.
+    Chaos(ChaosArgs),
     /// Broker topology.
     Topology {
         #[command(subcommand)]
@@ -195,6 +203,15 @@ pub struct OrchestratorArgs {
     /// Unacknowledged messages per queue.
     #[arg(long, default_value_t = 256)]
     pub prefetch: u16,
+    /// Dashboard webhook: every status card is POSTed here (JSON), retried until accepted.
+    #[arg(long, env = "JOURNEYMAN_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// Bearer token for the webhook.
+    #[arg(long, env = "JOURNEYMAN_WEBHOOK_TOKEN", hide_env_values = true)]
+    pub webhook_token: Option<String>,
+    /// Promote only on journey.promote, never automatically.
+    #[arg(long)]
+    pub no_auto_promote: bool,
     /// Allow-list file: which agents may send which journey commands (`intent = rule`
     /// lines, see docs/protocol.md §10). Default: anyone authenticated, cancel by operators.
     #[arg(long, env = "JOURNEYMAN_ALLOW_LIST")]
@@ -255,6 +272,34 @@ pub struct AgentsArgs {
     /// Agent id reported on replies and in the broker's connection names.
     #[arg(long, default_value = "sim-agent")]
     pub agent_id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ChaosArgs {
+    #[arg(long, default_value_t = 500)]
+    pub journeys: usize,
+    /// Times the orchestrator is SIGKILLed (and restarted on the same directory).
+    #[arg(long, default_value_t = 5)]
+    pub kills: usize,
+    /// Share of task attempts the agents fail.
+    #[arg(long, default_value_t = 0.1)]
+    pub failure_rate: f64,
+    /// Share of replies the agents publish twice.
+    #[arg(long, default_value_t = 0.01)]
+    pub duplicate_rate: f64,
+    /// Poison messages (malformed, schema-invalid) mixed among the commands.
+    #[arg(long, default_value_t = 10)]
+    pub poison: usize,
+    /// A shell command that restarts the broker, run once mid-run. Point it at a broker
+    /// of your own (e.g. `rabbitmqctl -n jm-chaos@localhost stop_app && rabbitmqctl -n
+    /// jm-chaos@localhost start_app`), never a shared one.
+    #[arg(long)]
+    pub broker_restart_cmd: Option<String>,
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -414,6 +459,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             config.playbook = a.playbook.load()?;
             config.orchestrator_id = a.orchestrator_id;
             config.prefetch = a.prefetch;
+            config.policy.auto_promote = !a.no_auto_promote;
+            config.webhook = a.webhook_url.map(|url| crate::webhook::WebhookConfig {
+                url,
+                token: a.webhook_token.map(crate::webhook::Secret::new),
+                timeout: Duration::from_secs(10),
+            });
             orchestrator::run(config, Arc::new(Stats::default()), shutdown_signal())
                 .await
                 .context("the orchestrator stopped")?;
@@ -436,6 +487,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 min_latency: Duration::from_millis(a.min_latency_ms),
                 max_latency: Duration::from_millis(a.max_latency_ms.max(a.min_latency_ms)),
                 failure_rate: a.failure_rate.clamp(0.0, 1.0),
+                duplicate_rate: 0.0,
             };
             let config = crate::agent::AgentConfig {
                 amqp_url: g.amqp_url.clone(),
@@ -454,6 +506,47 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Demo(a) => crate::demo::run(g, a).await,
         Cmd::Token { command } => token(g, command),
+        Cmd::Chaos(a) => {
+            let restart: Option<crate::chaos::BrokerRestart> = a.broker_restart_cmd.map(|cmd| {
+                let f: crate::chaos::BrokerRestart = Box::new(move || {
+                    let cmd = cmd.clone();
+                    Box::pin(async move {
+                        eprintln!("chaos: restarting the broker: {cmd}");
+                        let status = tokio::process::Command::new("sh")
+                            .arg("-c")
+                            .arg(&cmd)
+                            .status()
+                            .await;
+                        if !matches!(status, Ok(s) if s.success()) {
+                            eprintln!("chaos: the broker restart command failed: {status:?}");
+                        }
+                    })
+                });
+                f
+            });
+            let report = crate::chaos::run(crate::chaos::ChaosConfig {
+                amqp_url: g.amqp_url.clone(),
+                binary: std::env::current_exe().context("cannot find the journeyman binary")?,
+                journeys: a.journeys,
+                kills: a.kills,
+                failure_rate: a.failure_rate.clamp(0.0, 1.0),
+                duplicate_rate: a.duplicate_rate.clamp(0.0, 1.0),
+                poison: a.poison,
+                timeout: a.timeout,
+                broker_restart: restart,
+            })
+            .await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.line());
+            }
+            if !report.ok() {
+                bail!("the chaos run found lost, duplicated or unexpected messages; see above");
+            }
+            Ok(())
+        }
+        Cmd::Dlq { command } => Ok(crate::dlq::run(&g.amqp_url, g.names(), command).await?),
         Cmd::Topology {
             command: TopologyCmd::Declare { playbook },
         } => {

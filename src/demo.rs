@@ -217,6 +217,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         failure_rate: a.failure_rate.clamp(0.0, 1.0),
         min_latency: Duration::from_millis(a.min_latency_ms),
         max_latency: Duration::from_millis(a.max_latency_ms.max(a.min_latency_ms)),
+        duplicate_rate: 0.0,
     });
     let mut workers = Vec::new();
     for i in 0..a.agent_replicas.max(1) {

@@ -12,7 +12,7 @@ async fn main() {
     let cli = journeyman::cli::Cli::parse();
     // The demo's progress display is its output; workers log what they do.
     let default = match cli.command {
-        journeyman::cli::Cmd::Demo(_) => "warn",
+        journeyman::cli::Cmd::Demo(_) | journeyman::cli::Cmd::Chaos(_) => "warn",
         _ => "info",
     };
     journeyman::cli::init_tracing(cli.global.log_format, default);

@@ -17,6 +17,8 @@ pub struct SimAgent {
     pub max_latency: Duration,
     /// Probability in [0, 1] that an attempt fails (retryably).
     pub failure_rate: f64,
+    /// Probability in [0, 1] that a reply is published twice (chaos runs).
+    pub duplicate_rate: f64,
 }
 
 impl Default for SimAgent {
@@ -25,11 +27,16 @@ impl Default for SimAgent {
             min_latency: Duration::from_millis(5),
             max_latency: Duration::from_millis(30),
             failure_rate: 0.0,
+            duplicate_rate: 0.0,
         }
     }
 }
 
 impl Agent for SimAgent {
+    fn duplicate_reply(&self) -> bool {
+        self.duplicate_rate > 0.0 && rand::random::<f64>() < self.duplicate_rate
+    }
+
     async fn handle(
         &self,
         request: &Envelope,

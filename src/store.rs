@@ -23,6 +23,12 @@ const OUTBOX: &[u8] = b"o/";
 const HISTORY: &[u8] = b"h/";
 const PLAYBOOK: &[u8] = b"p/";
 const SNAPSHOT: &[u8] = b"s/";
+/// Written when a store is created. sled recovers from a torn or garbled log by dropping
+/// what it cannot read, so a store whose files exist but whose marker is gone has lost
+/// data: that is reported, never silently started empty.
+const CARD: &[u8] = b"w/";
+const FORMAT_KEY: &[u8] = b"meta/format";
+const FORMAT: &[u8] = b"journeyman-store-1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -34,6 +40,10 @@ pub enum StoreError {
         "cannot open the data directory {path}: {source}. If it is corrupt, move it aside and restart; journeys in flight will need to be restarted"
     )]
     Open { path: String, source: sled::Error },
+    #[error(
+        "the data directory {path} is corrupt: {detail}. Move it aside (keep it for analysis) and start with an empty directory; journeys in flight must then be restarted"
+    )]
+    Corrupted { path: String, detail: String },
     #[error("store I/O failed: {0}")]
     Io(#[from] sled::Error),
     #[error("a stored {what} record could not be decoded: {detail}")]
@@ -118,8 +128,10 @@ impl OutboxEntry {
 pub struct Change {
     batch: sled::Batch,
     outbox: Vec<OutboxEntry>,
-    /// Outbox entries this change publishes, returned after commit so the caller can
-    /// hand them to the publisher once they are durable.
+    /// History lines this change adds, per client: status cards show recent activity
+    /// without reading back what is not committed yet.
+    history: Vec<(String, serde_json::Value)>,
+    /// Nothing was written.
     pub empty: bool,
 }
 
@@ -173,6 +185,28 @@ impl Change {
         k.push(0);
         k.extend_from_slice(&seq.to_be_bytes());
         self.batch.insert(k, to_json(entry));
+        self.history.push((
+            client_id.to_string(),
+            serde_json::to_value(entry).unwrap_or_default(),
+        ));
+    }
+
+    /// History lines this change adds for `client_id`, oldest first.
+    pub fn history_of<'a>(
+        &'a self,
+        client_id: &'a str,
+    ) -> impl Iterator<Item = &'a serde_json::Value> {
+        self.history
+            .iter()
+            .filter(move |(c, _)| c == client_id)
+            .map(|(_, v)| v)
+    }
+
+    /// A status card waiting for webhook delivery, in order.
+    pub fn push_card<T: Serialize>(&mut self, seq: u64, card: &T) {
+        self.empty = false;
+        self.batch
+            .insert(key(CARD, &seq.to_be_bytes()), to_json(card));
     }
 
     /// A rollback snapshot, under the client like the rest of its journey.
@@ -214,27 +248,65 @@ impl Store {
     /// error, not a hang; a corrupt one is a clear fatal error, never a panic.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|source| match &source {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::Locked {
-                        path: shown.clone(),
-                        source,
-                    }
+        let existed = path.join("db").exists() || path.join("conf").exists();
+        let config = sled::Config::new().path(path).flush_every_ms(Some(500));
+        // sled may panic on some corrupt files; that must be a clear error, not a crash.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
+            .map_err(|panic| {
+                let detail = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "sled panicked while reading it".into());
+                StoreError::Corrupted {
+                    path: shown.clone(),
+                    detail,
                 }
-                sled::Error::Io(io) if io.to_string().contains("lock") => StoreError::Locked {
-                    path: shown.clone(),
-                    source,
-                },
-                _ => StoreError::Open {
-                    path: shown.clone(),
-                    source,
-                },
             })?;
+        let db = opened.map_err(|source| match &source {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                StoreError::Locked {
+                    path: shown.clone(),
+                    source,
+                }
+            }
+            sled::Error::Io(io) if io.to_string().contains("lock") => StoreError::Locked {
+                path: shown.clone(),
+                source,
+            },
+            sled::Error::Corruption { .. } => StoreError::Corrupted {
+                path: shown.clone(),
+                detail: source.to_string(),
+            },
+            _ => StoreError::Open {
+                path: shown.clone(),
+                source,
+            },
+        })?;
         let tree = db.open_tree("journeyman")?;
+        match tree.get(FORMAT_KEY)? {
+            Some(v) if v.as_ref() == FORMAT => {}
+            Some(v) => {
+                return Err(StoreError::Corrupted {
+                    path: shown,
+                    detail: format!(
+                        "unknown store format {:?} (this build reads {:?})",
+                        String::from_utf8_lossy(&v),
+                        String::from_utf8_lossy(FORMAT)
+                    ),
+                });
+            }
+            None if existed => {
+                return Err(StoreError::Corrupted {
+                    path: shown,
+                    detail: "its files exist but its format marker is gone: the log was truncated or damaged".into(),
+                });
+            }
+            None => {
+                tree.insert(FORMAT_KEY, FORMAT)?;
+                tree.flush()?;
+            }
+        }
         Ok(Self { db, tree })
     }
 
@@ -387,6 +459,52 @@ impl Store {
         }
         self.tree.apply_batch(b)?;
         Ok(n)
+    }
+
+    /// The last `n` history lines of a client, oldest first.
+    pub fn recent_history(
+        &self,
+        client_id: &str,
+        n: usize,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let mut p = key(HISTORY, client_id.as_bytes());
+        p.push(0);
+        let mut out = Vec::with_capacity(n);
+        for r in self.tree.scan_prefix(p).rev().take(n) {
+            let (_, v) = r?;
+            if let Ok(v) = serde_json::from_slice(&v) {
+                out.push(v);
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// The oldest status cards awaiting delivery: (sequence, JSON body).
+    pub fn cards(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for r in self.tree.scan_prefix(CARD).take(limit) {
+            let (k, v) = r?;
+            let seq = k
+                .get(CARD.len()..)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or_default();
+            out.push((seq, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    pub fn cards_len(&self) -> usize {
+        self.tree.scan_prefix(CARD).count()
+    }
+
+    /// A delivered card; flushed, so a delivered card is not delivered again after a
+    /// restart more than once.
+    pub async fn remove_card(&self, seq: u64) -> Result<(), StoreError> {
+        self.tree.remove(key(CARD, &seq.to_be_bytes()))?;
+        self.tree.flush_async().await?;
+        Ok(())
     }
 
     pub fn next_id(&self) -> Result<u64, StoreError> {

@@ -203,6 +203,7 @@ fn what_the_rust_side_builds_validates() {
         evidence: Default::default(),
         gate: None,
         rollback: None,
+        trace_id: None,
     };
     let state = state_view(&rec);
     assert!(

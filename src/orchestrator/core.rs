@@ -16,7 +16,7 @@ use tracing::{debug, info, info_span, warn};
 use uuid::Uuid;
 
 use super::record::{
-    HistoryEntry, JourneyRecord, RollbackInfo, Snapshot, event_payload, state_view,
+    HistoryEntry, JourneyRecord, RollbackInfo, Snapshot, event_payload, state_view, status_card,
 };
 use super::{OrchestratorError, Stats};
 use crate::broker::Names;
@@ -27,7 +27,11 @@ use crate::protocol::{
     AgentRef, Command, Decoder, Envelope, ErrorPayload, MessageType, ProtocolError, TaskOutcome,
 };
 use crate::store::{Change, OutboxEntry, Purpose, Store};
+use crate::trace::{self, TraceParent};
 use crate::work::{JourneyView, ReplyEffect, TaskStatus, UnitOfWork, WorkKind, WorkStatus};
+
+/// How many history lines a status card shows.
+const RECENT_ACTIVITIES: usize = 5;
 
 /// Which queue a delivery came from decides how it is decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +50,8 @@ pub struct Inbound<'a> {
     pub message_id: Option<String>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    /// W3C `traceparent` header, when the sender gave one.
+    pub traceparent: Option<String>,
 }
 
 /// Behaviour the operator chooses.
@@ -57,6 +63,8 @@ pub struct Policy {
     pub snapshot_retention: ChronoDuration,
     /// How long message ids are remembered for deduplication.
     pub dedup_retention: ChronoDuration,
+    /// Queue status cards for the dashboard webhook.
+    pub webhook: bool,
 }
 
 impl Default for Policy {
@@ -65,14 +73,29 @@ impl Default for Policy {
             auto_promote: true,
             snapshot_retention: ChronoDuration::days(30),
             dedup_retention: ChronoDuration::days(7),
+            webhook: false,
         }
     }
 }
 
-/// What a dedup mark remembers.
+/// What a dedup mark remembers: when, and a digest of the body, so a different message
+/// reusing an id is caught as a conflict instead of silently dropped as a duplicate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Seen {
     at: DateTime<Utc>,
+    #[serde(default)]
+    digest: Option<String>,
+}
+
+impl Seen {
+    fn of(data: &[u8], at: DateTime<Utc>) -> Self {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(data);
+        Self {
+            at,
+            digest: Some(hex::encode(&d[..16])),
+        }
+    }
 }
 
 /// A refusal of a journey command: answered with an `error`, and dead-lettered.
@@ -131,6 +154,8 @@ pub struct Core {
     timers: BTreeSet<(DateTime<Utc>, String)>,
     pub(super) stats: Arc<Stats>,
     policy: Policy,
+    /// Wakes the webhook delivery task once queued cards are durable.
+    wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Core {
@@ -159,9 +184,27 @@ impl Core {
             timers: BTreeSet::new(),
             stats,
             policy,
+            wake: None,
         };
         core.load_timers()?;
         Ok(core)
+    }
+
+    /// Every change goes through here: the `before_commit` crash point.
+    fn commit(&self, change: Change) -> Result<Vec<OutboxEntry>, crate::store::StoreError> {
+        crate::failpoint::hit("before_commit");
+        self.store.commit(change)
+    }
+
+    pub fn set_wake(&mut self, wake: Arc<tokio::sync::Notify>) {
+        self.wake = Some(wake);
+    }
+
+    /// Called after a flush: queued cards are durable and may be delivered.
+    pub fn wake_webhook(&self) {
+        if let Some(w) = &self.wake {
+            w.notify_one();
+        }
     }
 
     pub fn playbook_hash(&self) -> &str {
@@ -221,11 +264,20 @@ impl Core {
             Ok(env) => env,
             Err(e) => return self.refuse_input(m, None, &e),
         };
+        let trace_id = m
+            .traceparent
+            .as_deref()
+            .and_then(TraceParent::parse)
+            .map(|t| t.trace_id)
+            .unwrap_or_default();
         let span = info_span!("message", intent = %env.intent, message_id = %env.message_id,
-            correlation_id = env.correlation_id.as_deref().unwrap_or(""));
+            correlation_id = env.correlation_id.as_deref().unwrap_or(""), trace_id = %trace_id);
         let _g = span.enter();
         let mid = env.message_id.to_string();
-        if self.store.dedup::<Seen>(&mid)?.is_some() {
+        if let Some(seen) = self.store.dedup::<Seen>(&mid)? {
+            if seen.digest.is_some() && seen.digest != Seen::of(m.data, now()).digest {
+                return self.conflict(m, &env);
+            }
             Stats::inc(&self.stats.duplicates);
             debug!("duplicate message; already applied");
             return Ok(Vec::new());
@@ -236,10 +288,40 @@ impl Core {
                 Err(e) => self.refuse_input(m, Some(&env), &e),
             },
             Source::Reply => match self.decoder.task_reply(&env) {
-                Ok(outcome) => self.apply_reply(&env, outcome),
+                Ok(outcome) => self.apply_reply(m, &env, outcome),
                 Err(e) => self.refuse_input(m, Some(&env), &e),
             },
         }
+    }
+
+    /// A message id already applied, with another body: never applied, kept for a person.
+    fn conflict(
+        &mut self,
+        m: &Inbound,
+        env: &Envelope,
+    ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
+        warn!(queue = m.queue, message_id = %env.message_id, "message id reused with a different body; dead-lettering it");
+        Stats::inc(&self.stats.dead_letters);
+        Stats::inc(&self.stats.conflicts);
+        let mut change = Change::new();
+        change.push_outbox(self.dead_letter(
+            DeadLetter {
+                reason: "conflict",
+                message: format!(
+                    "message id {} was already applied with a different body; not applied",
+                    env.message_id
+                ),
+                exchange: m.exchange,
+                routing_key: m.routing_key,
+                queue: m.queue,
+                client_id: None,
+                task_id: None,
+            },
+            Uuid::new_v4().to_string(),
+            m.correlation_id.clone(),
+            m.data.to_vec(),
+        ));
+        Ok(self.commit(change)?)
     }
 
     /// Dead-letters an input that failed decoding, with its reason, and marks it seen.
@@ -258,7 +340,7 @@ impl Core {
             if self.store.dedup::<Seen>(mid)?.is_some() {
                 return Ok(Vec::new());
             }
-            change.put_dedup(mid, &Seen { at: Utc::now() });
+            change.put_dedup(mid, &Seen::of(m.data, Utc::now()));
         }
         change.push_outbox(self.dead_letter(
             DeadLetter {
@@ -275,7 +357,7 @@ impl Core {
             m.data.to_vec(),
         ));
         Stats::inc(&self.stats.dead_letters);
-        Ok(self.store.commit(change)?)
+        Ok(self.commit(change)?)
     }
 
     fn dead_letter(
@@ -376,7 +458,7 @@ impl Core {
             correlation_id: None,
             reply_to: None,
             message_type: "event".into(),
-            headers: Vec::new(),
+            headers: vec![(trace::HEADER.into(), journey_trace(rec).header())],
             purpose: Purpose::Event,
             body: env.to_bytes(),
         }
@@ -415,7 +497,7 @@ impl Core {
         let client_id = cmd.client_id().to_string();
         let mid = env.message_id.to_string();
         let mut change = Change::new();
-        change.put_dedup(&mid, &Seen { at: now });
+        change.put_dedup(&mid, &Seen::of(m.data, now));
         let existing: Option<JourneyRecord> = self.store.journey(&client_id)?;
         let outcome: Result<JourneyRecord, Refusal> = match (cmd, existing) {
             (Command::Start(p), None) => {
@@ -428,6 +510,13 @@ impl Core {
                     evidence: Default::default(),
                     gate: None,
                     rollback: None,
+                    trace_id: Some(
+                        m.traceparent
+                            .as_deref()
+                            .and_then(TraceParent::parse)
+                            .unwrap_or_else(TraceParent::new_root)
+                            .trace_id,
+                    ),
                 };
                 Stats::inc(&self.stats.journeys_started);
                 self.history(
@@ -461,14 +550,21 @@ impl Core {
                 .map(|_| rec),
             (Command::Cancel(p), Some(mut rec)) => {
                 let reason = p.reason.unwrap_or_else(|| "cancelled".into());
-                self.transition(&mut change, &mut rec, &Event::Cancel, now, &mid)
-                    .map(|_| {
-                        if let Some(w) = rec.work.as_mut() {
-                            w.cancel(format!("journey cancelled: {reason}"), now);
-                        }
-                        rec.rollback = None;
-                        rec
-                    })
+                self.transition_with(
+                    &mut change,
+                    &mut rec,
+                    &Event::Cancel,
+                    now,
+                    &mid,
+                    json!({"reason": reason}),
+                )
+                .map(|_| {
+                    if let Some(w) = rec.work.as_mut() {
+                        w.cancel(format!("journey cancelled: {reason}"), now);
+                    }
+                    rec.rollback = None;
+                    rec
+                })
             }
             (Command::Rollback(p), Some(mut rec)) => {
                 let retry = rec.rollback.as_ref().is_some_and(|r| r.failed);
@@ -545,8 +641,7 @@ impl Core {
                         state_view(&rec),
                     ));
                 }
-                change.put_journey(&client_id, &rec);
-                self.arm(&rec);
+                self.save(&mut change, &rec)?;
             }
             Err(r) => {
                 Stats::inc(&self.stats.refusals);
@@ -582,7 +677,7 @@ impl Core {
                 }
             }
         }
-        Ok(self.store.commit(change)?)
+        Ok(self.commit(change)?)
     }
 
     /// Evaluates the current stage's exit gate and records the evaluation.
@@ -1045,6 +1140,7 @@ impl Core {
                     ),
                     ("x-journeyman-task-id".into(), d.task_id.clone()),
                     ("x-journeyman-attempt".into(), d.attempt.to_string()),
+                    (trace::HEADER.into(), journey_trace(rec).header()),
                 ],
                 purpose: Purpose::TaskRequest {
                     client_id: rec.journey.client_id.clone(),
@@ -1141,13 +1237,14 @@ impl Core {
 
     fn apply_reply(
         &mut self,
+        m: &Inbound,
         env: &Envelope,
         outcome: TaskOutcome,
     ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
         let now = Utc::now();
         let mid = env.message_id.to_string();
         let mut change = Change::new();
-        change.put_dedup(&mid, &Seen { at: now });
+        change.put_dedup(&mid, &Seen::of(m.data, now));
         let corr = env.correlation_id.clone().unwrap_or_default();
         let client = self.store.inflight(&corr)?;
         let rec: Option<JourneyRecord> = match &client {
@@ -1157,7 +1254,7 @@ impl Core {
         let Some(mut rec) = rec else {
             Stats::inc(&self.stats.stale_replies);
             warn!(correlation_id = %corr, "reply with an unknown correlation id; recorded and ignored");
-            return Ok(self.store.commit(change)?);
+            return Ok(self.commit(change)?);
         };
         let playbook = self.playbook(&rec.playbook)?;
         let result = match outcome {
@@ -1188,9 +1285,8 @@ impl Core {
             }
         }
         self.record_effect(&mut change, &mut rec, &effect, Some(&mid), now)?;
-        change.put_journey(&rec.journey.client_id.clone(), &rec);
-        self.arm(&rec);
-        Ok(self.store.commit(change)?)
+        self.save(&mut change, &rec)?;
+        Ok(self.commit(change)?)
     }
 
     fn record_effect(
@@ -1275,11 +1371,10 @@ impl Core {
             });
             if let Some(effect) = effect {
                 self.record_effect(&mut change, &mut rec, &effect, None, now)?;
-                change.put_journey(client_id, &rec);
-                self.arm(&rec);
+                self.save(&mut change, &rec)?;
             }
         }
-        Ok(self.store.commit(change)?)
+        Ok(self.commit(change)?)
     }
 
     /// Handles every journey with a due deadline or retry.
@@ -1324,12 +1419,31 @@ impl Core {
             // Retries that are due are dispatched here.
             self.advance(&mut change, &mut rec, now)?;
             if !change.empty {
-                change.put_journey(&client_id, &rec);
-                out.extend(self.store.commit(change)?);
+                self.save(&mut change, &rec)?;
+                out.extend(self.commit(change)?);
             }
             self.arm(&rec);
         }
         Ok(out)
+    }
+
+    /// Stores the journey with its status card: an event on `<ns>.events`, and when a
+    /// dashboard webhook is configured, a card queued in the same batch for delivery.
+    fn save(&mut self, change: &mut Change, rec: &JourneyRecord) -> Result<(), OrchestratorError> {
+        let client = rec.journey.client_id.as_str();
+        change.put_journey(client, rec);
+        let mut recent = self.store.recent_history(client, RECENT_ACTIVITIES)?;
+        recent.extend(change.history_of(client).cloned());
+        let skip = recent.len().saturating_sub(RECENT_ACTIVITIES);
+        let recent: Vec<Value> = recent.into_iter().skip(skip).collect();
+        let card_id = self.store.next_id()?;
+        let card = status_card(rec, &recent, card_id, Utc::now());
+        change.push_outbox(self.event(rec, "journey.status_card", card.clone()));
+        if self.policy.webhook {
+            change.push_card(card_id, &card);
+        }
+        self.arm(rec);
+        Ok(())
     }
 
     fn arm(&mut self, rec: &JourneyRecord) {
@@ -1339,6 +1453,18 @@ impl Core {
             }
         }
     }
+}
+
+/// A new span in the journey's trace (journeys from before tracing get a fresh trace).
+fn journey_trace(rec: &JourneyRecord) -> TraceParent {
+    match &rec.trace_id {
+        Some(t) => TraceParent::child_of(t),
+        None => TraceParent::new_root(),
+    }
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now()
 }
 
 fn to_chrono(d: std::time::Duration) -> ChronoDuration {

@@ -72,6 +72,8 @@ pub struct Config {
     pub prefetch: u16,
     pub max_message_bytes: usize,
     pub policy: Policy,
+    /// Where status cards are posted, if anywhere.
+    pub webhook: Option<crate::webhook::WebhookConfig>,
 }
 
 impl Config {
@@ -85,6 +87,7 @@ impl Config {
             prefetch: 256,
             max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
             policy: Policy::default(),
+            webhook: None,
         }
     }
 }
@@ -102,6 +105,7 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     pub stale_replies: AtomicU64,
     pub refusals: AtomicU64,
+    pub conflicts: AtomicU64,
     pub gate_passed: AtomicU64,
     pub gate_failed: AtomicU64,
     pub rollbacks_started: AtomicU64,
@@ -114,6 +118,7 @@ pub struct Stats {
     pub flushes: AtomicU64,
     /// True while connected and consuming.
     pub ready: AtomicBool,
+    pub webhook: Arc<crate::webhook::WebhookStats>,
 }
 
 impl Stats {
@@ -150,6 +155,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), OrchestratorError> {
     let store = Store::open(&config.data_dir)?;
+    let mut policy = config.policy.clone();
+    policy.webhook = config.webhook.is_some();
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let webhook_task = config.webhook.clone().map(|w| {
+        tokio::spawn(crate::webhook::deliver(
+            store.clone(),
+            w,
+            wake.clone(),
+            stats.webhook.clone(),
+        ))
+    });
+    let _abort_webhook = AbortOnDrop(webhook_task);
     let mut core = Core::new(
         store,
         config.names.clone(),
@@ -157,8 +174,9 @@ pub async fn run(
         Decoder::new(config.max_message_bytes),
         &config.playbook,
         stats.clone(),
-        config.policy.clone(),
+        policy,
     )?;
+    core.set_wake(wake);
     core.store.flush().await?;
     match core.housekeeping(Utc::now()) {
         Ok((d, s)) => info!(dedup_marks = d, snapshots = s, "pruned expired records"),
@@ -339,6 +357,7 @@ async fn session(
                         message_id: prop(delivery.properties.message_id()),
                         correlation_id: prop(delivery.properties.correlation_id()),
                         reply_to: prop(delivery.properties.reply_to()),
+                        traceparent: broker::header(&delivery.properties, crate::trace::HEADER),
                     };
                     published.extend(core.handle(&inbound)?);
                     acks.insert(queue, delivery);
@@ -361,6 +380,8 @@ async fn session(
         if !acks.is_empty() || !published.is_empty() {
             core.store.flush().await?;
             Stats::inc(&core.stats.flushes);
+            crate::failpoint::hit("after_flush_before_ack");
+            core.wake_webhook();
         }
         for (queue, d) in acks {
             let opts = BasicAckOptions { multiple: true };
@@ -374,6 +395,9 @@ async fn session(
                 }
             }
         }
+        if !published.is_empty() {
+            crate::failpoint::hit("after_ack_before_publish");
+        }
         pump.send(published);
         if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
             last_housekeeping = Instant::now();
@@ -383,6 +407,17 @@ async fn session(
         }
         if let Some(e) = failure {
             return Err(e.into());
+        }
+    }
+}
+
+/// Stops a background task when the orchestrator stops.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
         }
     }
 }
@@ -431,7 +466,10 @@ impl OutboxPump {
                         }
                         Some((e, res)) = inflight.next(), if !inflight.is_empty() => {
                             match res {
-                                Ok(Ok(Published::Confirmed)) => confirmed.push(e.id),
+                                Ok(Ok(Published::Confirmed)) => {
+                                    crate::failpoint::hit("after_confirm_before_clear");
+                                    confirmed.push(e.id)
+                                }
                                 Ok(Ok(Published::Unroutable)) => match &e.purpose {
                                     Purpose::TaskRequest { client_id, correlation_id } => {
                                         warn!(intent = %e.routing_key, client_id, "task request unroutable: no agent serves this intent");

@@ -29,6 +29,9 @@ pub struct JourneyRecord {
     /// The rollback in progress, if any.
     #[serde(default)]
     pub rollback: Option<RollbackInfo>,
+    /// The W3C trace id every message about this journey carries.
+    #[serde(default)]
+    pub trace_id: Option<String>,
 }
 
 /// Why and where a rollback goes, kept while it runs.
@@ -145,5 +148,39 @@ pub fn event_payload(rec: &JourneyRecord, name: &str, detail: Value, at: DateTim
         "previous_stage": rec.journey.previous_stage,
         "at": at,
         "detail": detail,
+    })
+}
+
+/// A dashboard status card (DES-002 §7.2): where the journey is, how far its unit of work
+/// got, its exit checks and what happened lately.
+pub fn status_card(
+    rec: &JourneyRecord,
+    recent: &[Value],
+    card_id: u64,
+    now: DateTime<Utc>,
+) -> Value {
+    let (done, total) = rec
+        .work
+        .as_ref()
+        .map(|w| (w.completed_count(), w.tasks.len()))
+        .unwrap_or((0, 0));
+    let percent = (done * 100).checked_div(total).unwrap_or(100);
+    json!({
+        "card_id": card_id,
+        "client_id": rec.journey.client_id,
+        "current_stage": rec.journey.stage,
+        "status": rec.status(),
+        "started_at": rec.journey.started_at,
+        "stage_started_at": rec.journey.stage_started_at,
+        "stage_duration_days": (now - rec.journey.stage_started_at).num_days(),
+        "progress": {
+            "work": rec.work.as_ref().map(|w| w.kind),
+            "tasks_completed": done,
+            "tasks_total": total,
+            "percent": percent,
+        },
+        "exit_criteria": rec.gate,
+        "recent_activities": recent,
+        "generated_at": now,
     })
 }

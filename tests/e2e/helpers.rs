@@ -72,6 +72,8 @@ pub struct TestApp {
 pub enum Mode {
     InProcess,
     ChildProcess,
+    /// No orchestrator yet: the test starts one itself.
+    Manual,
 }
 
 impl TestApp {
@@ -131,6 +133,7 @@ impl TestApp {
         match mode {
             Mode::InProcess => app.start_orchestrator(),
             Mode::ChildProcess => app.start_child().await,
+            Mode::Manual => {}
         }
         app
     }
@@ -140,9 +143,15 @@ impl TestApp {
     }
 
     pub fn start_orchestrator(&mut self) {
+        self.start_orchestrator_with(|_| {})
+    }
+
+    /// The in-process orchestrator with a test's own settings.
+    pub fn start_orchestrator_with(&mut self, configure: impl FnOnce(&mut orchestrator::Config)) {
         let mut config =
             orchestrator::Config::new(&self.url, &self.names.namespace, self.data_dir());
         config.playbook = self.playbook.clone();
+        configure(&mut config);
         let stats = self.stats.clone();
         let mut rx = self.stop.subscribe();
         self.orchestrator = Some(tokio::spawn(async move {
@@ -155,6 +164,23 @@ impl TestApp {
 
     /// The orchestrator as a separate process (the real binary), so a test can kill it.
     pub async fn start_child(&mut self) {
+        self.start_child_with(&[]).await
+    }
+
+    /// Waits for the child orchestrator to exit on its own (a crash point) and returns how.
+    pub async fn wait_child_exit(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("a child orchestrator runs");
+        match tokio::time::timeout(WAIT, c.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!(
+                "the child orchestrator did not exit; log:\n{}",
+                self.orchestrator_log()
+            ),
+        }
+    }
+
+    /// The orchestrator binary as a child process, with extra environment variables.
+    pub async fn start_child_with(&mut self, env: &[(&str, &str)]) {
         let playbook_file = self.dir.path().join("playbook.yaml");
         let yaml = serde_norway::to_string(&self.playbook).unwrap();
         std::fs::write(&playbook_file, yaml).unwrap();
@@ -175,6 +201,7 @@ impl TestApp {
             .arg(&playbook_file)
             .env("JOURNEYMAN_AMQP_URL", &self.url)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
@@ -368,6 +395,11 @@ impl TestApp {
         journeyman::cli::request(&self.conn, &self.names, cmd, WAIT)
             .await
             .expect("the orchestrator answers")
+    }
+
+    /// Every event received so far.
+    pub fn seen_events(&self) -> &[Value] {
+        &self.seen
     }
 
     /// Waits for a journey event matching `pred` (or finds it among those already seen).

@@ -2,8 +2,12 @@
 //! namespace of its own (see `helpers`), so they run in parallel on a shared broker.
 
 mod auth;
+mod crash;
+mod dlq;
 mod gates;
 mod helpers;
+mod trace;
+mod webhook;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -488,5 +492,65 @@ async fn a_second_orchestrator_on_the_same_directory_is_refused() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("locked by another process"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_message_id_with_another_body_is_a_conflict_not_a_duplicate() {
+    let mut app = TestApp::spawn().await;
+    app.start_agent_for_all(Arc::new(SimAgent::default())).await;
+    let first = app.start_journey("acme").await;
+    let mut forged = TestApp::command("journey.start", json!({"client_id": "other"}));
+    forged.message_id = first.message_id;
+    app.send(&forged).await;
+    let dl = app.dead_letters(1).await;
+    assert_eq!(dl[0].reason(), "conflict");
+    assert!(dl[0].headers["x-journeyman-reason-message"].contains("different body"));
+    assert_eq!(
+        dl[0].body,
+        forged.to_bytes(),
+        "the conflicting message is kept as sent"
+    );
+    let other = app.request(&status("other")).await;
+    assert_eq!(
+        other.payload["code"], "not_found",
+        "the conflicting command was not applied"
+    );
+    assert_eq!(Stats::get(&app.stats.conflicts), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_data_directory_is_a_clear_fatal_error() {
+    let app = TestApp::spawn_with(
+        journeyman::playbook::Playbook::default_playbook(),
+        Mode::Manual,
+    )
+    .await;
+    let dir = app.data_dir();
+    // A store that existed, then its log was destroyed.
+    drop(journeyman::store::Store::open(&dir).unwrap());
+    std::fs::write(dir.join("db"), vec![0x5a; 8192]).unwrap();
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_journeyman"))
+            .args([
+                "--namespace",
+                &app.names.namespace,
+                "orchestrator",
+                "--data-dir",
+            ])
+            .arg(&dir)
+            .env("JOURNEYMAN_AMQP_URL", amqp_url())
+            .output(),
+    )
+    .await
+    .expect("it exits at once")
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is corrupt") && stderr.contains("Move it aside"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
