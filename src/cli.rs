@@ -4,6 +4,7 @@
 //! messages and print the orchestrator's answer; they never open the orchestrator's
 //! store. Errors say what went wrong and what to do next.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,6 +70,10 @@ pub struct Global {
         hide_env_values = true
     )]
     pub auth_token: Option<String>,
+    /// The orchestrator's HTTP address: where `orchestrator` serves health, metrics, the
+    /// JSON API and the dashboard, and where `journey list|history` and `report` read it.
+    #[arg(long, env = "JOURNEYMAN_HTTP_ADDR", global = true, default_value = crate::http::DEFAULT_ADDR)]
+    pub http_addr: SocketAddr,
 }
 
 impl Global {
@@ -132,6 +137,12 @@ pub enum Cmd {
     /// Chaos run: journeys while the orchestrator is killed repeatedly, agents fail and
     /// duplicate replies, poison is mixed in; checks nothing is lost or applied twice.
     Chaos(ChaosArgs),
+    /// DES-002 §7.1 metrics over every journey (reads the orchestrator's HTTP API).
+    Report {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Broker topology.
     Topology {
         #[command(subcommand)]
@@ -313,9 +324,30 @@ pub enum JourneyCmd {
         #[command(flatten)]
         out: ReplyArgs,
     },
+    /// List journeys (reads the orchestrator's HTTP API).
+    List {
+        #[arg(long)]
+        stage: Option<Stage>,
+        #[arg(long, value_parser = ["running", "awaiting_gate", "paused", "live", "rolling_back", "rollback_failed", "completed", "cancelled"])]
+        status: Option<String>,
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every transition, gate evaluation, rollback, task outcome and refusal of a journey,
+    /// with time and cause (reads the orchestrator's HTTP API).
+    History {
+        client_id: String,
+        /// Print the history as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a client's journey.
     Status {
         client_id: String,
+        /// Read it from the orchestrator's HTTP API instead of asking over the broker.
+        #[arg(long)]
+        via_http: bool,
         #[command(flatten)]
         out: ReplyArgs,
     },
@@ -465,6 +497,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 token: a.webhook_token.map(crate::webhook::Secret::new),
                 timeout: Duration::from_secs(10),
             });
+            config.http_addr = Some(g.http_addr);
             orchestrator::run(config, Arc::new(Stats::default()), shutdown_signal())
                 .await
                 .context("the orchestrator stopped")?;
@@ -547,6 +580,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Dlq { command } => Ok(crate::dlq::run(&g.amqp_url, g.names(), command).await?),
+        Cmd::Report { json } => crate::http::client::report(&http_client(g), json).await,
         Cmd::Topology {
             command: TopologyCmd::Declare { playbook },
         } => {
@@ -576,6 +610,25 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Journey { command } => {
             let names = g.names();
             let (cmd, out) = match command {
+                JourneyCmd::List {
+                    stage,
+                    status,
+                    json,
+                } => {
+                    let stage = stage.map(|s| s.as_str());
+                    let client = http_client(g);
+                    return crate::http::client::journey_list(
+                        &client,
+                        stage,
+                        status.as_deref(),
+                        json,
+                    )
+                    .await;
+                }
+                JourneyCmd::History { client_id, json } => {
+                    let client = http_client(g);
+                    return crate::http::client::journey_history(&client, &client_id, json).await;
+                }
                 JourneyCmd::Start {
                     client_id,
                     context,
@@ -593,7 +646,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                     };
                     (Command::Start(StartPayload { client_id, context }), out)
                 }
-                JourneyCmd::Status { client_id, out } => {
+                JourneyCmd::Status {
+                    client_id,
+                    via_http: true,
+                    out,
+                } => {
+                    let client = http_client(g);
+                    return crate::http::client::journey_status(&client, &client_id, out.json)
+                        .await;
+                }
+                JourneyCmd::Status { client_id, out, .. } => {
                     (Command::Status(ClientPayload { client_id }), out)
                 }
                 JourneyCmd::Promote { client_id, out } => {
@@ -696,6 +758,10 @@ fn token(g: &Global, command: TokenCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn http_client(g: &Global) -> crate::http::client::Client {
+    crate::http::client::Client::new(g.http_addr, Duration::from_secs(10))
 }
 
 /// Publishes a journey command and waits for the orchestrator's answer (direct reply-to).

@@ -48,6 +48,10 @@ pub struct DemoArgs {
     /// Longest simulated task latency, in milliseconds.
     #[arg(long, default_value_t = 30)]
     pub max_latency_ms: u64,
+    /// Inputs per store flush in the orchestrator (1 = an fsync per message), to measure
+    /// what group commit buys.
+    #[arg(long, default_value_t = 512, hide = true)]
+    pub max_group: usize,
     /// Replicas of the simulated agents (competing consumers).
     #[arg(long, default_value_t = 2)]
     pub agent_replicas: usize,
@@ -239,7 +243,8 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         }));
     }
     let stats = Arc::new(Stats::default());
-    let config = orchestrator::Config::new(&g.amqp_url, &names.namespace, data_dir.clone());
+    let mut config = orchestrator::Config::new(&g.amqp_url, &names.namespace, data_dir.clone());
+    config.max_group = a.max_group;
     let (st, rx) = (stats.clone(), stop_rx.clone());
     let orch = tokio::spawn(async move {
         orchestrator::run(config, st, stopped(rx))

@@ -802,6 +802,7 @@ impl<'a> Dlq<'a> {
                         | "x-journeyman-failed-at"
                         | "x-journeyman-attempts"
                         | "x-journeyman-replayed-at"
+                        | "x-journeyman-edited-at"
                         | "x-death"
                         | "x-delivery-count"
                 ) || k.starts_with("x-first-death-")
@@ -820,6 +821,11 @@ impl<'a> Dlq<'a> {
         }
         headers.push(("x-journeyman-attempts".into(), (d.attempts + 1).to_string()));
         headers.push(("x-journeyman-replayed-at".into(), now.to_rfc3339()));
+        if opts.edit.is_some() {
+            // The orchestrator records an edited replay, with its payload, in the
+            // journey's history.
+            headers.push(("x-journeyman-edited-at".into(), now.to_rfc3339()));
+        }
         if message_id != d.id {
             headers.push(("x-journeyman-replay-of".into(), d.id.clone()));
         }

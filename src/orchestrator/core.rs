@@ -52,6 +52,20 @@ pub struct Inbound<'a> {
     pub reply_to: Option<String>,
     /// W3C `traceparent` header, when the sender gave one.
     pub traceparent: Option<String>,
+    /// Set when `journeyman dlq replay` republished this message.
+    pub replay: Option<Replay>,
+}
+
+/// What a replayed dead letter says about its past (headers set by `journeyman dlq`).
+#[derive(Debug, Clone, Default)]
+pub struct Replay {
+    /// The dead letter's message id, when the replay carries a new one.
+    pub replay_of: Option<String>,
+    /// Failures so far, this replay included.
+    pub attempts: u32,
+    pub first_failed_at: Option<String>,
+    /// When the payload was replaced by `--edit`.
+    pub edited_at: Option<String>,
 }
 
 /// Behaviour the operator chooses.
@@ -139,6 +153,8 @@ struct DeadLetter<'a> {
     queue: &'a str,
     client_id: Option<&'a str>,
     task_id: Option<&'a str>,
+    /// The failure history a replayed message brings along, so counts continue.
+    replay: Option<&'a Replay>,
 }
 
 /// The orchestrator's state between inputs: the store, the timers, the playbooks.
@@ -316,6 +332,7 @@ impl Core {
                 queue: m.queue,
                 client_id: None,
                 task_id: None,
+                replay: m.replay.as_ref(),
             },
             Uuid::new_v4().to_string(),
             m.correlation_id.clone(),
@@ -351,6 +368,7 @@ impl Core {
                 queue: m.queue,
                 client_id: None,
                 task_id: None,
+                replay: m.replay.as_ref(),
             },
             mid.unwrap_or_else(|| Uuid::new_v4().to_string()),
             m.correlation_id.clone(),
@@ -368,6 +386,12 @@ impl Core {
         body: Vec<u8>,
     ) -> OutboxEntry {
         let now = Utc::now().to_rfc3339();
+        // A replayed message continues its failure history.
+        let first = dl
+            .replay
+            .and_then(|r| r.first_failed_at.clone())
+            .unwrap_or_else(|| now.clone());
+        let attempts = dl.replay.map_or(1, |r| r.attempts.max(1));
         let mut headers = vec![
             ("x-journeyman-reason".to_string(), dl.reason.to_string()),
             ("x-journeyman-reason-message".to_string(), dl.message),
@@ -383,9 +407,9 @@ impl Core {
                 "x-journeyman-original-queue".to_string(),
                 dl.queue.to_string(),
             ),
-            ("x-journeyman-failed-at".to_string(), now.clone()),
-            ("x-journeyman-first-failed-at".to_string(), now),
-            ("x-journeyman-attempts".to_string(), "1".to_string()),
+            ("x-journeyman-failed-at".to_string(), now),
+            ("x-journeyman-first-failed-at".to_string(), first),
+            ("x-journeyman-attempts".to_string(), attempts.to_string()),
         ];
         if let Some(c) = dl.client_id {
             headers.push(("x-journeyman-client-id".into(), c.to_string()));
@@ -633,6 +657,21 @@ impl Core {
         };
         match outcome {
             Ok(rec) => {
+                if let Some(r) = &m.replay {
+                    let detail = json!({
+                        "intent": env.intent,
+                        "replay_of": r.replay_of,
+                        "attempts": r.attempts,
+                        "edited_at": r.edited_at,
+                        "payload": if r.edited_at.is_some() { env.payload.clone() } else { Value::Null },
+                    });
+                    let kind = if r.edited_at.is_some() {
+                        "replayed_with_edit"
+                    } else {
+                        "replayed"
+                    };
+                    self.history(&mut change, &rec, kind, detail, Some(&mid));
+                }
                 if let Some(to) = &m.reply_to {
                     change.push_outbox(self.reply(
                         to,
@@ -669,6 +708,7 @@ impl Core {
                             queue: m.queue,
                             client_id: Some(&client_id),
                             task_id: None,
+                            replay: m.replay.as_ref(),
                         },
                         mid.clone(),
                         env.correlation_id.clone(),
@@ -1227,6 +1267,7 @@ impl Core {
                 queue: "",
                 client_id: Some(&rec.journey.client_id),
                 task_id: task_id.as_deref(),
+                replay: None,
             },
             Uuid::new_v4().to_string(),
             None,

@@ -16,6 +16,7 @@ mod record;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -48,6 +49,8 @@ pub enum OrchestratorError {
     Broker(#[from] BrokerError),
     #[error("the default playbook's stored version {0} is missing from the store")]
     MissingPlaybook(String),
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
 }
 
 impl OrchestratorError {
@@ -74,6 +77,14 @@ pub struct Config {
     pub policy: Policy,
     /// Where status cards are posted, if anywhere.
     pub webhook: Option<crate::webhook::WebhookConfig>,
+    /// Inputs handled per store flush (group commit); 1 means one fsync per message.
+    pub max_group: usize,
+    /// Where to serve health, readiness, metrics, the JSON API and the dashboard; `None`
+    /// serves nothing (the demo, most tests). Port 0 picks a free port.
+    pub http_addr: Option<SocketAddr>,
+    /// Reports the address the HTTP server actually bound (the port 0 picked), to whoever
+    /// holds a clone of the config.
+    pub http_bound: crate::http::BoundAddr,
 }
 
 impl Config {
@@ -88,6 +99,9 @@ impl Config {
             max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
             policy: Policy::default(),
             webhook: None,
+            max_group: MAX_GROUP,
+            http_addr: None,
+            http_bound: Default::default(),
         }
     }
 }
@@ -178,6 +192,16 @@ pub async fn run(
     )?;
     core.set_wake(wake);
     core.store.flush().await?;
+    // Aborted when `run` returns, so a restarted orchestrator can bind the same address.
+    let _http = match config.http_addr {
+        Some(addr) => {
+            let state =
+                crate::http::AppState::new(core.store.clone(), stats.clone(), config.names.clone())
+                    .with_broker(&config.amqp_url);
+            Some(crate::http::spawn(addr, state, &config.http_bound).await?)
+        }
+        None => None,
+    };
     match core.housekeeping(Utc::now()) {
         Ok((d, s)) => info!(dedup_marks = d, snapshots = s, "pruned expired records"),
         Err(e) => warn!(error = %e, "pruning failed"),
@@ -331,7 +355,7 @@ async fn session(
             _ = tokio::time::sleep(sleep) => None,
         };
         let mut group: Vec<Input> = first.into_iter().collect();
-        while group.len() < MAX_GROUP {
+        while group.len() < config.max_group.max(1) {
             match rx.try_recv() {
                 Ok(i) => group.push(i),
                 Err(_) => break,
@@ -358,6 +382,7 @@ async fn session(
                         correlation_id: prop(delivery.properties.correlation_id()),
                         reply_to: prop(delivery.properties.reply_to()),
                         traceparent: broker::header(&delivery.properties, crate::trace::HEADER),
+                        replay: replay_of(&delivery.properties),
                     };
                     published.extend(core.handle(&inbound)?);
                     acks.insert(queue, delivery);
@@ -420,6 +445,19 @@ impl Drop for AbortOnDrop {
             h.abort();
         }
     }
+}
+
+/// The failure history `journeyman dlq replay` attaches to a republished dead letter.
+fn replay_of(p: &lapin::BasicProperties) -> Option<core::Replay> {
+    broker::header(p, "x-journeyman-replayed-at")?;
+    Some(core::Replay {
+        replay_of: broker::header(p, "x-journeyman-replay-of"),
+        attempts: broker::header(p, "x-journeyman-attempts")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(1),
+        first_failed_at: broker::header(p, "x-journeyman-first-failed-at"),
+        edited_at: broker::header(p, "x-journeyman-edited-at"),
+    })
 }
 
 fn prop(v: &Option<lapin::types::ShortString>) -> Option<String> {

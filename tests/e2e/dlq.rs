@@ -544,3 +544,45 @@ async fn the_dlq_command_lists_and_refuses_to_purge_unconfirmed() {
     assert!(stdout.contains("purged 2"), "{stdout}");
     wait_dead_letters(&app, 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_refused_again_keeps_its_failure_history() {
+    let app = TestApp::spawn().await;
+    let orphan = TestApp::command(
+        "journey.evidence",
+        json!({"client_id": "nobody", "metrics": {"x": 1.0}}),
+    );
+    app.send(&orphan).await;
+    wait_dead_letters(&app, 1).await;
+    let conn = broker::connect(&app.url, "journeyman-dlq-test")
+        .await
+        .unwrap();
+    let dlq = Dlq::new(&conn, app.names.clone());
+    let first = dlq
+        .show(&orphan.message_id.to_string())
+        .await
+        .unwrap()
+        .remove(0);
+    let opts = ReplayOptions {
+        rate: 100.0,
+        new_id: true,
+        ..Default::default()
+    };
+    let r = dlq
+        .replay(&Selector::Id(first.id.clone()), &opts, &mut no_progress())
+        .await
+        .unwrap();
+    assert_eq!(r.replayed.len(), 1);
+    // Still no such journey: refused again, and the new dead letter continues the count.
+    wait_dead_letters(&app, 1).await;
+    let again = dlq.list(&Default::default()).await.unwrap();
+    assert_eq!(again.len(), 1);
+    let again = &again[0];
+    assert_eq!(again.reason, "not_found");
+    assert_ne!(again.id, first.id, "{again:?}");
+    assert_eq!(again.attempts, first.attempts + 1);
+    assert_eq!(
+        again.first_failed_at,
+        first.first_failed_at.or(first.failed_at)
+    );
+}

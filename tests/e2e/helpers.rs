@@ -58,6 +58,8 @@ pub struct TestApp {
     pub conn: Connection,
     pub stats: Arc<Stats>,
     pub playbook: Playbook,
+    /// The in-process orchestrator's HTTP address, once bound (it serves on port 0).
+    pub http: journeyman::http::BoundAddr,
     stop: watch::Sender<bool>,
     orchestrator: Option<JoinHandle<Result<(), orchestrator::OrchestratorError>>>,
     child: Option<tokio::process::Child>,
@@ -122,6 +124,7 @@ impl TestApp {
             conn,
             stats: Arc::new(Stats::default()),
             playbook,
+            http: Default::default(),
             stop,
             orchestrator: None,
             child: None,
@@ -151,6 +154,8 @@ impl TestApp {
         let mut config =
             orchestrator::Config::new(&self.url, &self.names.namespace, self.data_dir());
         config.playbook = self.playbook.clone();
+        config.http_addr = Some(([127, 0, 0, 1], 0).into());
+        config.http_bound = self.http.clone();
         configure(&mut config);
         let stats = self.stats.clone();
         let mut rx = self.stop.subscribe();
@@ -194,6 +199,8 @@ impl TestApp {
                 "--namespace",
                 &self.names.namespace,
                 "orchestrator",
+                "--http-addr",
+                "127.0.0.1:0",
                 "--data-dir",
             ])
             .arg(self.data_dir())
@@ -208,6 +215,13 @@ impl TestApp {
             .spawn()
             .expect("spawn the journeyman binary");
         self.child = Some(child);
+    }
+
+    /// The in-process orchestrator's HTTP address, waiting until it has bound.
+    pub async fn http_addr(&self) -> std::net::SocketAddr {
+        tokio::time::timeout(WAIT, self.http.wait())
+            .await
+            .expect("the orchestrator serves HTTP")
     }
 
     /// SIGKILLs the child orchestrator and waits for it to be gone.

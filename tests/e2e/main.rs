@@ -2,10 +2,12 @@
 //! namespace of its own (see `helpers`), so they run in parallel on a shared broker.
 
 mod auth;
+mod chaos;
 mod crash;
 mod dlq;
 mod gates;
 mod helpers;
+mod http;
 mod trace;
 mod webhook;
 
@@ -553,4 +555,103 @@ async fn a_corrupt_data_directory_is_a_clear_fatal_error() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Never answers: holds every request until the test ends.
+struct Silent;
+
+impl Agent for Silent {
+    async fn handle(
+        &self,
+        _: &Envelope,
+        _: Map<String, Value>,
+    ) -> Result<Map<String, Value>, TaskError> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_never_answers_times_out_retries_and_pauses_the_journey() {
+    let pb = playbook(
+        r#"
+name: silent
+stages:
+  sandbox:
+    tasks:
+      - task_id: ask
+        name: Ask The Silent Agent
+        intent: never_answers
+        max_retries: 2
+        timeout: 300ms
+        backoff: { initial: 20ms, max: 100ms, multiplier: 2.0, jitter: 0.0 }
+"#,
+    );
+    let mut app = TestApp::spawn_with(pb, Mode::InProcess).await;
+    let rec = Recorder::new(Silent);
+    app.start_agent(rec.clone(), &["never_answers"]).await;
+    app.start_journey("acme").await;
+    app.wait_event("paused", |p| p["event"] == "journey.paused")
+        .await;
+    assert_eq!(
+        rec.attempts("never_answers").len(),
+        3,
+        "the first attempt and two retries"
+    );
+    let s = app.request(&status("acme")).await.payload;
+    assert_eq!(s["status"], "paused");
+    assert!(
+        s["paused"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{s}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_with_an_unknown_correlation_id_is_recorded_and_ignored() {
+    let mut app = TestApp::spawn().await;
+    app.start_agent_for_all(Arc::new(SimAgent::default())).await;
+    app.start_journey("acme").await;
+    app.wait_in_production("acme").await;
+    let before = Stats::get(&app.stats.stale_replies);
+    // A reply nobody asked for, straight to the orchestrator's reply queue.
+    let mut stray = TestApp::command(
+        "run_security_scan",
+        json!({"status": "completed", "output": {}}),
+    );
+    stray.message_type = MessageType::Response;
+    stray.correlation_id = Some("no-such-attempt".into());
+    let ch = app.conn.create_channel().await.unwrap();
+    let publisher = journeyman::broker::Publisher::start(&app.conn)
+        .await
+        .unwrap();
+    publisher
+        .publish(journeyman::broker::Outgoing {
+            exchange: String::new(),
+            routing_key: app.names.replies("0"),
+            mandatory: true,
+            message_id: stray.message_id.to_string(),
+            correlation_id: stray.correlation_id.clone(),
+            reply_to: None,
+            message_type: "response".into(),
+            headers: Vec::new(),
+            body: stray.to_bytes(),
+        })
+        .await
+        .unwrap();
+    drop(ch);
+    // The reply queue is handled in order: once a later journey's first task reply has
+    // been applied, the stray one before it has been handled too.
+    app.start_journey("beta").await;
+    app.wait_event("beta's first task done", |p| {
+        p["event"] == "journey.status_card"
+            && p["client_id"] == "beta"
+            && p["detail"]["progress"]["tasks_completed"].as_u64() >= Some(1)
+    })
+    .await;
+    assert_eq!(Stats::get(&app.stats.stale_replies), before + 1);
+    let s = app.request(&status("acme")).await.payload;
+    assert_eq!(s["status"], "live", "nothing changed");
+    assert_eq!(app.dead_letter_count().await, 0);
 }

@@ -1,0 +1,604 @@
+//! The orchestrator's HTTP side: `/healthz`, `/readyz`, `/metrics`, a JSON API over its
+//! journeys, and an HTML dashboard, all served from the orchestrator's own process.
+//!
+//! Everything here reads: the store (sled is safe to read while the orchestrator's loop
+//! writes), the [`Stats`] counters and the labelled [`Metrics`]. Nothing here writes the
+//! store, publishes, or decides anything about a journey; commands still go through the
+//! protocol. Other processes (the CLI's `journey list|history` and `report`) read the
+//! orchestrator through this API, never by opening its sled directory, which it holds
+//! locked. [`client`] is that other side.
+//!
+//! Store scans (every journey record, every history) run on the blocking pool: they are
+//! scans of per-client records, fine for thousands of journeys, and must not stall the
+//! runtime that also runs the orchestrator.
+
+pub mod client;
+mod dashboard;
+pub mod metrics;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::broker::Names;
+use crate::orchestrator::{HistoryEntry, JourneyRecord, Stats, state_view};
+use crate::report::{self, JourneyInput, Report};
+use crate::store::{Store, StoreError};
+use crate::work::TaskStatus;
+
+pub use metrics::Metrics;
+
+/// The default address of `journeyman orchestrator` and of the commands that read it.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error(
+        "cannot serve HTTP on {addr}: {source} (choose another address with --http-addr or JOURNEYMAN_HTTP_ADDR)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The address the server bound, reported back to whoever holds a clone (tests ask for
+/// port 0 and read the real port here).
+#[derive(Debug, Clone)]
+pub struct BoundAddr(Arc<watch::Sender<Option<SocketAddr>>>);
+
+impl Default for BoundAddr {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(None).0))
+    }
+}
+
+impl BoundAddr {
+    pub fn get(&self) -> Option<SocketAddr> {
+        *self.0.borrow()
+    }
+
+    /// Waits until the server has bound.
+    pub async fn wait(&self) -> SocketAddr {
+        let mut rx = self.0.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.unwrap_or_else(|| unreachable!("waited for Some")),
+            // The sender lives in `self`: it cannot be dropped while we wait.
+            Err(_) => unreachable!("BoundAddr's sender outlives its waiters"),
+        }
+    }
+
+    fn set(&self, addr: SocketAddr) {
+        self.0.send_replace(Some(addr));
+    }
+}
+
+/// What the handlers read. Cloning shares everything.
+#[derive(Clone)]
+pub struct AppState {
+    store: Store,
+    stats: Arc<Stats>,
+    /// Counters by intent and reason, fed by the core.
+    metrics: Arc<Metrics>,
+    names: Names,
+    /// The broker, for reading the dead-letter queue (as `journeyman dlq` does); `None`:
+    /// the dead-letter endpoints answer 503.
+    amqp_url: Option<String>,
+}
+
+impl AppState {
+    pub fn new(store: Store, stats: Arc<Stats>, names: Names) -> Self {
+        Self::with_metrics(store, stats, Arc::new(Metrics::default()), names)
+    }
+
+    pub fn with_metrics(
+        store: Store,
+        stats: Arc<Stats>,
+        metrics: Arc<Metrics>,
+        names: Names,
+    ) -> Self {
+        Self {
+            store,
+            stats,
+            metrics,
+            names,
+            amqp_url: None,
+        }
+    }
+
+    /// Serves `/api/dead-letters` by reading the dead-letter queue on this broker.
+    pub fn with_broker(mut self, amqp_url: &str) -> Self {
+        self.amqp_url = Some(amqp_url.to_string());
+        self
+    }
+}
+
+/// The running server; dropping it stops it (so a restarted orchestrator can bind again).
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds `addr`, reports the bound address to `bound`, and serves until dropped.
+pub async fn spawn(
+    addr: SocketAddr,
+    state: AppState,
+    bound: &BoundAddr,
+) -> Result<ServerHandle, HttpError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    bound.set(addr);
+    info!(%addr, "serving HTTP: /healthz /readyz /metrics /api/journeys /");
+    let app = router(state);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "the HTTP server stopped");
+        }
+    });
+    Ok(ServerHandle { addr, task })
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(dashboard::page))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/journeys", get(list_journeys))
+        .route("/api/journeys/{client}", get(journey))
+        .route("/api/journeys/{client}/history", get(history))
+        .route("/api/report", get(report))
+        .route("/api/stats", get(stats))
+        .route("/api/dead-letters", get(dead_letters))
+        .route("/api/dead-letters/stats", get(dead_letter_stats))
+        .with_state(state)
+}
+
+/// An API error: a status and a JSON body `{"error": "..."}`.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+/// Runs a store read on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => Ok(r?),
+        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+/// The process is up and serving.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Connected to the broker and consuming every queue.
+    pub broker: bool,
+    /// The store answers reads.
+    pub store: bool,
+}
+
+fn readiness(state: &AppState) -> Readiness {
+    let broker = state.stats.ready.load(Ordering::Relaxed);
+    let store = state.store.journey::<Value>("").is_ok();
+    Readiness {
+        ready: broker && store,
+        broker,
+        store,
+    }
+}
+
+/// 200 when connected, consuming, and the store is open; 503 otherwise.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let r = readiness(&state);
+    let code = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(r)).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let store = state.store.clone();
+    let gauges = blocking(move || {
+        let mut g = metrics::StoreGauges {
+            outbox_depth: store.outbox_len() as u64,
+            ..Default::default()
+        };
+        for rec in store.journeys::<JourneyRecord>() {
+            let rec = rec?;
+            let key = (
+                rec.journey.stage.as_str().to_string(),
+                rec.status().to_string(),
+            );
+            *g.journeys.entry(key).or_default() += 1;
+        }
+        Ok(g)
+    })
+    .await?;
+    let ready = readiness(&state).ready;
+    let text = metrics::render(&state.stats, &state.metrics, &gauges, ready);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// One line of `GET /api/journeys`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JourneySummary {
+    pub client_id: String,
+    pub stage: String,
+    pub status: String,
+    pub started_at: DateTime<Utc>,
+    pub stage_started_at: DateTime<Utc>,
+    /// The unit of work in progress or last run: "stage" or "rollback".
+    pub work_kind: Option<String>,
+    pub tasks_done: usize,
+    pub tasks_total: usize,
+    /// The last gate evaluation of the current stage: passed or not.
+    pub gate_passed: Option<bool>,
+}
+
+impl JourneySummary {
+    pub fn of(rec: &JourneyRecord) -> Self {
+        let work = rec.work.as_ref();
+        Self {
+            client_id: rec.journey.client_id.clone(),
+            stage: rec.journey.stage.as_str().to_string(),
+            status: rec.status().to_string(),
+            started_at: rec.journey.started_at,
+            stage_started_at: rec.journey.stage_started_at,
+            work_kind: work.and_then(|w| {
+                serde_json::to_value(w.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+            }),
+            tasks_done: work.map_or(0, |w| {
+                w.tasks
+                    .iter()
+                    .filter(|t| t.status == TaskStatus::Completed)
+                    .count()
+            }),
+            tasks_total: work.map_or(0, |w| w.tasks.len()),
+            gate_passed: rec.gate.as_ref().map(|g| g.passed),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    pub stage: Option<String>,
+    pub status: Option<String>,
+}
+
+fn summaries(store: &Store, q: &ListQuery) -> Result<Vec<JourneySummary>, StoreError> {
+    let mut out = Vec::new();
+    for rec in store.journeys::<JourneyRecord>() {
+        let s = JourneySummary::of(&rec?);
+        let keep = q
+            .stage
+            .as_deref()
+            .is_none_or(|v| v.is_empty() || v == s.stage)
+            && q.status
+                .as_deref()
+                .is_none_or(|v| v.is_empty() || v == s.status);
+        if keep {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+async fn list_journeys(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<axum::Json<Vec<JourneySummary>>, ApiError> {
+    let store = state.store.clone();
+    Ok(axum::Json(blocking(move || summaries(&store, &q)).await?))
+}
+
+fn not_found(client: &str) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no journey for client '{client}'"),
+    )
+}
+
+async fn journey(
+    State(state): State<AppState>,
+    Path(client): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let store = state.store.clone();
+    let c = client.clone();
+    match blocking(move || store.journey::<JourneyRecord>(&c)).await? {
+        Some(rec) => Ok(axum::Json(state_view(&rec))),
+        None => Err(not_found(&client)),
+    }
+}
+
+async fn history(
+    State(state): State<AppState>,
+    Path(client): Path<String>,
+) -> Result<axum::Json<Vec<HistoryEntry>>, ApiError> {
+    let store = state.store.clone();
+    let c = client.clone();
+    let (rec, h) = blocking(move || {
+        Ok((
+            store.journey::<JourneyRecord>(&c)?,
+            store.history::<HistoryEntry>(&c)?,
+        ))
+    })
+    .await?;
+    match rec {
+        Some(_) => Ok(axum::Json(h)),
+        None => Err(not_found(&client)),
+    }
+}
+
+/// Every journey with its history, for the report.
+fn report_inputs(store: &Store) -> Result<Vec<JourneyInput>, StoreError> {
+    let mut out = Vec::new();
+    for rec in store.journeys::<JourneyRecord>() {
+        let rec = rec?;
+        let history = store.history(&rec.journey.client_id)?;
+        out.push(JourneyInput {
+            client_id: rec.journey.client_id.clone(),
+            stage: rec.journey.stage.as_str().to_string(),
+            history,
+        });
+    }
+    Ok(out)
+}
+
+async fn report(State(state): State<AppState>) -> Result<axum::Json<Report>, ApiError> {
+    let store = state.store.clone();
+    let inputs = blocking(move || report_inputs(&store)).await?;
+    Ok(axum::Json(report::compute(&inputs, Utc::now())))
+}
+
+/// The orchestrator's counters, for the dashboard and scripts.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatsView {
+    pub namespace: String,
+    pub ready: bool,
+    pub counters: BTreeMap<String, u64>,
+    /// Dead letters by reason, as far as the core has counted them by reason (see
+    /// [`Metrics::dead_letter`]); `counters.dead_letters` is the total.
+    pub dead_letters_by_reason: BTreeMap<String, u64>,
+}
+
+fn stats_view(state: &AppState) -> StatsView {
+    let s = &state.stats;
+    let c = |a: &std::sync::atomic::AtomicU64| Stats::get(a);
+    let counters = [
+        ("journeys_started", c(&s.journeys_started)),
+        ("tasks_dispatched", c(&s.tasks_dispatched)),
+        ("tasks_completed", c(&s.tasks_completed)),
+        ("retries", c(&s.retries)),
+        ("promotions", c(&s.promotions)),
+        ("gate_passed", c(&s.gate_passed)),
+        ("gate_failed", c(&s.gate_failed)),
+        ("rollbacks_started", c(&s.rollbacks_started)),
+        ("rollbacks_automatic", c(&s.rollbacks_automatic)),
+        ("rollbacks_completed", c(&s.rollbacks_completed)),
+        ("rollbacks_failed", c(&s.rollbacks_failed)),
+        ("pauses", c(&s.pauses)),
+        ("dead_letters", c(&s.dead_letters)),
+        ("duplicates", c(&s.duplicates)),
+        ("stale_replies", c(&s.stale_replies)),
+        ("refusals", c(&s.refusals)),
+        ("conflicts", c(&s.conflicts)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    StatsView {
+        namespace: state.names.namespace.clone(),
+        ready: readiness(state).ready,
+        counters,
+        dead_letters_by_reason: state.metrics.dead_letters_by_reason(),
+    }
+}
+
+async fn stats(State(state): State<AppState>) -> axum::Json<StatsView> {
+    axum::Json(stats_view(&state))
+}
+
+/// How long a read of the dead-letter queue may take before the API gives up.
+const DLQ_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads the dead-letter queue the way `journeyman dlq` does (without consuming or
+/// reordering it), on a connection of its own that is closed afterwards.
+async fn read_dead_letters(
+    state: &AppState,
+    filter: crate::dlq::Filter,
+) -> Result<Vec<crate::dlq::DeadLetter>, ApiError> {
+    let unavailable = |e: String| ApiError(StatusCode::SERVICE_UNAVAILABLE, e);
+    let Some(url) = &state.amqp_url else {
+        return Err(unavailable(
+            "this server does not read the dead-letter queue (no broker configured)".into(),
+        ));
+    };
+    let read = async {
+        let conn = crate::broker::connect(url, "journeyman-http-dlq")
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let r = crate::dlq::Dlq::new(&conn, state.names.clone())
+            .list(&filter)
+            .await
+            .map_err(|e| unavailable(e.to_string()));
+        let _ = conn.close(200, "done".into()).await;
+        r
+    };
+    tokio::time::timeout(DLQ_READ_TIMEOUT, read)
+        .await
+        .map_err(|_| unavailable("reading the dead-letter queue timed out".into()))?
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct DeadLetterQuery {
+    pub reason: Option<String>,
+    pub intent: Option<String>,
+    pub client: Option<String>,
+}
+
+/// `GET /api/dead-letters?reason=&intent=&client=`: what `journeyman dlq list --json` shows.
+async fn dead_letters(
+    State(state): State<AppState>,
+    Query(q): Query<DeadLetterQuery>,
+) -> Result<axum::Json<Vec<crate::dlq::DeadLetter>>, ApiError> {
+    let filter = crate::dlq::Filter {
+        reason: q.reason.filter(|s| !s.is_empty()),
+        intent: q.intent.filter(|s| !s.is_empty()),
+        client: q.client.filter(|s| !s.is_empty()),
+    };
+    Ok(axum::Json(read_dead_letters(&state, filter).await?))
+}
+
+/// Counts of the dead-letter queue by reason and intent (`journeyman dlq stats`).
+async fn dead_letter_counts(state: &AppState) -> Result<crate::dlq::Stats, ApiError> {
+    let all = read_dead_letters(state, crate::dlq::Filter::default()).await?;
+    let mut s = crate::dlq::Stats {
+        total: all.len(),
+        ..Default::default()
+    };
+    for d in &all {
+        *s.by_reason.entry(d.reason.clone()).or_default() += 1;
+        *s.by_intent.entry(d.intent().to_string()).or_default() += 1;
+    }
+    Ok(s)
+}
+
+async fn dead_letter_stats(
+    State(state): State<AppState>,
+) -> Result<axum::Json<crate::dlq::Stats>, ApiError> {
+    Ok(axum::Json(dead_letter_counts(&state).await?))
+}
+
+/// What the dashboard shows, read in one go.
+async fn page_data(
+    state: &AppState,
+    client: Option<String>,
+) -> Result<dashboard::PageData, ApiError> {
+    let store = state.store.clone();
+    let (journeys, selected) = blocking(move || {
+        let journeys = summaries(&store, &ListQuery::default())?;
+        let selected = match client {
+            Some(c) => match store.journey::<JourneyRecord>(&c)? {
+                Some(rec) => Some((rec, store.history::<HistoryEntry>(&c)?)),
+                None => None,
+            },
+            None => None,
+        };
+        Ok((journeys, selected))
+    })
+    .await?;
+    // The queue itself, when a broker is configured; the page says when it could not.
+    let queue = match state.amqp_url {
+        Some(_) => Some(dead_letter_counts(state).await.map_err(|e| e.1)),
+        None => None,
+    };
+    Ok(dashboard::PageData {
+        dead_letter_queue: queue,
+        stats: stats_view(state),
+        journeys,
+        selected,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn readyz_follows_the_broker_session_and_unknown_journeys_are_404() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let stats = Arc::new(Stats::default());
+        let state = AppState::new(store, stats.clone(), Names::new("unit"));
+        let bound = BoundAddr::default();
+        let server = spawn(([127, 0, 0, 1], 0).into(), state, &bound)
+            .await
+            .unwrap();
+        assert_eq!(bound.wait().await, server.addr);
+        let c = client::Client::new(server.addr, Duration::from_secs(5));
+
+        let (s, body) = c.raw("/healthz").await.unwrap();
+        assert_eq!((s.as_u16(), &body[..]), (200, &b"ok\n"[..]));
+        let (s, body) = c.raw("/readyz").await.unwrap();
+        assert_eq!(s.as_u16(), 503, "not consuming yet");
+        let r: Readiness = serde_json::from_slice(&body).unwrap();
+        assert!(!r.broker && r.store && !r.ready);
+
+        stats.ready.store(true, Ordering::Relaxed);
+        let (s, _) = c.raw("/readyz").await.unwrap();
+        assert_eq!(s.as_u16(), 200);
+        let (_, m) = c.raw("/metrics").await.unwrap();
+        assert!(String::from_utf8_lossy(&m).contains("\njourneyman_up 1\n"));
+
+        let e = c.get::<Value>("/api/journeys/nobody").await.unwrap_err();
+        assert!(
+            e.to_string().contains("no journey for client 'nobody'"),
+            "{e}"
+        );
+        let list: Vec<JourneySummary> = c.get("/api/journeys").await.unwrap();
+        assert!(list.is_empty());
+        let r: Report = c.get("/api/report").await.unwrap();
+        assert_eq!(r.journeys, 0);
+
+        // Dropping the handle frees the port.
+        let addr = server.addr;
+        drop(server);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let e = client::Client::new(addr, Duration::from_secs(2))
+            .raw("/healthz")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("Is it running?"), "{e}");
+    }
+}
