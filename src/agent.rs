@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
+use crate::auth::{self, Key, Keyring, Signer};
 use crate::broker::{self, BrokerError, Names, Outgoing, Publisher};
 use crate::protocol::{AgentRef, Decoder, Envelope, ErrorPayload, MessageType, TaskResponse};
 
@@ -76,6 +77,18 @@ pub struct AgentConfig {
     /// requeues the whole in-flight batch).
     pub prefetch: u16,
     pub max_message_bytes: usize,
+    /// Verifies each task request's token: it must be the orchestrator's. `None` = not
+    /// checked. Refused requests are dead-lettered (`unauthenticated`, `forbidden`).
+    pub keyring: Option<Arc<Keyring>>,
+    /// Signs replies with a token for `agent_id`; `None` = replies go unsigned.
+    pub signing_key: Option<Key>,
+}
+
+/// What the agent checks and signs, shared by every delivery's task.
+#[derive(Clone)]
+struct Auth {
+    keyring: Option<Arc<Keyring>>,
+    signer: Option<Signer>,
 }
 
 /// Counters for the demo and tests.
@@ -224,17 +237,25 @@ async fn start_consuming<A: Agent>(
     broker::declare_exchanges(&ch, &config.names).await?;
     let publisher = Publisher::start(&publish_conn).await?;
     let decoder = Decoder::new(config.max_message_bytes);
+    let auth = Auth {
+        keyring: config.keyring.clone(),
+        signer: config
+            .signing_key
+            .clone()
+            .map(|k| Signer::new(k, config.agent_id.clone())),
+    };
     for intent in &config.intents {
         let q = config.names.intent_queue(intent);
         broker::declare_queue(&ch, &config.names, &q, Some(intent)).await?;
         let (_chan, mut consumer) =
             broker::consume(consume_conn, &q, &config.agent_id, config.prefetch).await?;
-        let (agent, stats, publisher, decoder, err_tx) = (
+        let (agent, stats, publisher, decoder, err_tx, auth) = (
             agent.clone(),
             stats.clone(),
             publisher.clone(),
             decoder.clone(),
             err_tx.clone(),
+            auth.clone(),
         );
         let names = config.names.clone();
         let agent_id = config.agent_id.clone();
@@ -254,7 +275,7 @@ async fn start_consuming<A: Agent>(
                     }
                 };
                 // Each request is handled on its own task: the prefetch bounds how many.
-                let (agent, stats, publisher, decoder, names, agent_id, q) = (
+                let (agent, stats, publisher, decoder, names, agent_id, q, auth) = (
                     agent.clone(),
                     stats.clone(),
                     publisher.clone(),
@@ -262,10 +283,12 @@ async fn start_consuming<A: Agent>(
                     names.clone(),
                     agent_id.clone(),
                     q.clone(),
+                    auth.clone(),
                 );
                 tokio::spawn(async move {
                     handle_delivery(
-                        &*agent, &stats, &publisher, &decoder, &names, &agent_id, &q, delivery,
+                        &*agent, &stats, &publisher, &decoder, &auth, &names, &agent_id, &q,
+                        delivery,
                     )
                     .await
                 });
@@ -282,6 +305,7 @@ async fn handle_delivery<A: Agent>(
     stats: &AgentStats,
     publisher: &Publisher,
     decoder: &Decoder,
+    auth: &Auth,
     names: &Names,
     agent_id: &str,
     queue: &str,
@@ -319,6 +343,21 @@ async fn handle_delivery<A: Agent>(
             return;
         }
     };
+    if let Some(keyring) = &auth.keyring
+        && let Err(e) = auth::check_task_request(keyring, &request, Utc::now())
+    {
+        dead_letter(
+            publisher,
+            names,
+            queue,
+            &d,
+            e.reason_code(),
+            &e.to_string(),
+            stats,
+        )
+        .await;
+        return;
+    }
     let trace = broker::header(&d.properties, crate::trace::HEADER)
         .as_deref()
         .and_then(crate::trace::TraceParent::parse);
@@ -398,6 +437,9 @@ async fn handle_delivery<A: Agent>(
             Utc::now(),
         );
         reply.correlation_id = Some(request.reply_correlation());
+        if let Some(signer) = &auth.signer {
+            reply = signer.sign(reply, Utc::now());
+        }
         let out = Outgoing {
             exchange: String::new(),
             routing_key: reply_to,

@@ -200,6 +200,8 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport> {
             intents: playbook.intents().into_iter().collect(),
             prefetch: 32,
             max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+            keyring: None,
+            signing_key: None,
         };
         let (sim, mut rx) = (sim.clone(), stop_rx.clone());
         tokio::spawn(async move {

@@ -18,6 +18,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection};
 use serde_json::{Map, Value};
 
+use crate::auth::{Guard, Key, Keyring, Policy, Signer};
 use crate::broker::{self, Names};
 use crate::journey::Stage;
 use crate::orchestrator::{self, Stats};
@@ -56,6 +57,19 @@ pub struct Global {
     /// Log format: readable text, or one JSON object per line for machines.
     #[arg(long, value_enum, global = true, default_value = "text")]
     pub log_format: LogFormat,
+    /// File of authentication keys, one `kid=base64secret` per line; the first signs.
+    /// Without it, keys come from JOURNEYMAN_AUTH_KEYS (same format, `;`-separated).
+    #[arg(long, env = crate::auth::KEYS_FILE_ENV, global = true)]
+    pub auth_keys_file: Option<PathBuf>,
+    /// Token put on journey commands (from `journeyman token issue`); without it, a
+    /// token is minted with the configured key.
+    #[arg(
+        long,
+        env = "JOURNEYMAN_AUTH_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub auth_token: Option<String>,
     /// The orchestrator's HTTP address: where `orchestrator` serves health, metrics, the
     /// JSON API and the dashboard, and where `journey list|history` and `report` read it.
     #[arg(long, env = "JOURNEYMAN_HTTP_ADDR", global = true, default_value = crate::http::DEFAULT_ADDR)]
@@ -65,6 +79,34 @@ pub struct Global {
 impl Global {
     pub fn names(&self) -> Names {
         Names::new(self.namespace.clone().unwrap_or_else(|| "a2a".into()))
+    }
+
+    /// The configured keys: the key file if named, else JOURNEYMAN_AUTH_KEYS, else none.
+    pub fn keyring(&self) -> Result<Option<Keyring>> {
+        let inline = std::env::var(crate::auth::KEYS_ENV).ok();
+        Ok(Keyring::from_sources(
+            self.auth_keys_file.as_deref(),
+            inline.as_deref(),
+        )?)
+    }
+
+    /// Who the CLI speaks as on journey commands, and its token (if authentication is
+    /// configured): the given token's subject, else `journeyman-cli` as an operator.
+    fn command_identity(&self) -> Result<(AgentRef, Option<String>)> {
+        if let Some(token) = &self.auth_token {
+            let sub = crate::auth::unverified_subject(token).ok_or_else(|| {
+                anyhow!("--auth-token (JOURNEYMAN_AUTH_TOKEN) is not a journeyman token")
+            })?;
+            return Ok((AgentRef::new(sub, "operator"), Some(token.clone())));
+        }
+        let me = AgentRef::new("journeyman-cli", "operator");
+        let token = self.keyring()?.map(|ring| {
+            Signer::new(ring.signing_key().clone(), me.agent_id.clone())
+                .with_roles(vec![crate::auth::OPERATOR.into()])
+                .with_ttl(Duration::from_secs(300))
+                .token(Utc::now())
+        });
+        Ok((me, token))
     }
 }
 
@@ -105,6 +147,36 @@ pub enum Cmd {
     Topology {
         #[command(subcommand)]
         command: TopologyCmd,
+    },
+    /// Authentication tokens and keys.
+    Token {
+        #[command(subcommand)]
+        command: TokenCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Mint a token for an agent with the configured key (prints it on stdout).
+    Issue {
+        /// The agent id the token names (its messages must carry it as source_agent).
+        #[arg(long)]
+        agent: String,
+        /// A role for the allow-list, e.g. operator (repeatable).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// How long the token is valid.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Sign with this key id (default: the first key).
+        #[arg(long)]
+        kid: Option<String>,
+    },
+    /// Generate a new random key and print it as a key-file line (`kid=base64secret`).
+    Keygen {
+        /// Key id (default: key-<today>).
+        #[arg(long)]
+        kid: Option<String>,
     },
 }
 
@@ -151,6 +223,42 @@ pub struct OrchestratorArgs {
     /// Promote only on journey.promote, never automatically.
     #[arg(long)]
     pub no_auto_promote: bool,
+    /// Allow-list file: which agents may send which journey commands (`intent = rule`
+    /// lines, see docs/protocol.md §10). Default: anyone authenticated, cancel by operators.
+    #[arg(long, env = "JOURNEYMAN_ALLOW_LIST")]
+    pub allow_list: Option<PathBuf>,
+    /// Accept unsigned messages when no key is configured (logs a warning). Without it,
+    /// the orchestrator refuses to start without keys.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+}
+
+impl OrchestratorArgs {
+    /// The orchestrator's authentication: a guard for its inputs and a signer for its task
+    /// requests, or `None` when turned off explicitly with --insecure-no-auth.
+    pub fn auth(&self, g: &Global) -> Result<Option<(Guard, Signer)>> {
+        let Some(ring) = g.keyring()? else {
+            if self.insecure_no_auth {
+                tracing::warn!(
+                    "authentication is OFF (--insecure-no-auth): any agent on the broker can send commands"
+                );
+                return Ok(None);
+            }
+            bail!(
+                "{}; or pass --insecure-no-auth to run without authentication",
+                crate::auth::KeyError::NoKeys
+            );
+        };
+        let policy = match &self.allow_list {
+            Some(p) => Policy::from_file(p)?,
+            None => Policy::default(),
+        };
+        let signer = Signer::new(
+            ring.signing_key().clone(),
+            AgentRef::orchestrator().agent_id,
+        );
+        Ok(Some((Guard::new(Arc::new(ring), policy), signer)))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -402,6 +510,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             } else {
                 a.intents
             };
+            let keyring = g.keyring()?;
+            if keyring.is_none() {
+                tracing::warn!(
+                    "authentication is off: no keys configured, task requests are not verified"
+                );
+            }
             let sim = crate::sim::SimAgent {
                 min_latency: Duration::from_millis(a.min_latency_ms),
                 max_latency: Duration::from_millis(a.max_latency_ms.max(a.min_latency_ms)),
@@ -415,6 +529,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 intents,
                 prefetch: a.prefetch,
                 max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+                keyring: keyring.clone().map(Arc::new),
+                signing_key: keyring.map(|k| k.signing_key().clone()),
             };
             crate::agent::run(config, Arc::new(sim), Default::default(), shutdown_signal())
                 .await
@@ -422,6 +538,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Demo(a) => crate::demo::run(g, a).await,
+        Cmd::Token { command } => token(g, command),
         Cmd::Chaos(a) => {
             let restart: Option<crate::chaos::BrokerRestart> = a.broker_restart_cmd.map(|cmd| {
                 let f: crate::chaos::BrokerRestart = Box::new(move || {
@@ -604,11 +721,43 @@ pub async fn run(cli: Cli) -> Result<()> {
                     )
                 }
             };
+            let (me, token) = g.command_identity()?;
             let conn = broker::connect(&g.amqp_url, "journeyman-cli").await?;
-            let reply = request(&conn, &names, &cmd, out.timeout).await?;
+            let reply = request_as(&conn, &names, &cmd, out.timeout, me, token).await?;
             print_reply(&reply, out.json)
         }
     }
+}
+
+fn token(g: &Global, command: TokenCmd) -> Result<()> {
+    match command {
+        TokenCmd::Keygen { kid } => {
+            let kid = kid.unwrap_or_else(|| format!("key-{}", Utc::now().format("%Y%m%d")));
+            println!("{}", Key::generate(kid)?.expose_line());
+        }
+        TokenCmd::Issue {
+            agent,
+            roles,
+            ttl,
+            kid,
+        } => {
+            let ring = g.keyring()?.ok_or(crate::auth::KeyError::NoKeys)?;
+            let key = match &kid {
+                None => ring.signing_key(),
+                Some(kid) => ring.get(kid).ok_or_else(|| {
+                    anyhow!(
+                        "no key '{kid}' among the configured keys ({})",
+                        ring.kids().join(", ")
+                    )
+                })?,
+            };
+            println!(
+                "{}",
+                crate::auth::mint(key, &agent, &roles, Utc::now(), ttl)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn http_client(g: &Global) -> crate::http::client::Client {
@@ -621,6 +770,19 @@ pub async fn request(
     names: &Names,
     cmd: &Command,
     timeout: Duration,
+) -> Result<Envelope> {
+    let me = AgentRef::new("journeyman-cli", "operator");
+    request_as(conn, names, cmd, timeout, me, None).await
+}
+
+/// [`request`] as `source`, carrying `token` when authentication is on.
+pub async fn request_as(
+    conn: &Connection,
+    names: &Names,
+    cmd: &Command,
+    timeout: Duration,
+    source: AgentRef,
+    token: Option<String>,
 ) -> Result<Envelope> {
     let ch = conn.create_channel().await?;
     let mut replies = ch
@@ -636,14 +798,17 @@ pub async fn request(
         .await
         .context("cannot listen for replies (direct reply-to)")?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let env = Envelope::new(
-        AgentRef::new("journeyman-cli", "operator"),
+    let mut env = Envelope::new(
+        source,
         AgentRef::orchestrator(),
         MessageType::Request,
         cmd.intent(),
         cmd.payload(),
         Utc::now(),
     );
+    if let Some(token) = token {
+        env = env.with_auth_token(token);
+    }
     let props = BasicProperties::default()
         .with_content_type(ShortString::from(crate::protocol::CONTENT_TYPE))
         .with_delivery_mode(2)

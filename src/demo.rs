@@ -232,6 +232,8 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
             intents: playbook.intents().into_iter().collect(),
             prefetch: 32,
             max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+            keyring: None,
+            signing_key: None,
         };
         let (sim, st, rx) = (sim.clone(), agent_stats.clone(), stop_rx.clone());
         workers.push(tokio::spawn(async move {

@@ -6,6 +6,7 @@
 //! [`orchestrator`] and [`agent`], with [`sim`] agents for demos and tests.
 
 pub mod agent;
+pub mod auth;
 pub mod backoff;
 pub mod broker;
 pub mod chaos;

@@ -77,10 +77,22 @@ impl MessageType {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Security {
-    /// Not verified yet: signed tokens arrive with the authentication work (issue 5).
+    /// A signed token naming the sender (`crate::auth`); empty when unsigned.
     pub auth_token: String,
+}
+
+/// Redacted: a token is a bearer credential, and envelopes end up in logs.
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field(
+                "auth_token",
+                &format_args!("<{} bytes>", self.auth_token.len()),
+            )
+            .finish()
+    }
 }
 
 /// The envelope around every message. `message_id` is the dedup key everywhere.
@@ -123,6 +135,12 @@ impl Envelope {
 
     pub fn with_correlation(mut self, correlation_id: impl Into<String>) -> Self {
         self.correlation_id = Some(correlation_id.into());
+        self
+    }
+
+    /// The envelope carrying `token` (from `auth::Signer::sign` or `auth::mint`).
+    pub fn with_auth_token(mut self, token: impl Into<String>) -> Self {
+        self.security.auth_token = token.into();
         self
     }
 
@@ -303,6 +321,10 @@ pub enum ProtocolError {
     UnknownIntent(String),
     #[error("message type '{0}' is not accepted on this queue")]
     UnexpectedMessageType(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl ProtocolError {
@@ -314,6 +336,8 @@ impl ProtocolError {
             ProtocolError::SchemaInvalid { .. } => "schema_invalid",
             ProtocolError::UnknownIntent(_) => "unknown_intent",
             ProtocolError::UnexpectedMessageType(_) => "unknown_message_type",
+            ProtocolError::Unauthenticated(_) => "unauthenticated",
+            ProtocolError::Forbidden(_) => "forbidden",
         }
     }
 }

@@ -54,6 +54,7 @@ fn slow_sim() -> SimAgent {
         min_latency: Duration::from_millis(80),
         max_latency: Duration::from_millis(200),
         failure_rate: 0.0,
+        duplicate_rate: 0.0,
     }
 }
 
@@ -852,6 +853,8 @@ async fn a_queue_with_other_arguments_is_a_clear_startup_error() {
         intents: vec!["provision_sandbox_environment".into()],
         prefetch: 16,
         max_message_bytes: journeyman::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+        keyring: None,
+        signing_key: None,
     };
     let res = tokio::time::timeout(
         Duration::from_secs(20),

@@ -265,14 +265,27 @@ impl TestApp {
     /// Starts an agent serving `intents` until the app is dropped, and waits until it
     /// consumes.
     pub async fn start_agent<A: Agent>(&self, agent: Arc<A>, intents: &[&str]) -> Arc<AgentStats> {
-        let config = AgentConfig {
+        self.start_agent_with(agent, intents, |_| {}).await
+    }
+
+    /// Like `start_agent`, with the config adjusted first (keys, agent id, ...).
+    pub async fn start_agent_with<A: Agent>(
+        &self,
+        agent: Arc<A>,
+        intents: &[&str],
+        adjust: impl FnOnce(&mut AgentConfig),
+    ) -> Arc<AgentStats> {
+        let mut config = AgentConfig {
             amqp_url: self.url.clone(),
             names: self.names.clone(),
             agent_id: "test-agent".into(),
             intents: intents.iter().map(|s| s.to_string()).collect(),
             prefetch: 16,
             max_message_bytes: journeyman::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+            keyring: None,
+            signing_key: None,
         };
+        adjust(&mut config);
         let stats = Arc::new(AgentStats::default());
         let st = stats.clone();
         let mut rx = self.stop.subscribe();
