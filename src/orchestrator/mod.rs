@@ -259,8 +259,64 @@ async fn session(
 ) -> Result<(), OrchestratorError> {
     // Separate connections: a memory alarm blocks publishers, and consumers must keep
     // acking meanwhile.
-    let consume_conn = broker::connect(&config.amqp_url, "journeyman-orchestrator-consume").await?;
-    let publish_conn = broker::connect(&config.amqp_url, "journeyman-orchestrator-publish").await?;
+    let consume_conn = setup(
+        "connect",
+        broker::connect(&config.amqp_url, "journeyman-orchestrator-consume"),
+    )
+    .await?;
+    let publish_conn = match setup(
+        "connect",
+        broker::connect(&config.amqp_url, "journeyman-orchestrator-publish"),
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            close(&consume_conn).await;
+            return Err(e);
+        }
+    };
+    let result = session_on(core, config, shutdown, &consume_conn, &publish_conn).await;
+    // Close this session's connections, so none of its consumers lingers beside the next
+    // session's (their unacked deliveries go back to the queue).
+    close(&consume_conn).await;
+    close(&publish_conn).await;
+    result
+}
+
+/// Setup steps must finish in time: a broker that accepted the connection but never
+/// answers a declare or consume would otherwise leave a worker connected and idle.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+async fn setup<T>(
+    op: &str,
+    f: impl Future<Output = Result<T, BrokerError>>,
+) -> Result<T, OrchestratorError> {
+    match tokio::time::timeout(SETUP_TIMEOUT, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(BrokerError::Timeout {
+            op: op.to_string(),
+            timeout: SETUP_TIMEOUT,
+        }
+        .into()),
+    }
+}
+
+async fn close(conn: &lapin::Connection) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        conn.close(200, "session ended".into()),
+    )
+    .await;
+}
+
+async fn session_on(
+    core: &mut Core,
+    config: &Config,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    consume_conn: &lapin::Connection,
+    publish_conn: &lapin::Connection,
+) -> Result<(), OrchestratorError> {
     let reply_queue = config.names.replies(&config.orchestrator_id);
     let ch = consume_conn
         .create_channel()
@@ -269,15 +325,23 @@ async fn session(
             op: "create channel".into(),
             source,
         })?;
-    broker::declare_exchanges(&ch, &config.names).await?;
+    setup("declare", broker::declare_exchanges(&ch, &config.names)).await?;
     for intent in JOURNEY_INTENTS {
         let q = config.names.intent_queue(intent);
-        broker::declare_queue(&ch, &config.names, &q, Some(intent)).await?;
+        setup(
+            "declare",
+            broker::declare_queue(&ch, &config.names, &q, Some(intent)),
+        )
+        .await?;
     }
-    broker::declare_queue(&ch, &config.names, &reply_queue, None).await?;
+    setup(
+        "declare",
+        broker::declare_queue(&ch, &config.names, &reply_queue, None),
+    )
+    .await?;
 
     let (tx, mut rx) = mpsc::channel::<Input>(4096);
-    let publisher = Publisher::start(&publish_conn).await?;
+    let publisher = setup("confirm.select", Publisher::start(publish_conn)).await?;
     let pump = OutboxPump::start(publisher, core.store.clone(), tx.clone());
     // Whatever a previous session or process left unpublished goes first.
     pump.send(core.store.outbox()?);
@@ -289,11 +353,9 @@ async fn session(
     queues.push((reply_queue.clone(), Source::Reply));
     let mut channels = Vec::new();
     for (q, source) in queues {
-        let (chan, consumer) = broker::consume(
-            &consume_conn,
-            &q,
-            "journeyman-orchestrator",
-            config.prefetch,
+        let (chan, consumer) = setup(
+            "consume",
+            broker::consume(consume_conn, &q, "journeyman-orchestrator", config.prefetch),
         )
         .await?;
         channels.push(chan);

@@ -607,9 +607,6 @@ async fn an_agent_consumer_cancelled_by_the_broker_redeclares_and_resumes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "orchestrator bug: after a consumer cancel, the old session's consuming connection \
-            and its other consumers stay open next to the new session's (src/orchestrator/mod.rs \
-            `session` never closes consume_conn; the consumer tasks keep the channels alive)"]
 async fn an_orchestrator_consumer_cancelled_by_the_broker_redeclares_and_resumes() {
     consumer_cancelled(Cancelled::Orchestrator).await;
 }
