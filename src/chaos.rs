@@ -134,6 +134,9 @@ async fn spawn_orchestrator(
             "--namespace",
             &names.namespace,
             "orchestrator",
+            "--insecure-no-auth",
+            "--http-addr",
+            "127.0.0.1:0",
             "--data-dir",
         ])
         .arg(dir.join("store"))

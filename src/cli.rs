@@ -445,9 +445,12 @@ pub enum TopologyCmd {
 /// Logs to stderr; `RUST_LOG` overrides `default` (e.g. `info`, `journeyman=debug`).
 pub fn init_tracing(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!(
-            "{default},lapin=warn,lapin::returned_messages=error"
-        ))
+        let lapin = if default.contains("lapin") {
+            String::new()
+        } else {
+            ",lapin=warn,lapin::returned_messages=error".to_string()
+        };
+        tracing_subscriber::EnvFilter::new(format!("{default}{lapin}"))
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -486,6 +489,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let g = &cli.global;
     match cli.command {
         Cmd::Orchestrator(a) => {
+            let auth = a.auth(g)?;
             let mut config =
                 orchestrator::Config::new(&g.amqp_url, &g.names().namespace, a.data_dir);
             config.playbook = a.playbook.load()?;
@@ -498,6 +502,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 timeout: Duration::from_secs(10),
             });
             config.http_addr = Some(g.http_addr);
+            config.auth = auth;
             orchestrator::run(config, Arc::new(Stats::default()), shutdown_signal())
                 .await
                 .context("the orchestrator stopped")?;

@@ -22,6 +22,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::agent::{self, AgentConfig, AgentStats};
+use crate::auth::{Guard, Key, Keyring, Policy, Signer};
 use crate::broker::{self, Names, Outgoing, Published, Publisher};
 use crate::cli::Global;
 use crate::orchestrator::{self, Stats};
@@ -122,7 +123,7 @@ fn client_name(i: usize) -> String {
 }
 
 /// A journey command from the demo's upstream agent.
-fn command(names: &Names, intent: &str, payload: serde_json::Value) -> Outgoing {
+fn command(names: &Names, signer: &Signer, intent: &str, payload: serde_json::Value) -> Outgoing {
     let env = Envelope::new(
         AgentRef::new("journeyman-demo", "demo"),
         AgentRef::orchestrator(),
@@ -131,6 +132,7 @@ fn command(names: &Names, intent: &str, payload: serde_json::Value) -> Outgoing 
         payload,
         Utc::now(),
     );
+    let env = signer.sign(env, Utc::now());
     Outgoing {
         exchange: names.intents(),
         routing_key: intent.to_string(),
@@ -216,6 +218,12 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         let _ = rx.wait_for(|v| *v).await;
     };
 
+    // Authentication on, as in production: one key generated for this run signs the
+    // orchestrator's requests, the agents' replies and the demo's own commands.
+    let key = Key::generate("demo")?;
+    let ring = Arc::new(Keyring::new(vec![key.clone()])?);
+    let upstream =
+        Signer::new(key.clone(), "journeyman-demo").with_roles(vec![crate::auth::OPERATOR.into()]);
     let agent_stats = Arc::new(AgentStats::default());
     let sim = Arc::new(SimAgent {
         failure_rate: a.failure_rate.clamp(0.0, 1.0),
@@ -232,8 +240,8 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
             intents: playbook.intents().into_iter().collect(),
             prefetch: 32,
             max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
-            keyring: None,
-            signing_key: None,
+            keyring: Some(ring.clone()),
+            signing_key: Some(key.clone()),
         };
         let (sim, st, rx) = (sim.clone(), agent_stats.clone(), stop_rx.clone());
         workers.push(tokio::spawn(async move {
@@ -245,6 +253,10 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
     let stats = Arc::new(Stats::default());
     let mut config = orchestrator::Config::new(&g.amqp_url, &names.namespace, data_dir.clone());
     config.max_group = a.max_group;
+    config.auth = Some((
+        Guard::new(ring.clone(), Policy::default()),
+        Signer::new(key.clone(), AgentRef::orchestrator().agent_id),
+    ));
     let (st, rx) = (stats.clone(), stop_rx.clone());
     let orch = tokio::spawn(async move {
         orchestrator::run(config, st, stopped(rx))
@@ -264,7 +276,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         }});
         pending.push(
             publisher
-                .enqueue(command(&names, "journey.start", payload))
+                .enqueue(command(&names, &upstream, "journey.start", payload))
                 .await?,
         );
     }
@@ -381,7 +393,9 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
             }
             if let Some((intent, payload)) = reply {
                 // Pipelined: the confirm is awaited off the event loop.
-                let rx = publisher.enqueue(command(&names, intent, payload)).await?;
+                let rx = publisher
+                    .enqueue(command(&names, &upstream, intent, payload))
+                    .await?;
                 tokio::spawn(async move {
                     if !matches!(rx.await, Ok(Ok(Published::Confirmed))) {
                         tracing::warn!("a demo command was not confirmed");

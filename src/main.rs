@@ -12,7 +12,9 @@ async fn main() {
     let cli = journeyman::cli::Cli::parse();
     // The demo's progress display is its output; workers log what they do.
     let default = match cli.command {
-        journeyman::cli::Cmd::Demo(_) | journeyman::cli::Cmd::Chaos(_) => "warn",
+        // lapin logs routine connection closes at error level; the demo and the chaos run
+        // report broker trouble themselves.
+        journeyman::cli::Cmd::Demo(_) | journeyman::cli::Cmd::Chaos(_) => "warn,lapin=off",
         _ => "info",
     };
     journeyman::cli::init_tracing(cli.global.log_format, default);

@@ -172,6 +172,8 @@ pub struct Core {
     policy: Policy,
     /// Wakes the webhook delivery task once queued cards are durable.
     wake: Option<Arc<tokio::sync::Notify>>,
+    /// Checks inputs and signs outputs; `None` when authentication is off.
+    auth: Option<(crate::auth::Guard, crate::auth::Signer)>,
 }
 
 impl Core {
@@ -201,6 +203,7 @@ impl Core {
             stats,
             policy,
             wake: None,
+            auth: None,
         };
         core.load_timers()?;
         Ok(core)
@@ -210,6 +213,18 @@ impl Core {
     fn commit(&self, change: Change) -> Result<Vec<OutboxEntry>, crate::store::StoreError> {
         crate::failpoint::hit("before_commit");
         self.store.commit(change)
+    }
+
+    pub fn set_auth(&mut self, auth: Option<(crate::auth::Guard, crate::auth::Signer)>) {
+        self.auth = auth;
+    }
+
+    /// Puts the orchestrator's token on what it sends, when authentication is on.
+    fn sign(&self, env: Envelope) -> Envelope {
+        match &self.auth {
+            Some((_, signer)) => signer.sign(env, Utc::now()),
+            None => env,
+        }
     }
 
     pub fn set_wake(&mut self, wake: Arc<tokio::sync::Notify>) {
@@ -298,13 +313,22 @@ impl Core {
             debug!("duplicate message; already applied");
             return Ok(Vec::new());
         }
+        // Authentication comes after the schema: a well-formed message from the wrong
+        // sender is `unauthenticated` (or `forbidden`), not `schema_invalid`.
+        let now = Utc::now();
         match m.source {
             Source::Command => match self.decoder.command(&env) {
-                Ok(cmd) => self.apply_command(m, &env, cmd),
+                Ok(cmd) => match self.auth.as_ref().map(|(g, _)| g.command(&env, now)) {
+                    Some(Err(e)) => self.refuse_input(m, Some(&env), &e),
+                    _ => self.apply_command(m, &env, cmd),
+                },
                 Err(e) => self.refuse_input(m, Some(&env), &e),
             },
             Source::Reply => match self.decoder.task_reply(&env) {
-                Ok(outcome) => self.apply_reply(m, &env, outcome),
+                Ok(outcome) => match self.auth.as_ref().map(|(g, _)| g.reply(&env, now)) {
+                    Some(Err(e)) => self.refuse_input(m, Some(&env), &e),
+                    _ => self.apply_reply(m, &env, outcome),
+                },
                 Err(e) => self.refuse_input(m, Some(&env), &e),
             },
         }
@@ -450,6 +474,7 @@ impl Core {
             Utc::now(),
         )
         .with_correlation(request.reply_correlation());
+        let env = self.sign(env);
         OutboxEntry {
             id: 0,
             exchange: String::new(),
@@ -475,6 +500,7 @@ impl Core {
             payload,
             Utc::now(),
         );
+        let env = self.sign(env);
         OutboxEntry {
             id: 0,
             exchange: self.names.events(),
@@ -1169,6 +1195,7 @@ impl Core {
                 now,
             )
             .with_correlation(d.correlation_id.clone());
+            let env = self.sign(env);
             debug!(client_id = %rec.journey.client_id, task = %d.task_id, attempt = d.attempt, "dispatch");
             change.push_outbox(OutboxEntry {
                 id: 0,

@@ -79,6 +79,9 @@ pub struct Config {
     pub webhook: Option<crate::webhook::WebhookConfig>,
     /// Inputs handled per store flush (group commit); 1 means one fsync per message.
     pub max_group: usize,
+    /// Verifies every command and reply, and signs what the orchestrator sends. `None`
+    /// accepts unsigned messages (the CLI requires --insecure-no-auth for that).
+    pub auth: Option<(crate::auth::Guard, crate::auth::Signer)>,
     /// Where to serve health, readiness, metrics, the JSON API and the dashboard; `None`
     /// serves nothing (the demo, most tests). Port 0 picks a free port.
     pub http_addr: Option<SocketAddr>,
@@ -102,6 +105,7 @@ impl Config {
             max_group: MAX_GROUP,
             http_addr: None,
             http_bound: Default::default(),
+            auth: None,
         }
     }
 }
@@ -193,6 +197,7 @@ pub async fn run(
         policy,
     )?;
     core.set_wake(wake);
+    core.set_auth(config.auth.clone());
     core.store.flush().await?;
     // Aborted when `run` returns, so a restarted orchestrator can bind the same address.
     let _http = match config.http_addr {

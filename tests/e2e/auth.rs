@@ -202,3 +202,69 @@ async fn a_forged_task_request_is_dead_lettered_and_the_next_valid_one_is_served
         4
     );
 }
+
+/// The orchestrator side: unsigned commands are refused, signed ones applied, and the
+/// task requests it signs are accepted by agents that check them (and sign their replies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orchestrator_refuses_unsigned_commands_and_its_signed_requests_are_served() {
+    let key = Key::generate("k1").unwrap();
+    let ring = Arc::new(Keyring::new(vec![key.clone()]).unwrap());
+    let mut app = TestApp::spawn_with(
+        journeyman::playbook::Playbook::default_playbook(),
+        Mode::Manual,
+    )
+    .await;
+    let guard = auth::Guard::new(ring.clone(), auth::Policy::default());
+    let orchestrator = Signer::new(key.clone(), AgentRef::orchestrator().agent_id);
+    app.start_orchestrator_with(|c| c.auth = Some((guard, orchestrator)));
+    let config = journeyman::agent::AgentConfig {
+        amqp_url: app.url.clone(),
+        names: app.names.clone(),
+        agent_id: "signed-agent".into(),
+        intents: app.playbook.intents().into_iter().collect(),
+        prefetch: 16,
+        max_message_bytes: journeyman::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+        keyring: Some(ring.clone()),
+        signing_key: Some(key.clone()),
+    };
+    let stats = Arc::new(journeyman::agent::AgentStats::default());
+    let st = stats.clone();
+    tokio::spawn(async move {
+        let _ = journeyman::agent::run(
+            config,
+            Arc::new(journeyman::sim::SimAgent::default()),
+            st,
+            std::future::pending(),
+        )
+        .await;
+    });
+    tokio::time::timeout(WAIT, stats.wait_ready())
+        .await
+        .unwrap();
+
+    let unsigned = TestApp::command("journey.start", json!({"client_id": "mallory"}));
+    app.send(&unsigned).await;
+    let dl = app.dead_letters(1).await;
+    assert_eq!(dl[0].reason(), "unauthenticated", "{:?}", dl[0].headers);
+
+    let upstream = Signer::new(key.clone(), "test-upstream");
+    let start = upstream.sign(
+        TestApp::command("journey.start", json!({"client_id": "acme"})),
+        Utc::now(),
+    );
+    app.send(&start).await;
+    app.wait_event("acme started", |p| {
+        p["event"] == "journey.started" && p["client_id"] == "acme"
+    })
+    .await;
+    let evidence = upstream.sign(
+        TestApp::command(
+            "journey.evidence",
+            json!({"client_id": "acme", "metrics": {"search.precision": 0.9}, "flags": {"demo.approved": true}}),
+        ),
+        Utc::now(),
+    );
+    app.send(&evidence).await;
+    app.wait_in_production("acme").await;
+    assert_eq!(app.dead_letter_count().await, 0, "nothing else was refused");
+}

@@ -209,6 +209,7 @@ impl TestApp {
                 "--namespace",
                 &self.names.namespace,
                 "orchestrator",
+                "--insecure-no-auth",
                 "--http-addr",
                 "127.0.0.1:0",
                 "--data-dir",

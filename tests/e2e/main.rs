@@ -484,6 +484,9 @@ async fn a_second_orchestrator_on_the_same_directory_is_refused() {
                 "--namespace",
                 &app.names.namespace,
                 "orchestrator",
+                "--insecure-no-auth",
+                "--http-addr",
+                "127.0.0.1:0",
                 "--data-dir",
             ])
             .arg(app.data_dir())
@@ -541,6 +544,9 @@ async fn a_corrupt_data_directory_is_a_clear_fatal_error() {
                 "--namespace",
                 &app.names.namespace,
                 "orchestrator",
+                "--insecure-no-auth",
+                "--http-addr",
+                "127.0.0.1:0",
                 "--data-dir",
             ])
             .arg(&dir)
