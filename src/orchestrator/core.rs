@@ -988,7 +988,7 @@ impl Core {
             &event,
             now,
             cause,
-            json!({"reason": reason, "automatic": automatic, "from": from, "to": target}),
+            json!({"reason": reason, "automatic": automatic, "target": target}),
         )?;
         // Run the stage's rollback work; none means there is nothing to undo.
         let playbook = self.playbook(&rec.playbook)?;
