@@ -281,6 +281,52 @@ pub async fn delete_namespace(conn: &Connection, names: &Names, queues: &[String
     }
 }
 
+/// Follows every journey event on a private queue (exclusive, gone with the connection),
+/// without acks: for watchers like the demo and tests, which must not hold up anyone.
+pub async fn watch_events(
+    conn: &Connection,
+    names: &Names,
+) -> Result<(Channel, lapin::Consumer), BrokerError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(amqp("create channel"))?;
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp("declare the event watch queue"))?;
+    ch.queue_bind(
+        q.name().clone(),
+        names.events().as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(amqp("bind the event watch queue"))?;
+    let consumer = ch
+        .basic_consume(
+            q.name().clone(),
+            "watch".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp("watch events"))?;
+    Ok((ch, consumer))
+}
+
 /// Opens a consumer with manual acks on its own channel with a bounded prefetch.
 /// Returns the channel too: acks must go on the channel the delivery came on.
 pub async fn consume(

@@ -16,8 +16,6 @@ use chrono::Utc;
 use clap::Args;
 use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -182,36 +180,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
     queues.push(names.replies("0"));
 
     // Watch every journey event on a private queue.
-    let events_q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    ch.queue_bind(
-        events_q.name().clone(),
-        names.events().as_str().into(),
-        "#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    let mut events = ch
-        .basic_consume(
-            events_q.name().clone(),
-            "demo".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let (_watch, mut events) = broker::watch_events(&conn, &names).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

@@ -394,19 +394,9 @@ impl Store {
         Ok(())
     }
 
+    /// A client's history, oldest first.
     pub fn history<T: DeserializeOwned>(&self, client_id: &str) -> Result<Vec<T>, StoreError> {
-        let mut p = key(HISTORY, client_id.as_bytes());
-        p.push(0);
-        self.tree
-            .scan_prefix(p)
-            .map(|r| {
-                let (_, v) = r?;
-                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                    what: "history",
-                    detail: e.to_string(),
-                })
-            })
-            .collect()
+        self.per_client(HISTORY, client_id, "history")
     }
 
     /// Drops dedup marks judged old by `is_old` on the stored value.
@@ -427,14 +417,24 @@ impl Store {
 
     /// Every snapshot of a client's journey, oldest first.
     pub fn snapshots<T: DeserializeOwned>(&self, client_id: &str) -> Result<Vec<T>, StoreError> {
-        let mut p = key(SNAPSHOT, client_id.as_bytes());
+        self.per_client(SNAPSHOT, client_id, "snapshot")
+    }
+
+    /// The records of one kind kept under `<prefix><client>\0<seq>`, in sequence order.
+    fn per_client<T: DeserializeOwned>(
+        &self,
+        prefix: &[u8],
+        client_id: &str,
+        what: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut p = key(prefix, client_id.as_bytes());
         p.push(0);
         self.tree
             .scan_prefix(p)
             .map(|r| {
                 let (_, v) = r?;
                 serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                    what: "snapshot",
+                    what,
                     detail: e.to_string(),
                 })
             })
