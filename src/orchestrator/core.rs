@@ -595,10 +595,10 @@ impl Core {
                 format!("no journey for client {client_id}; start one with journey.start"),
             )),
             (Command::Promote(_), Some(mut rec)) => self
-                .manual_promote(&mut change, &mut rec, now, &mid)
+                .gated(&mut change, &mut rec, &Event::Promote, now, &mid)
                 .map(|_| rec),
             (Command::Complete(_), Some(mut rec)) => self
-                .manual_complete(&mut change, &mut rec, now, &mid)
+                .gated(&mut change, &mut rec, &Event::Complete, now, &mid)
                 .map(|_| rec),
             (Command::Cancel(p), Some(mut rec)) => {
                 let reason = p.reason.unwrap_or_else(|| "cancelled".into());
@@ -621,8 +621,9 @@ impl Core {
             (Command::Rollback(p), Some(mut rec)) => {
                 let retry = rec.rollback.as_ref().is_some_and(|r| r.failed);
                 if retry && p.rollback_to.is_none() {
-                    self.retry_rollback(&mut change, &mut rec, now, &mid)
+                    self.resume(&mut change, &mut rec, now, &mid)
                         .map(|_| rec)
+                        .map_err(Refusal::from)
                 } else {
                     self.start_rollback(
                         &mut change,
@@ -837,40 +838,20 @@ impl Core {
         }
     }
 
-    fn manual_promote(
+    /// A manual promote or complete: allowed by the state machine, then through the gate.
+    fn gated(
         &mut self,
         change: &mut Change,
         rec: &mut JourneyRecord,
+        event: &Event,
         now: DateTime<Utc>,
         cause: &str,
     ) -> Result<(), Refusal> {
-        if rec.journey.stage == Stage::Production {
-            return Err(TransitionError::InvalidTransition {
-                stage: Stage::Production,
-                event: "promote".into(),
-            }
-            .into());
-        }
+        // The state machine says which stage may take the event; ask it first, so a
+        // refusal names the real reason rather than a gate.
+        rec.journey.apply(event, now)?;
         self.gate_for(change, rec, now, cause)?;
-        self.transition(change, rec, &Event::Promote, now, cause)
-    }
-
-    fn manual_complete(
-        &mut self,
-        change: &mut Change,
-        rec: &mut JourneyRecord,
-        now: DateTime<Utc>,
-        cause: &str,
-    ) -> Result<(), Refusal> {
-        if rec.journey.stage != Stage::Production {
-            return Err(TransitionError::InvalidTransition {
-                stage: rec.journey.stage,
-                event: "complete".into(),
-            }
-            .into());
-        }
-        self.gate_for(change, rec, now, cause)?;
-        self.transition(change, rec, &Event::Complete, now, cause)
+        self.transition(change, rec, event, now, cause)
     }
 
     /// Promotes automatically when the work is done and the gate passes; otherwise says
@@ -1036,17 +1017,6 @@ impl Core {
         )?;
         Stats::inc(&self.stats.rollbacks_completed);
         rec.rollback = None;
-        Ok(())
-    }
-
-    fn retry_rollback(
-        &mut self,
-        change: &mut Change,
-        rec: &mut JourneyRecord,
-        now: DateTime<Utc>,
-        cause: &str,
-    ) -> Result<(), Refusal> {
-        self.resume(change, rec, now, cause)?;
         Ok(())
     }
 
@@ -1520,11 +1490,13 @@ impl Core {
             }
             // Retries that are due are dispatched here.
             self.advance(&mut change, &mut rec, now)?;
-            if !change.empty {
+            if change.empty {
+                // Nothing changed, but a timer is still pending (save arms otherwise).
+                self.arm(&rec);
+            } else {
                 self.save(&mut change, &rec)?;
                 out.extend(self.commit(change)?);
             }
-            self.arm(&rec);
         }
         Ok(out)
     }

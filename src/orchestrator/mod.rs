@@ -368,16 +368,11 @@ async fn session_on(
         let queue: Arc<str> = Arc::from(q.as_str());
         tokio::spawn(async move {
             let mut consumer = consumer;
-            let mut source = Some(source);
             while let Some(next) = consumer.next().await {
                 match next {
                     Ok(delivery) => {
-                        let s = match source.as_ref() {
-                            Some(Source::Command) => Source::Command,
-                            _ => Source::Reply,
-                        };
                         let input = Input::Delivery {
-                            source: s,
+                            source,
                             queue: queue.clone(),
                             delivery: Box::new(delivery),
                         };
@@ -396,7 +391,6 @@ async fn session_on(
                     }
                 }
             }
-            source.take();
             // The stream ended without an error: the broker cancelled the consumer.
             let _ = tx
                 .send(Input::Failed(BrokerError::ConsumerCancelled(
