@@ -231,6 +231,20 @@ pub struct OrchestratorArgs {
     /// the orchestrator refuses to start without keys.
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// How long message ids are remembered, so a redelivered duplicate is dropped.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub dedup_retention: Duration,
+    /// How long a finished journey keeps its last unit of work in full (task outputs,
+    /// correlation ids). The journey and its history are kept for good.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub finished_retention: Duration,
+    /// How often expired records are pruned (also once at start-up).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub housekeeping_every: Duration,
+    /// sled's page cache in MiB: most of the orchestrator's memory. Hot journeys stay in
+    /// it; finished ones are read from disk when asked for.
+    #[arg(long, env = "JOURNEYMAN_STORE_CACHE_MB", default_value_t = 64)]
+    pub store_cache_mb: u64,
 }
 
 impl OrchestratorArgs {
@@ -496,6 +510,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             config.orchestrator_id = a.orchestrator_id;
             config.prefetch = a.prefetch;
             config.policy.auto_promote = !a.no_auto_promote;
+            config.policy.dedup_retention = chrono::Duration::from_std(a.dedup_retention)
+                .context("--dedup-retention is too long")?;
+            config.policy.finished_retention = chrono::Duration::from_std(a.finished_retention)
+                .context("--finished-retention is too long")?;
+            config.housekeeping_every = a.housekeeping_every;
+            config.store_cache_bytes = a.store_cache_mb.saturating_mul(1 << 20);
             config.webhook = a.webhook_url.map(|url| crate::webhook::WebhookConfig {
                 url,
                 token: a.webhook_token.map(crate::webhook::Secret::new),

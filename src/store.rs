@@ -30,6 +30,10 @@ const CARD: &[u8] = b"w/";
 const FORMAT_KEY: &[u8] = b"meta/format";
 const FORMAT: &[u8] = b"journeyman-store-1";
 
+/// sled's page cache unless configured: enough for the hot journeys of a busy
+/// orchestrator, small enough for a 256 MiB container.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
@@ -236,6 +240,19 @@ fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
+/// Records per kind: (count, key + value bytes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Census {
+    pub journeys: (u64, u64),
+    pub correlations: (u64, u64),
+    pub dedup_marks: (u64, u64),
+    pub outbox: (u64, u64),
+    pub history: (u64, u64),
+    pub snapshots: (u64, u64),
+    pub cards: (u64, u64),
+    pub other: (u64, u64),
+}
+
 /// The store handle. Cloning shares the same database.
 #[derive(Clone)]
 pub struct Store {
@@ -247,9 +264,18 @@ impl Store {
     /// Opens (creating) the data directory. A directory held by another process is a clear
     /// error, not a hang; a corrupt one is a clear fatal error, never a panic.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens with a page cache of `cache_bytes` (sled's own default is 1 GiB, far more
+    /// than a journey's hot data needs).
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
         let existed = path.join("db").exists() || path.join("conf").exists();
-        let config = sled::Config::new().path(path).flush_every_ms(Some(500));
+        let config = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(Some(500));
         // sled may panic on some corrupt files; that must be a clear error, not a crash.
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
             .map_err(|panic| {
@@ -413,6 +439,46 @@ impl Store {
         is_old: impl Fn(&T) -> bool,
     ) -> Result<usize, StoreError> {
         self.prune(SNAPSHOT, is_old)
+    }
+
+    /// Drops correlation entries (correlation id -> client) that `keep` rejects.
+    pub fn prune_inflight(
+        &self,
+        mut keep: impl FnMut(&str, &str) -> bool,
+    ) -> Result<usize, StoreError> {
+        let mut b = sled::Batch::default();
+        let mut n = 0;
+        for r in self.tree.scan_prefix(INFLIGHT) {
+            let (k, v) = r?;
+            let corr = String::from_utf8_lossy(&k[INFLIGHT.len()..]);
+            if !keep(&corr, &String::from_utf8_lossy(&v)) {
+                b.remove(k);
+                n += 1;
+            }
+        }
+        self.tree.apply_batch(b)?;
+        Ok(n)
+    }
+
+    /// How many records of each kind the store holds, for `journeyman bench` and ops.
+    pub fn census(&self) -> Result<Census, StoreError> {
+        let mut c = Census::default();
+        for r in self.tree.iter() {
+            let (k, v) = r?;
+            let slot = match k.get(..2) {
+                Some(JOURNEY) => &mut c.journeys,
+                Some(INFLIGHT) => &mut c.correlations,
+                Some(DEDUP) => &mut c.dedup_marks,
+                Some(OUTBOX) => &mut c.outbox,
+                Some(HISTORY) => &mut c.history,
+                Some(SNAPSHOT) => &mut c.snapshots,
+                Some(CARD) => &mut c.cards,
+                _ => &mut c.other,
+            };
+            slot.0 += 1;
+            slot.1 += (k.len() + v.len()) as u64;
+        }
+        Ok(c)
     }
 
     /// Every snapshot of a client's journey, oldest first.

@@ -273,6 +273,29 @@ impl UnitOfWork {
         self.failure = Some(format!("task {task_id} failed: {error}"));
     }
 
+    /// Whether a reply with this correlation id would be recognised (current or earlier
+    /// attempt of one of the tasks).
+    pub fn knows_correlation(&self, correlation_id: &str) -> bool {
+        self.locate(correlation_id).is_some()
+    }
+
+    /// Drops what an ended unit of work no longer needs (task outputs, correlation ids of
+    /// every attempt), keeping each task's status, attempts and last error for display.
+    /// Returns whether anything was dropped; a running unit is left alone.
+    pub fn compact(&mut self) -> bool {
+        if self.status == WorkStatus::Running {
+            return false;
+        }
+        let mut changed = false;
+        for t in &mut self.tasks {
+            changed |= t.output.take().is_some();
+            changed |= t.correlation_id.take().is_some();
+            changed |= !t.past_correlations.is_empty();
+            t.past_correlations = Vec::new();
+        }
+        changed
+    }
+
     fn locate(&self, correlation_id: &str) -> Option<(usize, bool)> {
         self.tasks.iter().enumerate().find_map(|(i, t)| {
             if t.correlation_id.as_deref() == Some(correlation_id) {
@@ -583,6 +606,43 @@ mod tests {
             w.on_reply(&spec, "nope", Ok(json!({})), t, 0.0),
             ReplyEffect::Unknown
         );
+    }
+
+    #[test]
+    fn compaction_keeps_statuses_and_forgets_correlations_only_once_ended() {
+        let spec = sandbox();
+        let now = Utc::now();
+        let ctx = json!({"data_sources": ["drive"], "connectors": ["drive"]});
+        let view = JourneyView {
+            client_id: "acme",
+            context: &ctx,
+        };
+        let mut w = UnitOfWork::new("w1".into(), Stage::Sandbox, &spec, now);
+        let mut ids = counter();
+        let mut dispatched = w.advance(&spec, &view, now, &mut ids);
+        let first = dispatched[0].correlation_id.clone();
+        assert!(w.knows_correlation(&first));
+        assert!(!w.compact(), "a running unit is never compacted");
+        let mut all = Vec::new();
+        while let Some(d) = dispatched.pop() {
+            all.push(d.correlation_id.clone());
+            w.on_reply(
+                &spec,
+                &d.correlation_id,
+                Ok(outputs_for(&d.intent)),
+                now,
+                0.0,
+            );
+            dispatched.extend(w.advance(&spec, &view, now, &mut ids));
+        }
+        assert_eq!(w.status, WorkStatus::Completed);
+        let statuses: Vec<_> = w.tasks.iter().map(|t| (t.status, t.attempts)).collect();
+        assert!(w.compact());
+        assert!(!w.compact(), "compaction is idempotent");
+        assert!(all.iter().all(|c| !w.knows_correlation(c)));
+        assert!(w.tasks.iter().all(|t| t.output.is_none()));
+        let after: Vec<_> = w.tasks.iter().map(|t| (t.status, t.attempts)).collect();
+        assert_eq!(statuses, after);
     }
 
     #[test]

@@ -79,6 +79,10 @@ pub struct Policy {
     pub dedup_retention: ChronoDuration,
     /// Queue status cards for the dashboard webhook.
     pub webhook: bool,
+    /// How long a finished (completed or cancelled) journey keeps its last unit of work
+    /// in full; after that the task outputs and attempt bookkeeping are dropped. The
+    /// journey and its history are kept for good.
+    pub finished_retention: ChronoDuration,
 }
 
 impl Default for Policy {
@@ -88,6 +92,7 @@ impl Default for Policy {
             snapshot_retention: ChronoDuration::days(30),
             dedup_retention: ChronoDuration::days(7),
             webhook: false,
+            finished_retention: ChronoDuration::days(7),
         }
     }
 }
@@ -110,6 +115,16 @@ impl Seen {
             digest: Some(hex::encode(&d[..16])),
         }
     }
+}
+
+/// What one housekeeping pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub dedup_marks: usize,
+    pub snapshots: usize,
+    pub correlations: usize,
+    /// Finished journeys whose last unit of work was compacted.
+    pub compacted: usize,
 }
 
 /// A refusal of a journey command: answered with an `error`, and dead-lettered.
@@ -277,15 +292,43 @@ impl Core {
         Ok(())
     }
 
-    /// Prunes old dedup marks and expired rollback snapshots. Not on the hot path.
-    pub fn housekeeping(&self, now: DateTime<Utc>) -> Result<(usize, usize), OrchestratorError> {
+    /// Keeps the store's size per journey bounded: drops old dedup marks, expired rollback
+    /// snapshots, correlation entries no unit of work knows any more, and the bulk of
+    /// finished journeys' last unit of work. History is never pruned. Not on the hot path.
+    pub fn housekeeping(&self, now: DateTime<Utc>) -> Result<Pruned, OrchestratorError> {
         let dedup_before = now - self.policy.dedup_retention;
         let snap_before = now - self.policy.snapshot_retention;
-        let d = self.store.prune_dedup(|s: &Seen| s.at < dedup_before)?;
-        let s = self
+        let finished_before = now - self.policy.finished_retention;
+        let dedup_marks = self.store.prune_dedup(|s: &Seen| s.at < dedup_before)?;
+        let snapshots = self
             .store
             .prune_snapshots(|s: &Snapshot| s.at < snap_before)?;
-        Ok((d, s))
+        let mut compacted = 0;
+        let mut change = Change::new();
+        for rec in self.store.journeys::<JourneyRecord>() {
+            let mut rec = rec?;
+            if rec.journey.stage.is_terminal()
+                && rec.journey.stage_started_at < finished_before
+                && rec.work.as_mut().is_some_and(UnitOfWork::compact)
+            {
+                change.put_journey(&rec.journey.client_id, &rec);
+                compacted += 1;
+            }
+        }
+        self.store.commit(change)?;
+        // A correlation entry outlives its use once the unit of work that dispatched it
+        // was replaced or compacted: a reply to it could only be reported as unknown.
+        let correlations = self.store.prune_inflight(|corr, client| {
+            let rec: Option<JourneyRecord> = self.store.journey(client).ok().flatten();
+            rec.and_then(|r| r.work)
+                .is_some_and(|w| w.knows_correlation(corr))
+        })?;
+        Ok(Pruned {
+            dedup_marks,
+            snapshots,
+            correlations,
+            compacted,
+        })
     }
 
     /// Handles one delivery: decode, dedup, apply. Returns what to publish once durable.
@@ -1543,4 +1586,143 @@ fn now() -> DateTime<Utc> {
 
 fn to_chrono(d: std::time::Duration) -> ChronoDuration {
     ChronoDuration::from_std(d).unwrap_or(ChronoDuration::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::TaskResponse;
+
+    fn core(dir: &std::path::Path, policy: Policy) -> Core {
+        let store = Store::open(dir).unwrap();
+        let names = Names::new("unit");
+        Core::new(
+            store,
+            names.clone(),
+            names.replies("0"),
+            Decoder::new(crate::protocol::DEFAULT_MAX_MESSAGE_BYTES),
+            &Playbook::default_playbook(),
+            Arc::new(Stats::default()),
+            policy,
+        )
+        .unwrap()
+    }
+
+    fn inbound<'a>(source: Source, data: &'a [u8], env: &'a Envelope) -> Inbound<'a> {
+        Inbound {
+            source,
+            data,
+            exchange: "",
+            routing_key: &env.intent,
+            queue: "q",
+            message_id: Some(env.message_id.to_string()),
+            correlation_id: env.correlation_id.clone(),
+            reply_to: None,
+            traceparent: None,
+            replay: None,
+        }
+    }
+
+    /// Answers every task request in `out` with success; returns what that published.
+    fn answer_all(core: &mut Core, out: Vec<OutboxEntry>) -> Vec<OutboxEntry> {
+        let mut next = Vec::new();
+        for e in out {
+            if !matches!(e.purpose, Purpose::TaskRequest { .. }) {
+                continue;
+            }
+            let req: Envelope = serde_json::from_slice(&e.body).unwrap();
+            let mut reply = Envelope::new(
+                AgentRef::new("sim", "journeyman"),
+                req.source_agent.clone(),
+                MessageType::Response,
+                req.intent.clone(),
+                {
+                    let out = crate::sim::simulated_output(&req.intent, "acme", &json!({}));
+                    let Value::Object(out) = out else {
+                        panic!("{out}")
+                    };
+                    serde_json::to_value(TaskResponse::completed(out)).unwrap()
+                },
+                Utc::now(),
+            );
+            reply.correlation_id = Some(req.reply_correlation());
+            let data = reply.to_bytes();
+            next.extend(core.handle(&inbound(Source::Reply, &data, &reply)).unwrap());
+        }
+        next
+    }
+
+    #[test]
+    fn housekeeping_bounds_a_finished_journey_and_keeps_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = Policy {
+            auto_promote: false,
+            finished_retention: ChronoDuration::zero(),
+            dedup_retention: ChronoDuration::zero(),
+            ..Policy::default()
+        };
+        let mut core = core(dir.path(), policy);
+        let start = Envelope::new(
+            AgentRef::new("cli", "journeyman"),
+            AgentRef::orchestrator(),
+            MessageType::Request,
+            "journey.start",
+            json!({"client_id": "acme", "context": {"data_sources": ["drive"], "connectors": ["drive"]}}),
+            Utc::now(),
+        );
+        let data = start.to_bytes();
+        let mut out = core
+            .handle(&inbound(Source::Command, &data, &start))
+            .unwrap();
+        while out
+            .iter()
+            .any(|e| matches!(e.purpose, Purpose::TaskRequest { .. }))
+        {
+            out = answer_all(&mut core, out);
+        }
+        let before = core.store.census().unwrap();
+        assert_eq!(before.correlations.0, 4, "{before:?}");
+        assert_eq!(before.dedup_marks.0, 5, "{before:?}");
+
+        // Still running (awaiting its gate): its correlations are kept, dedup marks go.
+        let now = Utc::now() + ChronoDuration::seconds(1);
+        let p = core.housekeeping(now).unwrap();
+        assert_eq!((p.dedup_marks, p.correlations, p.compacted), (5, 0, 0));
+
+        let cancel = Envelope::new(
+            AgentRef::new("cli", "journeyman"),
+            AgentRef::orchestrator(),
+            MessageType::Request,
+            "journey.cancel",
+            json!({"client_id": "acme", "reason": "test"}),
+            Utc::now(),
+        );
+        let data = cancel.to_bytes();
+        core.handle(&inbound(Source::Command, &data, &cancel))
+            .unwrap();
+        let history_before = core.store.history::<HistoryEntry>("acme").unwrap().len();
+        let p = core
+            .housekeeping(Utc::now() + ChronoDuration::seconds(1))
+            .unwrap();
+        assert_eq!((p.correlations, p.compacted), (4, 1), "{p:?}");
+        let after = core.store.census().unwrap();
+        assert_eq!(after.correlations.0, 0);
+        assert_eq!(after.dedup_marks.0, 0);
+        assert!(
+            after.journeys.1 < before.journeys.1,
+            "{before:?} -> {after:?}"
+        );
+        assert_eq!(
+            core.store.history::<HistoryEntry>("acme").unwrap().len(),
+            history_before,
+            "history is kept"
+        );
+        let rec: JourneyRecord = core.store.journey("acme").unwrap().unwrap();
+        assert_eq!(rec.status(), "cancelled");
+        // A second pass finds nothing more to do.
+        let p = core
+            .housekeeping(Utc::now() + ChronoDuration::seconds(1))
+            .unwrap();
+        assert_eq!(p, Pruned::default());
+    }
 }

@@ -88,6 +88,10 @@ pub struct Config {
     /// Reports the address the HTTP server actually bound (the port 0 picked), to whoever
     /// holds a clone of the config.
     pub http_bound: crate::http::BoundAddr,
+    /// How often expired records are pruned.
+    pub housekeeping_every: Duration,
+    /// sled's page cache.
+    pub store_cache_bytes: u64,
 }
 
 impl Config {
@@ -106,6 +110,8 @@ impl Config {
             http_addr: None,
             http_bound: Default::default(),
             auth: None,
+            housekeeping_every: HOUSEKEEPING_EVERY,
+            store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -150,7 +156,7 @@ impl Stats {
     }
 }
 
-pub use core::{Core, Inbound, Policy, Source};
+pub use core::{Core, Inbound, Policy, Pruned, Source};
 pub use record::{HistoryEntry, JourneyRecord, RollbackInfo, Snapshot, event_payload, state_view};
 
 enum Input {
@@ -174,7 +180,7 @@ pub async fn run(
     stats: Arc<Stats>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), OrchestratorError> {
-    let store = Store::open(&config.data_dir)?;
+    let store = Store::open_with_cache(&config.data_dir, config.store_cache_bytes)?;
     let mut policy = config.policy.clone();
     policy.webhook = config.webhook.is_some();
     let wake = Arc::new(tokio::sync::Notify::new());
@@ -214,7 +220,13 @@ pub async fn run(
         None => None,
     };
     match core.housekeeping(Utc::now()) {
-        Ok((d, s)) => info!(dedup_marks = d, snapshots = s, "pruned expired records"),
+        Ok(p) => info!(
+            dedup_marks = p.dedup_marks,
+            snapshots = p.snapshots,
+            correlations = p.correlations,
+            compacted = p.compacted,
+            "pruned expired records"
+        ),
         Err(e) => warn!(error = %e, "pruning failed"),
     }
     info!(
@@ -491,7 +503,7 @@ async fn session_on(
             crate::failpoint::hit("after_ack_before_publish");
         }
         pump.send(published);
-        if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+        if last_housekeeping.elapsed() >= config.housekeeping_every {
             last_housekeeping = Instant::now();
             if let Err(e) = core.housekeeping(Utc::now()) {
                 warn!(error = %e, "pruning failed");
