@@ -245,6 +245,10 @@ pub struct OrchestratorArgs {
     /// it; finished ones are read from disk when asked for.
     #[arg(long, env = "JOURNEYMAN_STORE_CACHE_MB", default_value_t = 64)]
     pub store_cache_mb: u64,
+    /// Pause between rounds of `journey.status_card` events: each changed journey
+    /// publishes one card per round, however many times it changed.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub status_card_interval: Duration,
 }
 
 impl OrchestratorArgs {
@@ -516,6 +520,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .context("--finished-retention is too long")?;
             config.housekeeping_every = a.housekeeping_every;
             config.store_cache_bytes = a.store_cache_mb.saturating_mul(1 << 20);
+            config.card_interval = a.status_card_interval;
             config.webhook = a.webhook_url.map(|url| crate::webhook::WebhookConfig {
                 url,
                 token: a.webhook_token.map(crate::webhook::Secret::new),

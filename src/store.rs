@@ -27,6 +27,9 @@ const SNAPSHOT: &[u8] = b"s/";
 /// what it cannot read, so a store whose files exist but whose marker is gone has lost
 /// data: that is reported, never silently started empty.
 const CARD: &[u8] = b"w/";
+/// Clients whose status card is due on the events exchange: coalesced, so a journey that
+/// changes ten times between two rounds publishes one card.
+const CARD_DUE: &[u8] = b"c/";
 const FORMAT_KEY: &[u8] = b"meta/format";
 const FORMAT: &[u8] = b"journeyman-store-1";
 
@@ -206,6 +209,18 @@ impl Change {
             .map(|(_, v)| v)
     }
 
+    /// The client's status card is due (published by the next card round).
+    pub fn mark_card_due(&mut self, client_id: &str) {
+        self.empty = false;
+        self.batch.insert(key(CARD_DUE, client_id.as_bytes()), &[]);
+    }
+
+    /// The client's status card was built and queued in this change.
+    pub fn clear_card_due(&mut self, client_id: &str) {
+        self.empty = false;
+        self.batch.remove(key(CARD_DUE, client_id.as_bytes()));
+    }
+
     /// A status card waiting for webhook delivery, in order.
     pub fn push_card<T: Serialize>(&mut self, seq: u64, card: &T) {
         self.empty = false;
@@ -250,6 +265,7 @@ pub struct Census {
     pub history: (u64, u64),
     pub snapshots: (u64, u64),
     pub cards: (u64, u64),
+    pub cards_due: (u64, u64),
     pub other: (u64, u64),
 }
 
@@ -473,6 +489,7 @@ impl Store {
                 Some(HISTORY) => &mut c.history,
                 Some(SNAPSHOT) => &mut c.snapshots,
                 Some(CARD) => &mut c.cards,
+                Some(CARD_DUE) => &mut c.cards_due,
                 _ => &mut c.other,
             };
             slot.0 += 1;
@@ -559,6 +576,16 @@ impl Store {
             out.push((seq, v.to_vec()));
         }
         Ok(out)
+    }
+
+    /// Up to `limit` clients whose status card is due.
+    pub fn cards_due(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.tree
+            .scan_prefix(CARD_DUE)
+            .keys()
+            .take(limit)
+            .map(|k| Ok(String::from_utf8_lossy(&k?[CARD_DUE.len()..]).into_owned()))
+            .collect()
     }
 
     pub fn cards_len(&self) -> usize {

@@ -189,6 +189,8 @@ pub struct Core {
     wake: Option<Arc<tokio::sync::Notify>>,
     /// Checks inputs and signs outputs; `None` when authentication is off.
     auth: Option<(crate::auth::Guard, crate::auth::Signer)>,
+    /// Some journey's status card may be due (see [`Core::publish_cards`]).
+    cards_due: bool,
 }
 
 impl Core {
@@ -219,6 +221,8 @@ impl Core {
             policy,
             wake: None,
             auth: None,
+            // Marks left by an earlier process are picked up by the first round.
+            cards_due: true,
         };
         core.load_timers()?;
         Ok(core)
@@ -1544,23 +1548,54 @@ impl Core {
         Ok(out)
     }
 
-    /// Stores the journey with its status card: an event on `<ns>.events`, and when a
-    /// dashboard webhook is configured, a card queued in the same batch for delivery.
+    /// Stores the journey and marks its status card due. Cards go to `<ns>.events` in
+    /// rounds ([`Core::publish_cards`]), one per changed journey, so a burst of task
+    /// replies costs one card, built off the per-message path. With a dashboard webhook,
+    /// every card is also queued here, in order, for delivery.
     fn save(&mut self, change: &mut Change, rec: &JourneyRecord) -> Result<(), OrchestratorError> {
         let client = rec.journey.client_id.as_str();
         change.put_journey(client, rec);
-        let mut recent = self.store.recent_history(client, RECENT_ACTIVITIES)?;
-        recent.extend(change.history_of(client).cloned());
-        let skip = recent.len().saturating_sub(RECENT_ACTIVITIES);
-        let recent: Vec<Value> = recent.into_iter().skip(skip).collect();
-        let card_id = self.store.next_id()?;
-        let card = status_card(rec, &recent, card_id, Utc::now());
-        change.push_outbox(self.event(rec, "journey.status_card", card.clone()));
+        change.mark_card_due(client);
+        self.cards_due = true;
         if self.policy.webhook {
-            change.push_card(card_id, &card);
+            let mut recent = self.store.recent_history(client, RECENT_ACTIVITIES)?;
+            recent.extend(change.history_of(client).cloned());
+            let skip = recent.len().saturating_sub(RECENT_ACTIVITIES);
+            let recent: Vec<Value> = recent.into_iter().skip(skip).collect();
+            let card_id = self.store.next_id()?;
+            change.push_card(card_id, &status_card(rec, &recent, card_id, Utc::now()));
         }
         self.arm(rec);
         Ok(())
+    }
+
+    /// Whether some journey changed since its last status card.
+    pub fn cards_due(&self) -> bool {
+        self.cards_due
+    }
+
+    /// Builds the status cards that are due (up to `limit`) and queues them in the outbox
+    /// in the same batch that clears their marks: a crash either keeps the mark or the
+    /// queued card, never neither.
+    pub fn publish_cards(&mut self, limit: usize) -> Result<Vec<OutboxEntry>, OrchestratorError> {
+        let due = self.store.cards_due(limit)?;
+        self.cards_due = due.len() == limit;
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut change = Change::new();
+        let now = Utc::now();
+        for client in &due {
+            change.clear_card_due(client);
+            let Some(rec) = self.store.journey::<JourneyRecord>(client)? else {
+                continue;
+            };
+            let recent = self.store.recent_history(client, RECENT_ACTIVITIES)?;
+            let card_id = self.store.next_id()?;
+            let card = status_card(&rec, &recent, card_id, now);
+            change.push_outbox(self.event(&rec, "journey.status_card", card));
+        }
+        Ok(self.commit(change)?)
     }
 
     fn arm(&mut self, rec: &JourneyRecord) {

@@ -36,6 +36,10 @@ use crate::store::{OutboxEntry, Purpose, Store, StoreError};
 
 /// How often old dedup marks and expired snapshots are pruned.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(3600);
+/// Default pause between two rounds of status cards.
+pub const CARD_INTERVAL: Duration = Duration::from_millis(250);
+/// Status cards built per round at most; the rest wait for the next round.
+const CARD_ROUND: usize = 2048;
 
 /// How many inputs share one flush: bigger groups amortise the fsync further, at the cost
 /// of holding acks a little longer.
@@ -92,6 +96,9 @@ pub struct Config {
     pub housekeeping_every: Duration,
     /// sled's page cache.
     pub store_cache_bytes: u64,
+    /// Pause between rounds of status cards: a journey publishes at most one card per
+    /// round, however many times it changed.
+    pub card_interval: Duration,
 }
 
 impl Config {
@@ -112,6 +119,7 @@ impl Config {
             auth: None,
             housekeeping_every: HOUSEKEEPING_EVERY,
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
+            card_interval: CARD_INTERVAL,
         }
     }
 }
@@ -416,12 +424,16 @@ async fn session_on(
     info!(queues = channels.len(), "consuming");
 
     let mut last_housekeeping = Instant::now();
+    let mut last_cards = Instant::now();
     loop {
         let next_timer = core.next_timer();
-        let sleep = match next_timer {
+        let mut sleep = match next_timer {
             Some(at) => (at - Utc::now()).to_std().unwrap_or(Duration::ZERO),
             None => Duration::from_secs(3600),
         };
+        if core.cards_due() {
+            sleep = sleep.min(config.card_interval.saturating_sub(last_cards.elapsed()));
+        }
         let first = tokio::select! {
             _ = shutdown.as_mut() => {
                 info!("shutdown requested; finishing");
@@ -481,6 +493,10 @@ async fn session_on(
             }
         }
         published.extend(core.fire_timers(Utc::now())?);
+        if core.cards_due() && last_cards.elapsed() >= config.card_interval {
+            last_cards = Instant::now();
+            published.extend(core.publish_cards(CARD_ROUND)?);
+        }
         if !acks.is_empty() || !published.is_empty() {
             core.store.flush().await?;
             Stats::inc(&core.stats.flushes);
