@@ -325,6 +325,12 @@ impl Running {
             Err(_) => warn!(agent = %agent_id, left = self.inflight.count(),
                 "shutdown timeout: requests still in flight go back to the queue"),
         }
+        // Channels first, then the connections: closing a connection under open channels
+        // makes lapin log errors for a clean stop.
+        for ch in &self.channels {
+            let _ = tokio::time::timeout(Duration::from_secs(2), ch.close(200, "shutdown".into()))
+                .await;
+        }
         let close = self.publish_conn.close(200, "shutdown".into());
         if tokio::time::timeout(Duration::from_secs(5), close)
             .await

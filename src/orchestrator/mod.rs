@@ -435,6 +435,7 @@ async fn session_on(
             _ = shutdown.as_mut() => {
                 core.stats.ready.store(false, Ordering::Relaxed);
                 drain(core, &channels, &mut rx, &pump, config.shutdown_timeout).await?;
+                let _ = tokio::time::timeout(Duration::from_secs(2), ch.close(200, "shutdown".into())).await;
                 return Ok(Ended::Shutdown);
             }
             input = rx.recv() => match input {
@@ -599,6 +600,12 @@ async fn drain(
         if broken {
             break;
         }
+    }
+    // Channels before the connection: closing a connection under open channels makes
+    // lapin log errors for a clean stop. Unacked deliveries (past the bound) are requeued.
+    for ch in channels {
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), ch.close(200, "shutdown".into())).await;
     }
     let confirmed = tokio::time::timeout_at(deadline, pump.drain())
         .await

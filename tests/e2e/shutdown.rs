@@ -135,13 +135,29 @@ impl AgentsProcess {
             .find("agent stopped")
             .unwrap_or_else(|| panic!("agents {} did not log its stop:\n{log}", self.id));
         assert_eq!(stopped["fields"]["failed"], 0, "{}", self.id);
+        let errors: Vec<Value> = self
+            .lines()
+            .into_iter()
+            .filter(|l| l["level"] == "ERROR")
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "agents {}: errors logged: {errors:?}",
+            self.id
+        );
         assert!(
             !log.contains("requests still in flight go back"),
             "agents {}: the shutdown timed out:\n{log}",
             self.id
         );
+        let warnings: Vec<String> = self
+            .lines()
+            .iter()
+            .filter(|l| l["level"] == "WARN" || l["level"] == "ERROR")
+            .map(|l| l["fields"]["message"].to_string())
+            .collect();
         eprintln!(
-            "agents {}: stopped in {took:?}, handled {}",
+            "agents {}: stopped in {took:?}, handled {}; warnings: {warnings:?}",
             self.id, stopped["fields"]["handled"]
         );
         stopped["fields"]["handled"].as_u64().unwrap()
@@ -208,11 +224,16 @@ async fn sigterm_to_the_orchestrator_and_an_agent_mid_run_loses_nothing() {
     assert!(status.success(), "orchestrator exit {status:?}:\n{log}");
     assert!(took < SHUTDOWN_TIMEOUT, "the orchestrator took {took:?}");
     assert!(log.contains("drained"), "no drain logged:\n{log}");
+    assert!(!log.contains("ERROR"), "errors logged:\n{log}");
     assert!(
         !log.contains("shutdown timeout"),
         "the drain hit its bound:\n{log}"
     );
-    eprintln!("orchestrator: SIGTERM after {before} promotions, exited 0 in {took:?}");
+    let drained = log
+        .lines()
+        .find(|l| l.contains("drained"))
+        .unwrap_or_default();
+    eprintln!("orchestrator: SIGTERM after {before} promotions, exited 0 in {took:?}: {drained}");
 
     // Restart on the same directory; once it makes progress, SIGTERM one agents process
     // mid-run and start another.
