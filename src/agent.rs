@@ -94,7 +94,9 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 /// until the last reply is confirmed and its request acked.
 #[derive(Debug, Default)]
 struct InFlight {
+    /// Consumer tasks plus request handlers still running.
     n: AtomicUsize,
+    /// Woken when `n` drops to zero.
     idle: tokio::sync::Notify,
 }
 
@@ -295,7 +297,9 @@ async fn wait_for_failure(mut err_rx: mpsc::Receiver<BrokerError>) -> Result<(),
 struct Running {
     /// One channel per intent queue, each with one consumer tagged with the agent id.
     channels: Vec<lapin::Channel>,
+    /// What a graceful stop waits for.
     inflight: Arc<InFlight>,
+    /// Replies go out on it; closed only once the last handler has replied.
     publish_conn: lapin::Connection,
     /// Tells the consumer tasks that the end of their stream is a shutdown, not the broker
     /// cancelling them.

@@ -585,7 +585,9 @@ async fn drain(
         let mut broken = false;
         for i in group {
             match i {
-                Input::Failed(BrokerError::ConsumerCancelled(_)) => consuming -= 1,
+                Input::Failed(BrokerError::ConsumerCancelled(_)) => {
+                    consuming = consuming.saturating_sub(1)
+                }
                 Input::Failed(e) => {
                     warn!(error = %e, "broker failure while draining; unacked deliveries are requeued");
                     broken = true;
