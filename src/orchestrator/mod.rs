@@ -551,7 +551,7 @@ async fn drain(
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     info!(timeout = ?timeout, "shutdown requested: cancelling consumers, finishing in-flight work");
-    let mut consuming = 0;
+    let mut consuming: usize = 0;
     for ch in channels {
         let cancel = ch.basic_cancel(CONSUMER_TAG.into(), Default::default());
         match tokio::time::timeout_at(deadline, cancel).await {
