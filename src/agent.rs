@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -82,6 +82,56 @@ pub struct AgentConfig {
     pub keyring: Option<Arc<Keyring>>,
     /// Signs replies with a token for `agent_id`; `None` = replies go unsigned.
     pub signing_key: Option<Key>,
+    /// Bound on a graceful stop: cancel the consumers, finish and ack the requests in
+    /// flight. Past it the connection closes and the broker requeues what is left.
+    pub shutdown_timeout: Duration,
+}
+
+/// The default bound on a graceful stop, well inside Kubernetes' 30 s grace period.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Counts the consumer tasks and request handlers still running, so a shutdown can wait
+/// until the last reply is confirmed and its request acked.
+#[derive(Debug, Default)]
+struct InFlight {
+    /// Consumer tasks plus request handlers still running.
+    n: AtomicUsize,
+    /// Woken when `n` drops to zero.
+    idle: tokio::sync::Notify,
+}
+
+/// Held by one consumer task or request handler for as long as it runs.
+struct InFlightGuard(Arc<InFlight>);
+
+impl InFlight {
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.n.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self.clone())
+    }
+
+    fn count(&self) -> usize {
+        self.n.load(Ordering::Acquire)
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// What the agent checks and signs, shared by every delivery's task.
@@ -125,6 +175,8 @@ impl AgentStats {
 }
 
 /// Serves the configured intents until `shutdown` resolves, reconnecting with backoff.
+/// On shutdown it stops consuming, lets the requests in flight finish (reply confirmed,
+/// request acked) within `shutdown_timeout`, then closes its connections.
 pub async fn run<A: Agent>(
     config: AgentConfig,
     agent: Arc<A>,
@@ -139,19 +191,20 @@ pub async fn run<A: Agent>(
         .without_max_times()
         .build();
     loop {
-        let session = session(&config, agent.clone(), stats.clone());
-        let res = tokio::select! {
-            _ = &mut shutdown => None,
-            res = session => Some(res),
-        };
+        let res = session(&config, agent.clone(), stats.clone(), &mut shutdown).await;
         stats.set_ready(false);
         match res {
-            None => return Ok(()),
-            Some(res) => {
-                let e = match res {
-                    Ok(()) => BrokerError::PublisherGone,
-                    Err(e) => e,
-                };
+            Ok(()) => {
+                info!(
+                    agent = %config.agent_id,
+                    handled = stats.handled.load(Ordering::Relaxed),
+                    failed = stats.failed.load(Ordering::Relaxed),
+                    dead_lettered = stats.dead_lettered.load(Ordering::Relaxed),
+                    "agent stopped"
+                );
+                return Ok(());
+            }
+            Err(e) => {
                 if !e.is_retryable() {
                     return Err(e);
                 }
@@ -171,49 +224,124 @@ pub async fn run<A: Agent>(
 /// the agent would wait forever, connected but consuming nothing.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// One broker session. `Ok` means it stopped because `shutdown` resolved.
 async fn session<A: Agent>(
     config: &AgentConfig,
     agent: Arc<A>,
     stats: Arc<AgentStats>,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Result<(), BrokerError> {
     let setup_timeout = |op: &str| BrokerError::Timeout {
         op: op.into(),
         timeout: SETUP_TIMEOUT,
     };
-    let consume_conn = tokio::time::timeout(
-        SETUP_TIMEOUT,
-        broker::connect(&config.amqp_url, &format!("{}-consume", config.agent_id)),
-    )
-    .await
-    .map_err(|_| setup_timeout("connect"))??;
+    let conn_name = format!("{}-consume", config.agent_id);
+    let connect =
+        tokio::time::timeout(SETUP_TIMEOUT, broker::connect(&config.amqp_url, &conn_name));
+    let consume_conn = tokio::select! {
+        _ = shutdown.as_mut() => return Ok(()),
+        c = connect => c.map_err(|_| setup_timeout("connect"))??,
+    };
     let (err_tx, err_rx) = mpsc::channel::<BrokerError>(16);
-    let res = match tokio::time::timeout(
+    let start = tokio::time::timeout(
         SETUP_TIMEOUT,
         start_consuming(config, agent, stats.clone(), &consume_conn, err_tx.clone()),
-    )
-    .await
-    {
+    );
+    let started = tokio::select! {
+        _ = shutdown.as_mut() => {
+            let _ = consume_conn.close(200, "shutdown".into()).await;
+            return Ok(());
+        }
+        s = start => s,
+    };
+    let res = match started {
         Err(_) => Err(setup_timeout("declare and consume")),
         Ok(Err(e)) => Err(e),
-        Ok(Ok(())) => {
+        Ok(Ok(running)) => {
             info!(agent = %config.agent_id, intents = config.intents.len(), "agent consuming");
             stats.set_ready(true);
-            wait_for_failure(err_rx).await
+            tokio::select! {
+                _ = shutdown.as_mut() => {
+                    stats.set_ready(false);
+                    running.stop(&config.agent_id, config.shutdown_timeout).await;
+                    Ok(())
+                }
+                failure = wait_for_failure(err_rx) => failure,
+            }
         }
     };
     drop(err_tx);
     // Whatever ended the session, its consumers must not outlive it: one cancelled
     // consumer would otherwise leave the others consuming on a connection nobody
     // watches, next to the new session's. The publishing connection closes by itself
-    // once the requests in flight are answered.
-    let _ = consume_conn.close(200, "session ended".into()).await;
+    // once the requests in flight are answered. Bounded: a close that the broker never
+    // answers must not keep a stopping agent alive.
+    let close = consume_conn.close(200, "session ended".into());
+    if tokio::time::timeout(Duration::from_secs(5), close)
+        .await
+        .is_err()
+    {
+        warn!(agent = %config.agent_id, "closing the consuming connection timed out");
+    }
     res
 }
 
 async fn wait_for_failure(mut err_rx: mpsc::Receiver<BrokerError>) -> Result<(), BrokerError> {
     match err_rx.recv().await {
         Some(e) => Err(e),
-        None => Ok(()),
+        None => Err(BrokerError::PublisherGone),
+    }
+}
+
+/// A session's consumers, what they have in flight, and the publishing connection.
+struct Running {
+    /// One channel per intent queue, each with one consumer tagged with the agent id.
+    channels: Vec<lapin::Channel>,
+    /// What a graceful stop waits for.
+    inflight: Arc<InFlight>,
+    /// Replies go out on it; closed only once the last handler has replied.
+    publish_conn: lapin::Connection,
+    /// Tells the consumer tasks that the end of their stream is a shutdown, not the broker
+    /// cancelling them.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Running {
+    /// Cancels every consumer (the broker sends nothing more), waits until the consumer
+    /// tasks have handed over their last delivery and every handler has replied and
+    /// acked, within `timeout`; then closes the publishing connection. Unacked requests
+    /// left at the deadline are requeued by the broker when the connections close.
+    async fn stop(self, agent_id: &str, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.stopping.store(true, Ordering::Release);
+        info!(agent = %agent_id, in_flight = self.inflight.count(), timeout = ?timeout,
+            "shutdown requested: cancelling consumers, finishing requests in flight");
+        for ch in &self.channels {
+            let cancel = ch.basic_cancel(agent_id.into(), Default::default());
+            match tokio::time::timeout_at(deadline, cancel).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "cancelling a consumer failed"),
+                Err(_) => warn!("cancelling a consumer timed out"),
+            }
+        }
+        match tokio::time::timeout_at(deadline, self.inflight.wait_idle()).await {
+            Ok(()) => info!(agent = %agent_id, "requests in flight finished"),
+            Err(_) => warn!(agent = %agent_id, left = self.inflight.count(),
+                "shutdown timeout: requests still in flight go back to the queue"),
+        }
+        // Channels first, then the connections: closing a connection under open channels
+        // makes lapin log errors for a clean stop.
+        for ch in &self.channels {
+            let _ = tokio::time::timeout(Duration::from_secs(2), ch.close(200, "shutdown".into()))
+                .await;
+        }
+        let close = self.publish_conn.close(200, "shutdown".into());
+        if tokio::time::timeout(Duration::from_secs(5), close)
+            .await
+            .is_err()
+        {
+            warn!(agent = %agent_id, "closing the publishing connection timed out");
+        }
     }
 }
 
@@ -224,7 +352,7 @@ async fn start_consuming<A: Agent>(
     stats: Arc<AgentStats>,
     consume_conn: &lapin::Connection,
     err_tx: mpsc::Sender<BrokerError>,
-) -> Result<(), BrokerError> {
+) -> Result<Running, BrokerError> {
     let publish_conn =
         broker::connect(&config.amqp_url, &format!("{}-publish", config.agent_id)).await?;
     let ch = consume_conn
@@ -244,11 +372,15 @@ async fn start_consuming<A: Agent>(
             .clone()
             .map(|k| Signer::new(k, config.agent_id.clone())),
     };
+    let inflight = Arc::new(InFlight::default());
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut channels = Vec::new();
     for intent in &config.intents {
         let q = config.names.intent_queue(intent);
         broker::declare_queue(&ch, &config.names, &q, Some(intent)).await?;
-        let (_chan, mut consumer) =
+        let (chan, mut consumer) =
             broker::consume(consume_conn, &q, &config.agent_id, config.prefetch).await?;
+        channels.push(chan.clone());
         let (agent, stats, publisher, decoder, err_tx, auth) = (
             agent.clone(),
             stats.clone(),
@@ -259,8 +391,11 @@ async fn start_consuming<A: Agent>(
         );
         let names = config.names.clone();
         let agent_id = config.agent_id.clone();
+        let (inflight, stopping) = (inflight.clone(), stopping.clone());
+        let reader = inflight.enter();
         tokio::spawn(async move {
-            let _chan = _chan;
+            let _reader = reader;
+            let _chan = chan;
             while let Some(next) = consumer.next().await {
                 let delivery = match next {
                     Ok(d) => d,
@@ -285,7 +420,9 @@ async fn start_consuming<A: Agent>(
                     q.clone(),
                     auth.clone(),
                 );
+                let guard = inflight.enter();
                 tokio::spawn(async move {
+                    let _guard = guard;
                     handle_delivery(
                         &*agent, &stats, &publisher, &decoder, &auth, &names, &agent_id, &q,
                         delivery,
@@ -293,10 +430,17 @@ async fn start_consuming<A: Agent>(
                     .await
                 });
             }
-            let _ = err_tx.send(BrokerError::ConsumerCancelled(q)).await;
+            if !stopping.load(Ordering::Acquire) {
+                let _ = err_tx.send(BrokerError::ConsumerCancelled(q)).await;
+            }
         });
     }
-    Ok(())
+    Ok(Running {
+        channels,
+        inflight,
+        publish_conn,
+        stopping,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -205,6 +205,7 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport> {
             max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
             keyring: None,
             signing_key: None,
+            shutdown_timeout: crate::agent::DEFAULT_SHUTDOWN_TIMEOUT,
         };
         let (sim, mut rx) = (sim.clone(), stop_rx.clone());
         tokio::spawn(async move {

@@ -4,6 +4,7 @@
 //! messages and print the orchestrator's answer; they never open the orchestrator's
 //! store. Errors say what went wrong and what to do next.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -153,6 +154,14 @@ pub enum Cmd {
         #[command(subcommand)]
         command: TokenCmd,
     },
+    /// Probe the orchestrator's HTTP server at --http-addr: exits 0 when /healthz (or
+    /// /readyz with --ready) answers 200. For container health checks (the image has no
+    /// curl); an unspecified address (0.0.0.0) is probed on loopback.
+    Health {
+        /// Probe readiness (/readyz: broker connected, consuming, store open) instead.
+        #[arg(long)]
+        ready: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -249,6 +258,11 @@ pub struct OrchestratorArgs {
     /// publishes one card per round, however many times it changed.
     #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
     pub status_card_interval: Duration,
+    /// Bound on a graceful stop (SIGTERM/SIGINT): cancel the consumers, store and ack what
+    /// was delivered, wait for publisher confirms, flush. Keep it below the pod's grace
+    /// period (Kubernetes' default is 30s).
+    #[arg(long, env = "JOURNEYMAN_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
 }
 
 impl OrchestratorArgs {
@@ -298,9 +312,14 @@ pub struct AgentsArgs {
     /// Requests in flight per intent.
     #[arg(long, default_value_t = 32)]
     pub prefetch: u16,
-    /// Agent id reported on replies and in the broker's connection names.
-    #[arg(long, default_value = "sim-agent")]
+    /// Agent id reported on replies and in the broker's connection names (e.g. the pod
+    /// name, to tell replicas apart).
+    #[arg(long, env = "JOURNEYMAN_AGENT_ID", default_value = "sim-agent")]
     pub agent_id: String,
+    /// Bound on a graceful stop (SIGTERM/SIGINT): cancel the consumers, finish and ack the
+    /// requests in flight. Past it the connection closes and the broker requeues the rest.
+    #[arg(long, env = "JOURNEYMAN_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -479,27 +498,34 @@ pub fn init_tracing(format: LogFormat, default: &str) {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled: a SIGTERM that arrives while the worker is still
+/// connecting must start a graceful stop, not kill the process (the default action).
+#[cfg(unix)]
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -528,6 +554,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             });
             config.http_addr = Some(g.http_addr);
             config.auth = auth;
+            config.shutdown_timeout = a.shutdown_timeout;
             orchestrator::run(config, Arc::new(Stats::default()), shutdown_signal())
                 .await
                 .context("the orchestrator stopped")?;
@@ -561,6 +588,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
                 keyring: keyring.clone().map(Arc::new),
                 signing_key: keyring.map(|k| k.signing_key().clone()),
+                shutdown_timeout: a.shutdown_timeout,
             };
             crate::agent::run(config, Arc::new(sim), Default::default(), shutdown_signal())
                 .await
@@ -569,6 +597,20 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Demo(a) => crate::demo::run(g, a).await,
         Cmd::Token { command } => token(g, command),
+        Cmd::Health { ready } => {
+            let mut addr = g.http_addr;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let path = if ready { "/readyz" } else { "/healthz" };
+            let client = crate::http::client::Client::new(addr, Duration::from_secs(3));
+            let (status, _) = client.raw(path).await?;
+            if !status.is_success() {
+                bail!("http://{addr}{path} answered {status}");
+            }
+            println!("ok: http://{addr}{path} answered {status}");
+            Ok(())
+        }
         Cmd::Chaos(a) => {
             let restart: Option<crate::chaos::BrokerRestart> = a.broker_restart_cmd.map(|cmd| {
                 let f: crate::chaos::BrokerRestart = Box::new(move || {

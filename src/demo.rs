@@ -211,6 +211,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
             max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
             keyring: Some(ring.clone()),
             signing_key: Some(key.clone()),
+            shutdown_timeout: crate::agent::DEFAULT_SHUTDOWN_TIMEOUT,
         };
         let (sim, st, rx) = (sim.clone(), agent_stats.clone(), stop_rx.clone());
         workers.push(tokio::spawn(async move {

@@ -45,6 +45,14 @@ const CARD_ROUND: usize = 2048;
 /// of holding acks a little longer.
 const MAX_GROUP: usize = 512;
 
+/// How long a graceful shutdown may take by default: well inside Kubernetes' default
+/// 30 s grace period, so the pod is never SIGKILLed mid-flush.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The consumer tag of every orchestrator consumer (one per channel), so a shutdown can
+/// cancel them.
+const CONSUMER_TAG: &str = "journeyman-orchestrator";
+
 #[derive(Debug, thiserror::Error)]
 pub enum OrchestratorError {
     #[error(transparent)]
@@ -99,6 +107,10 @@ pub struct Config {
     /// Pause between rounds of status cards: a journey publishes at most one card per
     /// round, however many times it changed.
     pub card_interval: Duration,
+    /// Bound on a graceful shutdown (stop consuming, finish what was delivered, drain the
+    /// confirms, flush). Past it the connections close and the broker requeues whatever
+    /// is still unacked: nothing is lost, some of it is redelivered.
+    pub shutdown_timeout: Duration,
 }
 
 impl Config {
@@ -120,6 +132,7 @@ impl Config {
             housekeeping_every: HOUSEKEEPING_EVERY,
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             card_interval: CARD_INTERVAL,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
 }
@@ -179,6 +192,12 @@ enum Input {
         correlation_id: String,
     },
     Failed(BrokerError),
+}
+
+/// How a broker session ended without an error.
+enum Ended {
+    /// Shutdown requested: the session stopped consuming and drained.
+    Shutdown,
 }
 
 /// Runs the orchestrator until `shutdown` resolves. Reconnects with backoff on broker
@@ -255,7 +274,9 @@ pub async fn run(
         let result = session(&mut core, &config, &mut shutdown).await;
         stats.ready.store(false, Ordering::Relaxed);
         match result {
-            Ok(()) => {
+            Ok(Ended::Shutdown) => {
+                // The drain flushed already; this covers the outbox entries cleared since.
+                core.store.flush().await?;
                 info!("orchestrator stopped");
                 return Ok(());
             }
@@ -281,7 +302,7 @@ async fn session(
     core: &mut Core,
     config: &Config,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> Result<(), OrchestratorError> {
+) -> Result<Ended, OrchestratorError> {
     // Separate connections: a memory alarm blocks publishers, and consumers must keep
     // acking meanwhile.
     let consume_conn = setup(
@@ -341,7 +362,7 @@ async fn session_on(
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     consume_conn: &lapin::Connection,
     publish_conn: &lapin::Connection,
-) -> Result<(), OrchestratorError> {
+) -> Result<Ended, OrchestratorError> {
     let reply_queue = config.names.replies(&config.orchestrator_id);
     let ch = consume_conn
         .create_channel()
@@ -380,7 +401,7 @@ async fn session_on(
     for (q, source) in queues {
         let (chan, consumer) = setup(
             "consume",
-            broker::consume(consume_conn, &q, "journeyman-orchestrator", config.prefetch),
+            broker::consume(consume_conn, &q, CONSUMER_TAG, config.prefetch),
         )
         .await?;
         channels.push(chan);
@@ -436,8 +457,10 @@ async fn session_on(
         }
         let first = tokio::select! {
             _ = shutdown.as_mut() => {
-                info!("shutdown requested; finishing");
-                return Ok(());
+                core.stats.ready.store(false, Ordering::Relaxed);
+                drain(core, &channels, &mut rx, &pump, config.shutdown_timeout).await?;
+                let _ = tokio::time::timeout(Duration::from_secs(2), ch.close(200, "shutdown".into())).await;
+                return Ok(Ended::Shutdown);
             }
             input = rx.recv() => match input {
                 Some(i) => Some(i),
@@ -452,73 +475,11 @@ async fn session_on(
                 Err(_) => break,
             }
         }
-        let mut published = Vec::new();
-        // Highest delivery per queue: one multiple-ack per channel after the flush.
-        let mut acks: BTreeMap<Arc<str>, Box<lapin::message::Delivery>> = BTreeMap::new();
-        let mut failure = None;
-        for input in group {
-            match input {
-                Input::Delivery {
-                    source,
-                    queue,
-                    delivery,
-                } => {
-                    let inbound = Inbound {
-                        source,
-                        data: &delivery.data,
-                        exchange: delivery.exchange.as_str(),
-                        routing_key: delivery.routing_key.as_str(),
-                        queue: &queue,
-                        message_id: prop(delivery.properties.message_id()),
-                        correlation_id: prop(delivery.properties.correlation_id()),
-                        reply_to: prop(delivery.properties.reply_to()),
-                        traceparent: broker::header(&delivery.properties, crate::trace::HEADER),
-                        replay: replay_of(&delivery.properties),
-                    };
-                    published.extend(core.handle(&inbound)?);
-                    acks.insert(queue, delivery);
-                }
-                Input::Unroutable {
-                    outbox_id,
-                    client_id,
-                    correlation_id,
-                } => {
-                    published.extend(core.handle_unroutable(
-                        outbox_id,
-                        &client_id,
-                        &correlation_id,
-                    )?);
-                }
-                Input::Failed(e) => failure = Some(e),
-            }
-        }
-        published.extend(core.fire_timers(Utc::now())?);
-        if core.cards_due() && last_cards.elapsed() >= config.card_interval {
+        let cards = core.cards_due() && last_cards.elapsed() >= config.card_interval;
+        if cards {
             last_cards = Instant::now();
-            published.extend(core.publish_cards(CARD_ROUND)?);
         }
-        if !acks.is_empty() || !published.is_empty() {
-            core.store.flush().await?;
-            Stats::inc(&core.stats.flushes);
-            crate::failpoint::hit("after_flush_before_ack");
-            core.wake_webhook();
-        }
-        for (queue, d) in acks {
-            let opts = BasicAckOptions { multiple: true };
-            match d.acker.ack(opts).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    warn!(%queue, "ack not delivered (channel closed); the messages will be redelivered and deduplicated")
-                }
-                Err(e) => {
-                    warn!(%queue, error = %e, "ack failed; the messages will be redelivered and deduplicated")
-                }
-            }
-        }
-        if !published.is_empty() {
-            crate::failpoint::hit("after_ack_before_publish");
-        }
-        pump.send(published);
+        let failure = handle_group(core, group, &pump, true, cards).await?;
         if last_housekeeping.elapsed() >= config.housekeeping_every {
             last_housekeeping = Instant::now();
             if let Err(e) = core.housekeeping(Utc::now()) {
@@ -529,6 +490,173 @@ async fn session_on(
             return Err(e.into());
         }
     }
+}
+
+/// One group of inputs: apply each, flush once, ack (one multiple-ack per channel), hand
+/// what to publish to the pump. Returns a broker failure reported among the inputs.
+async fn handle_group(
+    core: &mut Core,
+    group: Vec<Input>,
+    pump: &OutboxPump,
+    fire_timers: bool,
+    cards: bool,
+) -> Result<Option<BrokerError>, OrchestratorError> {
+    let mut published = Vec::new();
+    // Highest delivery per queue: one multiple-ack per channel after the flush.
+    let mut acks: BTreeMap<Arc<str>, Box<lapin::message::Delivery>> = BTreeMap::new();
+    let mut failure = None;
+    for input in group {
+        match input {
+            Input::Delivery {
+                source,
+                queue,
+                delivery,
+            } => {
+                let inbound = Inbound {
+                    source,
+                    data: &delivery.data,
+                    exchange: delivery.exchange.as_str(),
+                    routing_key: delivery.routing_key.as_str(),
+                    queue: &queue,
+                    message_id: prop(delivery.properties.message_id()),
+                    correlation_id: prop(delivery.properties.correlation_id()),
+                    reply_to: prop(delivery.properties.reply_to()),
+                    traceparent: broker::header(&delivery.properties, crate::trace::HEADER),
+                    replay: replay_of(&delivery.properties),
+                };
+                published.extend(core.handle(&inbound)?);
+                acks.insert(queue, delivery);
+            }
+            Input::Unroutable {
+                outbox_id,
+                client_id,
+                correlation_id,
+            } => {
+                published.extend(core.handle_unroutable(outbox_id, &client_id, &correlation_id)?);
+            }
+            Input::Failed(e) => failure = Some(e),
+        }
+    }
+    if fire_timers {
+        published.extend(core.fire_timers(Utc::now())?);
+    }
+    if cards {
+        published.extend(core.publish_cards(CARD_ROUND)?);
+    }
+    if !acks.is_empty() || !published.is_empty() {
+        core.store.flush().await?;
+        Stats::inc(&core.stats.flushes);
+        crate::failpoint::hit("after_flush_before_ack");
+        core.wake_webhook();
+    }
+    for (queue, d) in acks {
+        let opts = BasicAckOptions { multiple: true };
+        match d.acker.ack(opts).await {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!(%queue, "ack not delivered (channel closed); the messages will be redelivered and deduplicated")
+            }
+            Err(e) => {
+                warn!(%queue, error = %e, "ack failed; the messages will be redelivered and deduplicated")
+            }
+        }
+    }
+    if !published.is_empty() {
+        crate::failpoint::hit("after_ack_before_publish");
+    }
+    pump.send(published);
+    Ok(failure)
+}
+
+/// A graceful stop, bounded by `timeout`: cancel every consumer so the broker sends
+/// nothing more, handle (store, flush, ack) what it had already delivered until every
+/// consumer has ended, wait for the publisher's confirms, and flush. What does not fit in
+/// the bound stays safe: unacked deliveries are requeued when the connection closes, and
+/// unconfirmed messages stay in the outbox and go out again at the next start.
+async fn drain(
+    core: &mut Core,
+    channels: &[lapin::Channel],
+    rx: &mut mpsc::Receiver<Input>,
+    pump: &OutboxPump,
+    timeout: Duration,
+) -> Result<(), OrchestratorError> {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+    info!(timeout = ?timeout, "shutdown requested: cancelling consumers, finishing in-flight work");
+    let mut consuming: usize = 0;
+    for ch in channels {
+        let cancel = ch.basic_cancel(CONSUMER_TAG.into(), Default::default());
+        match tokio::time::timeout_at(deadline, cancel).await {
+            Ok(Ok(())) => consuming += 1,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cancelling a consumer failed; its deliveries will be requeued")
+            }
+            Err(_) => warn!("cancelling a consumer timed out"),
+        }
+    }
+    // A cancelled consumer's stream ends after the deliveries sent before the cancel-ok:
+    // its reader then reports `ConsumerCancelled`, which here means "done".
+    let mut handled = 0usize;
+    while consuming > 0 {
+        let first = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(i)) => i,
+            Ok(None) => break,
+            Err(_) => {
+                warn!(
+                    consumers = consuming,
+                    "shutdown timeout while finishing deliveries; the rest is requeued"
+                );
+                break;
+            }
+        };
+        let mut group = vec![first];
+        while let Ok(i) = rx.try_recv() {
+            group.push(i);
+        }
+        let mut inputs = Vec::with_capacity(group.len());
+        let mut broken = false;
+        for i in group {
+            match i {
+                Input::Failed(BrokerError::ConsumerCancelled(_)) => {
+                    consuming = consuming.saturating_sub(1)
+                }
+                Input::Failed(e) => {
+                    warn!(error = %e, "broker failure while draining; unacked deliveries are requeued");
+                    broken = true;
+                }
+                other => {
+                    handled += matches!(other, Input::Delivery { .. }) as usize;
+                    inputs.push(other);
+                }
+            }
+        }
+        handle_group(core, inputs, pump, false, false).await?;
+        if broken {
+            break;
+        }
+    }
+    // Channels before the connection: closing a connection under open channels makes
+    // lapin log errors for a clean stop. Unacked deliveries (past the bound) are requeued.
+    for ch in channels {
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), ch.close(200, "shutdown".into())).await;
+    }
+    let confirmed = tokio::time::timeout_at(deadline, pump.drain())
+        .await
+        .is_ok();
+    if !confirmed {
+        warn!(
+            "shutdown timeout while waiting for publisher confirms; the outbox keeps the rest for the next start"
+        );
+    }
+    core.store.flush().await?;
+    info!(
+        handled,
+        confirmed,
+        elapsed = ?started.elapsed(),
+        "drained: consumers cancelled, in-flight work stored and acked, store flushed"
+    );
+    Ok(())
 }
 
 /// Stops a background task when the orchestrator stops.
@@ -561,21 +689,39 @@ fn prop(v: &Option<lapin::types::ShortString>) -> Option<String> {
 
 /// Publishes outbox entries in order, pipelining confirms, and clears them once confirmed.
 struct OutboxPump {
-    tx: mpsc::UnboundedSender<Vec<OutboxEntry>>,
+    tx: mpsc::UnboundedSender<PumpMsg>,
+}
+
+enum PumpMsg {
+    Publish(Vec<OutboxEntry>),
+    /// Answered once everything handed over before it is confirmed (or found unroutable).
+    Drain(tokio::sync::oneshot::Sender<()>),
 }
 
 impl OutboxPump {
     fn start(publisher: Publisher, store: Store, core: mpsc::Sender<Input>) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<OutboxEntry>>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<PumpMsg>();
         let retry_tx = tx.clone();
         tokio::spawn(
             async move {
                 let mut inflight = futures_util::stream::FuturesUnordered::new();
                 let mut confirmed: Vec<u64> = Vec::new();
+                let mut drained: Option<tokio::sync::oneshot::Sender<()>> = None;
                 loop {
                     tokio::select! {
-                        batch = rx.recv() => {
-                            let Some(batch) = batch else { break };
+                        msg = rx.recv() => {
+                            let batch = match msg {
+                                None => break,
+                                Some(PumpMsg::Publish(batch)) => batch,
+                                Some(PumpMsg::Drain(done)) => {
+                                    if inflight.is_empty() {
+                                        let _ = done.send(());
+                                    } else {
+                                        drained = Some(done);
+                                    }
+                                    continue;
+                                }
+                            };
                             for e in batch {
                                 let out = Outgoing {
                                     exchange: e.exchange.clone(),
@@ -623,7 +769,7 @@ impl OutboxPump {
                                     let retry = retry_tx.clone();
                                     tokio::spawn(async move {
                                         tokio::time::sleep(Duration::from_secs(1)).await;
-                                        let _ = retry.send(vec![e]);
+                                        let _ = retry.send(PumpMsg::Publish(vec![e]));
                                     });
                                 }
                                 Ok(Err(err)) => {
@@ -641,6 +787,11 @@ impl OutboxPump {
                                 }
                                 confirmed.clear();
                             }
+                            if inflight.is_empty()
+                                && let Some(done) = drained.take()
+                            {
+                                let _ = done.send(());
+                            }
                         }
                     }
                 }
@@ -652,7 +803,15 @@ impl OutboxPump {
 
     fn send(&self, entries: Vec<OutboxEntry>) {
         if !entries.is_empty() {
-            let _ = self.tx.send(entries);
+            let _ = self.tx.send(PumpMsg::Publish(entries));
+        }
+    }
+
+    /// Resolves once everything sent before is confirmed, or at once if the pump is gone.
+    async fn drain(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self.tx.send(PumpMsg::Drain(done)).is_ok() {
+            let _ = wait.await;
         }
     }
 }

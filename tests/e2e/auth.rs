@@ -226,6 +226,7 @@ async fn the_orchestrator_refuses_unsigned_commands_and_its_signed_requests_are_
         max_message_bytes: journeyman::protocol::DEFAULT_MAX_MESSAGE_BYTES,
         keyring: Some(ring.clone()),
         signing_key: Some(key.clone()),
+        shutdown_timeout: journeyman::agent::DEFAULT_SHUTDOWN_TIMEOUT,
     };
     let stats = Arc::new(journeyman::agent::AgentStats::default());
     let st = stats.clone();

@@ -852,6 +852,7 @@ async fn a_queue_with_other_arguments_is_a_clear_startup_error() {
         max_message_bytes: journeyman::protocol::DEFAULT_MAX_MESSAGE_BYTES,
         keyring: None,
         signing_key: None,
+        shutdown_timeout: journeyman::agent::DEFAULT_SHUTDOWN_TIMEOUT,
     };
     let res = tokio::time::timeout(
         Duration::from_secs(20),

@@ -66,6 +66,8 @@ pub struct TestApp {
     /// Every event received so far: a wait may look for one that arrived while the test
     /// was waiting for another.
     seen: Vec<Value>,
+    /// The message id of each event in `seen`, same order.
+    seen_ids: Vec<String>,
     dead: Option<lapin::Consumer>,
     queues: Vec<String>,
 }
@@ -134,6 +136,7 @@ impl TestApp {
             child: None,
             events,
             seen: Vec::new(),
+            seen_ids: Vec::new(),
             dead: None,
             queues,
         };
@@ -195,9 +198,7 @@ impl TestApp {
 
     /// The orchestrator binary as a child process, with extra environment variables.
     pub async fn start_child_with(&mut self, env: &[(&str, &str)]) {
-        let playbook_file = self.dir.path().join("playbook.yaml");
-        let yaml = serde_norway::to_string(&self.playbook).unwrap();
-        std::fs::write(&playbook_file, yaml).unwrap();
+        let playbook_file = self.playbook_file();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -232,6 +233,30 @@ impl TestApp {
         tokio::time::timeout(WAIT, self.http.wait())
             .await
             .expect("the orchestrator serves HTTP")
+    }
+
+    /// SIGTERMs the child orchestrator (a graceful stop, as Kubernetes does on a rolling
+    /// update) and waits up to `within` for it to exit; returns how and how long it took.
+    pub async fn terminate_child(
+        &mut self,
+        within: Duration,
+    ) -> (std::process::ExitStatus, Duration) {
+        let mut c = self.child.take().expect("a child orchestrator runs");
+        let (status, took) = terminate(&mut c, within).await;
+        let status = status.unwrap_or_else(|| {
+            panic!(
+                "the orchestrator did not exit within {within:?} of SIGTERM; log:\n{}",
+                self.orchestrator_log()
+            )
+        });
+        (status, took)
+    }
+
+    /// Writes the app's playbook to a file (for child processes) and returns its path.
+    pub fn playbook_file(&self) -> PathBuf {
+        let path = self.dir.path().join("playbook.yaml");
+        std::fs::write(&path, serde_norway::to_string(&self.playbook).unwrap()).unwrap();
+        path
     }
 
     /// SIGKILLs the child orchestrator and waits for it to be gone.
@@ -284,6 +309,7 @@ impl TestApp {
             max_message_bytes: journeyman::protocol::DEFAULT_MAX_MESSAGE_BYTES,
             keyring: None,
             signing_key: None,
+            shutdown_timeout: journeyman::agent::DEFAULT_SHUTDOWN_TIMEOUT,
         };
         adjust(&mut config);
         let stats = Arc::new(AgentStats::default());
@@ -434,6 +460,7 @@ impl TestApp {
         let fut = async {
             while let Some(env) = self.events.recv().await {
                 self.seen.push(env.payload.clone());
+                self.seen_ids.push(env.message_id.to_string());
                 if pred(&env.payload) {
                     return env.payload;
                 }
@@ -446,6 +473,30 @@ impl TestApp {
                 "timed out waiting for {what}; orchestrator log:\n{}",
                 self.orchestrator_log()
             ),
+        }
+    }
+
+    /// Every event received so far with its message id.
+    pub fn seen_events_with_ids(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.seen_ids.iter().map(String::as_str).zip(&self.seen)
+    }
+
+    /// Waits until `n` of the events received match `pred`.
+    pub async fn wait_events(&mut self, what: &str, n: usize, pred: impl Fn(&Value) -> bool) {
+        let fut = async {
+            while self.seen.iter().filter(|v| pred(v)).count() < n {
+                let Some(env) = self.events.recv().await else {
+                    panic!("event stream ended while waiting for {what}");
+                };
+                self.seen.push(env.payload);
+                self.seen_ids.push(env.message_id.to_string());
+            }
+        };
+        if tokio::time::timeout(WAIT, fut).await.is_err() {
+            panic!(
+                "timed out waiting for {what}; orchestrator log:\n{}",
+                self.orchestrator_log()
+            );
         }
     }
 
@@ -549,6 +600,24 @@ impl Drop for TestApp {
         })
         .join();
     }
+}
+
+/// Sends SIGTERM to `child` and waits up to `within` for it to exit: its status (`None`
+/// if it did not exit in time) and how long it took.
+pub async fn terminate(
+    child: &mut tokio::process::Child,
+    within: Duration,
+) -> (Option<std::process::ExitStatus>, Duration) {
+    let pid = child.id().expect("the child still runs") as libc::pid_t;
+    let started = std::time::Instant::now();
+    // SAFETY: kill(2) on our own child's pid; no memory is shared.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0, "SIGTERM to {pid}");
+    let status = tokio::time::timeout(within, child.wait())
+        .await
+        .ok()
+        .map(|s| s.expect("wait for the child"));
+    (status, started.elapsed())
 }
 
 /// Parses a playbook for a test.

@@ -10,6 +10,7 @@ mod dlq;
 mod gates;
 mod helpers;
 mod http;
+mod shutdown;
 mod trace;
 mod webhook;
 
