@@ -137,7 +137,8 @@ pub struct Change {
     outbox: Vec<OutboxEntry>,
     /// History lines this change adds, per client: status cards show recent activity
     /// without reading back what is not committed yet.
-    history: Vec<(String, serde_json::Value)>,
+    /// Kept encoded: only the webhook's cards read them back.
+    history: Vec<(String, Vec<u8>)>,
     /// Nothing was written.
     pub empty: bool,
 }
@@ -191,22 +192,20 @@ impl Change {
         let mut k = key(HISTORY, client_id.as_bytes());
         k.push(0);
         k.extend_from_slice(&seq.to_be_bytes());
-        self.batch.insert(k, to_json(entry));
-        self.history.push((
-            client_id.to_string(),
-            serde_json::to_value(entry).unwrap_or_default(),
-        ));
+        let json = to_json(entry);
+        self.batch.insert(k, json.as_slice());
+        self.history.push((client_id.to_string(), json));
     }
 
     /// History lines this change adds for `client_id`, oldest first.
     pub fn history_of<'a>(
         &'a self,
         client_id: &'a str,
-    ) -> impl Iterator<Item = &'a serde_json::Value> {
+    ) -> impl Iterator<Item = serde_json::Value> + 'a {
         self.history
             .iter()
             .filter(move |(c, _)| c == client_id)
-            .map(|(_, v)| v)
+            .filter_map(|(_, v)| serde_json::from_slice(v).ok())
     }
 
     /// The client's status card is due (published by the next card round).

@@ -1376,7 +1376,7 @@ impl Core {
         let effect = match rec.work.as_mut() {
             None => ReplyEffect::Unknown,
             Some(work) => {
-                let spec = Self::spec_of(&playbook, work).into_owned();
+                let spec = Self::spec_of(&playbook, work);
                 work.on_reply(&spec, &corr, result.clone(), now, rand::random::<f64>())
             }
         };
@@ -1559,7 +1559,7 @@ impl Core {
         self.cards_due = true;
         if self.policy.webhook {
             let mut recent = self.store.recent_history(client, RECENT_ACTIVITIES)?;
-            recent.extend(change.history_of(client).cloned());
+            recent.extend(change.history_of(client));
             let skip = recent.len().saturating_sub(RECENT_ACTIVITIES);
             let recent: Vec<Value> = recent.into_iter().skip(skip).collect();
             let card_id = self.store.next_id()?;
