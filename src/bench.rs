@@ -28,8 +28,7 @@ use chrono::Utc;
 use clap::{Args, ValueEnum};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{BasicAckOptions, QueueBindOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
@@ -1146,11 +1145,20 @@ async fn orchestrator_part(
         broker::delete_namespace(&admin, &names, &queues).await;
     }
     let _ = admin.close(200, "bench done".into()).await;
-    let mut row = result?;
-    if cfg.keep {
-        row.kept_dir = Some(tmp.keep().display().to_string());
+    match result {
+        Ok(mut row) => {
+            if cfg.keep {
+                row.kept_dir = Some(tmp.keep().display().to_string());
+            }
+            Ok(row)
+        }
+        Err(e) => {
+            // Kept for its log, which the error names.
+            let kept = tmp.keep();
+            say(cfg, format!("{part}: failed; its directory is kept: {}", kept.display()));
+            Err(e)
+        }
     }
-    Ok(row)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1277,7 +1285,6 @@ async fn orchestrator_on(
     let mut started = 0;
     let mut done = vec![false; journeys];
     let mut finished = 0;
-    let mut paused = 0;
     let mut progress = Progress::new(part, journeys);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     while started < concurrency.min(journeys) {
@@ -1312,10 +1319,9 @@ async fn orchestrator_on(
                         }
                     }
                     "journey.paused" => {
-                        paused += 1;
                         return Err(failed(part, format!(
-                            "{paused} journey(s) paused ({} of {journeys} finished): a task failed, which the simulated agents never do; see {log_name}",
-                            finished
+                            "journey {} paused with {finished} of {journeys} finished: a task failed, which the simulated agents never do; see {log_name}",
+                            p.client_id
                         )));
                     }
                     _ => {}
@@ -1585,10 +1591,10 @@ async fn broker_version(url: &str) -> String {
 /// (product, version) from a `connection.start` method frame's payload (class 10,
 /// method 10, two version octets, then the server properties table).
 pub fn parse_connection_start(payload: &[u8]) -> Option<(String, String)> {
-    if payload.get(..4)? != [0, 10, 0, 10] {
+    if !payload.starts_with(&[0, 10, 0, 10]) {
         return None;
     }
-    let mut r = Reader(&payload[6..]);
+    let mut r = Reader(payload.get(6..)?);
     let len = r.u32()? as usize;
     let mut t = Reader(r.take(len)?);
     let (mut product, mut version) = (None, None);
@@ -1625,9 +1631,12 @@ impl<'a> Reader<'a> {
         let b = self.take(4)?;
         Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
+    fn skip(&mut self, n: usize) -> Option<Option<String>> {
+        self.take(n).map(|_| None)
+    }
     /// Reads a field value of type `kind`; long strings are returned, the rest skipped.
     fn value(&mut self, kind: u8) -> Option<Option<String>> {
-        let skip = |r: &mut Self, n: usize| r.take(n).map(|_| None);
+        let skip = Self::skip;
         match kind {
             b'S' => {
                 let n = self.u32()? as usize;
