@@ -237,7 +237,12 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
-    pub fn from_args(amqp_url: &str, binary: PathBuf, queue_type: QueueType, a: &BenchArgs) -> Self {
+    pub fn from_args(
+        amqp_url: &str,
+        binary: PathBuf,
+        queue_type: QueueType,
+        a: &BenchArgs,
+    ) -> Self {
         let mut journeys: Vec<usize> = a.journeys.iter().flatten().copied().collect();
         if journeys.is_empty() {
             journeys.push(2000);
@@ -411,7 +416,9 @@ fn assemble(
     if let Some(limit) = &limit {
         for shape in [Shape::Chain, Shape::Parallel] {
             // The default run, or the first size of a scale run (the limit's own size).
-            let Some(r) = orch(shape).next() else { continue };
+            let Some(r) = orch(shape).next() else {
+                continue;
+            };
             if limit.tasks_per_s > 0.0 {
                 let ratio = r.tasks_per_s / limit.tasks_per_s;
                 ratios.insert(shape.as_str().to_string(), ratio);
@@ -824,7 +831,10 @@ async fn broker_limit_on(
     concurrency: usize,
 ) -> Result<Row, BenchError> {
     const PART: &str = "broker limit";
-    let ch = admin.create_channel().await.map_err(amqp("create channel"))?;
+    let ch = admin
+        .create_channel()
+        .await
+        .map_err(amqp("create channel"))?;
     broker::declare_exchanges(&ch, names).await?;
     let reply_queue = names.replies("bench");
     broker::declare_queue(&ch, names, &reply_queue, None).await?;
@@ -945,10 +955,14 @@ async fn broker_limit_on(
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds("self").zip(cpu0).map(|(b, a)| b - a).unwrap_or(0.0);
+    let cpu = cpu_seconds("self")
+        .zip(cpu0)
+        .map(|(b, a)| b - a)
+        .unwrap_or(0.0);
     drop(echo_tasks);
     for c in [&echo_consume, &echo_publish, &req_consume, &req_publish] {
-        let _ = tokio::time::timeout(Duration::from_secs(5), c.close(200, "bench done".into())).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), c.close(200, "bench done".into())).await;
     }
     let tasks = round_trips;
     Ok(Row {
@@ -1138,9 +1152,18 @@ async fn orchestrator_part(
     let mut queues: Vec<String> = intents.iter().map(|i| names.intent_queue(i)).collect();
     queues.push(names.dead_letter());
     queues.push(names.replies("0"));
-    let result =
-        orchestrator_on(cfg, &admin, &names, &part, &playbook, shape, tmp.path(), journeys, concurrency)
-            .await;
+    let result = orchestrator_on(
+        cfg,
+        &admin,
+        &names,
+        &part,
+        &playbook,
+        shape,
+        tmp.path(),
+        journeys,
+        concurrency,
+    )
+    .await;
     if !cfg.keep {
         broker::delete_namespace(&admin, &names, &queues).await;
     }
@@ -1155,7 +1178,10 @@ async fn orchestrator_part(
         Err(e) => {
             // Kept for its log, which the error names.
             let kept = tmp.keep();
-            say(cfg, format!("{part}: failed; its directory is kept: {}", kept.display()));
+            say(
+                cfg,
+                format!("{part}: failed; its directory is kept: {}", kept.display()),
+            );
             Err(e)
         }
     }
@@ -1173,7 +1199,10 @@ async fn orchestrator_on(
     journeys: usize,
     concurrency: usize,
 ) -> Result<Row, BenchError> {
-    let ch = admin.create_channel().await.map_err(amqp("create channel"))?;
+    let ch = admin
+        .create_channel()
+        .await
+        .map_err(amqp("create channel"))?;
     let intents = JOURNEY_INTENTS
         .iter()
         .map(|s| s.to_string())
@@ -1193,7 +1222,15 @@ async fn orchestrator_on(
     };
     let port = free_port().map_err(io("cannot find a free loopback port"))?;
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut orch = spawn_orchestrator(cfg, names, &store_dir, &playbook_file, &log, addr, key.as_ref())?;
+    let mut orch = spawn_orchestrator(
+        cfg,
+        names,
+        &store_dir,
+        &playbook_file,
+        &log,
+        addr,
+        key.as_ref(),
+    )?;
     let log_name = log.display().to_string();
 
     // Simulated agents: no latency, no failures, in this process.
@@ -1233,7 +1270,10 @@ async fn orchestrator_on(
         .await
         .is_err()
     {
-        return Err(failed(part, format!("the simulated agents were not consuming within {READY_TIMEOUT:?}")));
+        return Err(failed(
+            part,
+            format!("the simulated agents were not consuming within {READY_TIMEOUT:?}"),
+        ));
     }
     let http = crate::http::client::Client::new(addr, Duration::from_secs(10));
     wait_ready(part, &mut orch, &http, READY_TIMEOUT).await?;
@@ -1344,7 +1384,10 @@ async fn orchestrator_on(
         .zip(cpu0)
         .map(|(b, a)| b - a)
         .unwrap_or(0.0);
-    let self_cpu = cpu_seconds("self").zip(self0).map(|(b, a)| b - a).unwrap_or(0.0);
+    let self_cpu = cpu_seconds("self")
+        .zip(self0)
+        .map(|(b, a)| b - a)
+        .unwrap_or(0.0);
     let peak_rss = peak_rss_kib(&orch.pid.to_string()).unwrap_or(0) as f64 / 1024.0;
     let stats: StatsView = http.get("/api/stats").await?;
     let tasks = stats.counters.get("tasks_completed").copied().unwrap_or(0);
@@ -1366,7 +1409,8 @@ async fn orchestrator_on(
     let _ = tokio::time::timeout(Duration::from_secs(10), &mut agents.0).await;
     drop(agents);
     for c in [&watch_conn, &publish_conn] {
-        let _ = tokio::time::timeout(Duration::from_secs(5), c.close(200, "bench done".into())).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), c.close(200, "bench done".into())).await;
     }
     let store_bytes = dir_size(&store_dir).map_err(io("cannot measure the data directory"))?;
     Ok(Row {
@@ -1400,7 +1444,8 @@ fn spawn_orchestrator(
     addr: std::net::SocketAddr,
     key: Option<&Key>,
 ) -> Result<Orchestrator, BenchError> {
-    let log_file = std::fs::File::create(log).map_err(io("cannot create the orchestrator's log"))?;
+    let log_file =
+        std::fs::File::create(log).map_err(io("cannot create the orchestrator's log"))?;
     let mut cmd = tokio::process::Command::new(&cfg.binary);
     cmd.arg("--namespace")
         .arg(&names.namespace)
@@ -1435,7 +1480,8 @@ fn spawn_orchestrator(
             cmd.env(crate::auth::KEYS_ENV, k.expose_line());
         }
         None => {
-            cmd.env_remove(crate::auth::KEYS_ENV).arg("--insecure-no-auth");
+            cmd.env_remove(crate::auth::KEYS_ENV)
+                .arg("--insecure-no-auth");
         }
     }
     let child = cmd
@@ -1668,7 +1714,10 @@ mod tests {
             parse_journeys("1000,10000,100000"),
             Ok(vec![1000, 10_000, 100_000])
         );
-        assert_eq!(parse_journeys("1k, 10_000,100K"), Ok(vec![1000, 10_000, 100_000]));
+        assert_eq!(
+            parse_journeys("1k, 10_000,100K"),
+            Ok(vec![1000, 10_000, 100_000])
+        );
         assert!(parse_journeys("0").is_err());
         assert!(parse_journeys("10,x").unwrap_err().contains("'x'"));
         assert!(parse_journeys("").is_err());
@@ -1685,8 +1734,14 @@ mod tests {
             assert_eq!(p.intents().len(), TASKS_PER_JOURNEY);
         }
         let deps = |p: &Playbook, t: &str| p.stages["sandbox"].task(t).unwrap().depends_on.clone();
-        assert_eq!(deps(&chain, "provision-test-data"), vec!["install-connectors"]);
-        assert_eq!(deps(&parallel, "provision-test-data"), vec!["provision-infra"]);
+        assert_eq!(
+            deps(&chain, "provision-test-data"),
+            vec!["install-connectors"]
+        );
+        assert_eq!(
+            deps(&parallel, "provision-test-data"),
+            vec!["provision-infra"]
+        );
         assert_eq!(
             deps(&parallel, "run-security-scan"),
             vec!["install-connectors", "provision-test-data"]
@@ -1698,7 +1753,8 @@ mod tests {
         let stat = "1234 (journey man (x)) S 1 1234 1234 0 -1 4194560 5000 0 0 0 250 75 0 0 20 0 9 0 100 1000000 5000 18446744073709551615";
         assert_eq!(parse_stat_cpu_ticks(stat), Some(325));
         assert_eq!(parse_stat_cpu_ticks("garbage"), None);
-        let status = "Name:\tjourneyman\nVmPeak:\t  300000 kB\nVmHWM:\t   65536 kB\nVmRSS:\t   60000 kB\n";
+        let status =
+            "Name:\tjourneyman\nVmPeak:\t  300000 kB\nVmHWM:\t   65536 kB\nVmRSS:\t   60000 kB\n";
         assert_eq!(parse_vm_hwm_kib(status), Some(65536));
         assert_eq!(parse_vm_hwm_kib("Name: x\n"), None);
         // This process has both.
@@ -1797,20 +1853,36 @@ mod tests {
             row("orchestrator chain", 2000, 2400.0, 700.0, 60.0),
             row("orchestrator parallel", 2000, 2000.0, 900.0, 61.0),
         ];
-        let r = assemble(2, "RabbitMQ 3.10.8".into(), &config(vec![2000]), rows, vec![], true);
+        let r = assemble(
+            2,
+            "RabbitMQ 3.10.8".into(),
+            &config(vec![2000]),
+            rows,
+            vec![],
+            true,
+        );
         assert_eq!(r.ratios["chain"], 0.75);
         assert_eq!(r.ratios["parallel"], 0.625);
         let text = render_text(&r);
         assert!(text.contains("\nratio: 0.75\n"), "{text}");
-        assert!(text.contains("\nratio (parallel): 0.62\n") || text.contains("\nratio (parallel): 0.63\n"), "{text}");
+        assert!(
+            text.contains("\nratio (parallel): 0.62\n")
+                || text.contains("\nratio (parallel): 0.63\n"),
+            "{text}"
+        );
         assert!(text.contains("sled bytes per journey: 10000 ("), "{text}");
         assert!(
-            text.contains("target tasks/s ≥ 0.7 × limit: met (chain 0.75 met, parallel 0.62 not met)")
-                || text.contains("target tasks/s ≥ 0.7 × limit: met (chain 0.75 met, parallel 0.63 not met)"),
+            text.contains(
+                "target tasks/s ≥ 0.7 × limit: met (chain 0.75 met, parallel 0.62 not met)"
+            ) || text.contains(
+                "target tasks/s ≥ 0.7 × limit: met (chain 0.75 met, parallel 0.63 not met)"
+            ),
             "{text}"
         );
         assert!(
-            text.contains("target p99 within 2 × limit p99: met (chain 1.75× met, parallel 2.25× not met)"),
+            text.contains(
+                "target p99 within 2 × limit p99: met (chain 1.75× met, parallel 2.25× not met)"
+            ),
             "{text}"
         );
         assert!(text.contains("nproc 2, broker RabbitMQ 3.10.8"), "{text}");
@@ -1836,9 +1908,14 @@ mod tests {
         assert_eq!(r.scale[1].relative_throughput, 0.95);
         assert!(r.ratios.is_empty(), "no broker limit, no ratio");
         let text = render_text(&r);
-        assert!(text.contains("target chain peak RSS at 100000 journeys ≤ 256 MiB: not met"), "{text}");
         assert!(
-            text.contains("target chain throughput at 100000 journeys within 20 % of 1000: not met (0.75)"),
+            text.contains("target chain peak RSS at 100000 journeys ≤ 256 MiB: not met"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "target chain throughput at 100000 journeys within 20 % of 1000: not met (0.75)"
+            ),
             "{text}"
         );
         assert!(!text.contains("ratio:"), "{text}");

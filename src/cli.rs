@@ -76,7 +76,12 @@ pub struct Global {
     pub http_addr: SocketAddr,
     /// Queue type every worker declares: quorum (replicated, delivery limit, at-least-once
     /// dead-lettering) or classic. The orchestrator and its agents must agree.
-    #[arg(long, env = "JOURNEYMAN_QUEUE_TYPE", global = true, default_value = "quorum")]
+    #[arg(
+        long,
+        env = "JOURNEYMAN_QUEUE_TYPE",
+        global = true,
+        default_value = "quorum"
+    )]
     pub queue_type: broker::QueueType,
 }
 

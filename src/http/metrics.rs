@@ -551,7 +551,9 @@ mod tests {
             value(&text, "journeyman_task_round_trip_quantiles_seconds_count"),
             Some(1)
         );
-        assert!(text.contains("journeyman_task_round_trip_quantiles_seconds{quantile=\"0.99\"} 0.03"));
+        assert!(
+            text.contains("journeyman_task_round_trip_quantiles_seconds{quantile=\"0.99\"} 0.03")
+        );
         assert_eq!(m.dead_letters_by_reason().get("schema_violation"), Some(&1));
         // Every sample line belongs to a declared metric.
         for l in text.lines().filter(|l| !l.starts_with('#')) {

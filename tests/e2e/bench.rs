@@ -33,7 +33,11 @@ async fn bench_measures_every_part_and_deletes_its_namespaces() {
     let parts: Vec<&str> = rows.iter().map(|r| r["part"].as_str().unwrap()).collect();
     assert_eq!(
         parts,
-        ["broker limit", "orchestrator chain", "orchestrator parallel"]
+        [
+            "broker limit",
+            "orchestrator chain",
+            "orchestrator parallel"
+        ]
     );
     let positive = |r: &Value, path: &[&str]| {
         let v = path.iter().fold(r, |v, k| &v[*k]);
