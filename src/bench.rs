@@ -1325,8 +1325,6 @@ async fn orchestrator_on(
     let mut started = 0;
     let mut done = vec![false; journeys];
     let mut finished = 0;
-    let mut progress = Progress::new(part, journeys);
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
     while started < concurrency.min(journeys) {
         confirms.push(publisher.enqueue(start_cmd(started)).await?);
         started += 1;
@@ -1335,6 +1333,9 @@ async fn orchestrator_on(
             check_confirm(part, c)?;
         }
     }
+    // Stalls are counted from here: starting 100,000 journeys takes a while by itself.
+    let mut progress = Progress::new(part, journeys);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
     while finished < journeys {
         tokio::select! {
             next = events.next() => {
