@@ -609,6 +609,45 @@ mod tests {
     }
 
     #[test]
+    fn classic_queues_get_the_dead_letter_exchange_but_no_quorum_only_arguments() {
+        assert_eq!("classic".parse(), Ok(QueueType::Classic));
+        assert_eq!("quorum".parse(), Ok(QueueType::Quorum));
+        assert!(
+            "stream"
+                .parse::<QueueType>()
+                .unwrap_err()
+                .contains("quorum or classic")
+        );
+        let keys = |qt| {
+            let args = queue_args(&Names::new("t").with_queue_type(qt));
+            let inner = args.inner();
+            let kind = match inner.get("x-queue-type") {
+                Some(AMQPValue::LongString(s)) => {
+                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                }
+                other => panic!("{other:?}"),
+            };
+            (
+                kind,
+                inner
+                    .keys()
+                    .map(|k| k.as_str().to_string())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (kind, quorum) = keys(QueueType::Quorum);
+        assert_eq!(kind, "quorum");
+        assert!(quorum.contains(&"x-delivery-limit".to_string()));
+        assert!(quorum.contains(&"x-dead-letter-strategy".to_string()));
+        let (kind, classic) = keys(QueueType::Classic);
+        assert_eq!(kind, "classic");
+        assert!(classic.contains(&"x-dead-letter-exchange".to_string()));
+        assert!(!classic.contains(&"x-delivery-limit".to_string()));
+        assert!(!classic.contains(&"x-dead-letter-strategy".to_string()));
+        assert_eq!(Names::new("t").queue_type, QueueType::Quorum);
+    }
+
+    #[test]
     fn names_share_the_namespace() {
         let n = Names::new("t1");
         assert_eq!(n.intent_queue("journey.start"), "t1.intent.journey.start");
