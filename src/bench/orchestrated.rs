@@ -122,7 +122,11 @@ pub(super) async fn orchestrator_part(
             Ok(row)
         }
         Err(e) => {
-            // Kept for its log, which the error names.
+            // Kept for its log, which the error names; the store too only with --keep
+            // (a large run's is gigabytes).
+            if !cfg.keep {
+                let _ = std::fs::remove_dir_all(tmp.path().join("store"));
+            }
             let kept = tmp.keep();
             say(
                 cfg,
