@@ -83,18 +83,68 @@ fn amqp(op: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
     move |source| BrokerError::Amqp { op, source }
 }
 
+/// The kind of queue every worker declares. Orchestrator, agents and tools sharing a
+/// namespace must agree (`--queue-type` / `JOURNEYMAN_QUEUE_TYPE`): a queue redeclared as
+/// another type is a 406.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated, always on disk, with a delivery limit and at-least-once dead-lettering:
+    /// what production runs.
+    #[default]
+    Quorum,
+    /// Durable classic queues with the dead-letter exchange but none of the quorum-only
+    /// arguments (no delivery limit, at-most-once dead-lettering): for brokers without
+    /// quorum queues, and for comparing in `journeyman bench`.
+    Classic,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+impl std::fmt::Display for QueueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "quorum" => Ok(QueueType::Quorum),
+            "classic" => Ok(QueueType::Classic),
+            other => Err(format!(
+                "unknown queue type '{other}' (expected quorum or classic)"
+            )),
+        }
+    }
+}
+
 /// Every exchange and queue name, derived from one namespace so tenants and tests never
-/// collide.
+/// collide; and the type of queue they are declared as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
     pub namespace: String,
+    pub queue_type: QueueType,
 }
 
 impl Names {
     pub fn new(namespace: impl Into<String>) -> Self {
         Self {
             namespace: namespace.into(),
+            queue_type: QueueType::default(),
         }
+    }
+    pub fn with_queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
+        self
     }
     pub fn intents(&self) -> String {
         format!("{}.intents", self.namespace)
@@ -145,28 +195,32 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-fn quorum_args(names: &Names) -> FieldTable {
+/// The arguments of a work queue. Classic queues get the dead-letter exchange and the
+/// overflow behaviour; `x-dead-letter-strategy` and `x-delivery-limit` are quorum-only.
+fn queue_args(names: &Names) -> FieldTable {
     let mut t = BTreeMap::new();
     t.insert(
         ShortString::from("x-queue-type"),
-        AMQPValue::LongString(LongString::from("quorum")),
+        AMQPValue::LongString(LongString::from(names.queue_type.as_str())),
     );
     t.insert(
         ShortString::from("x-dead-letter-exchange"),
         AMQPValue::LongString(LongString::from(names.dlx())),
     );
     t.insert(
-        ShortString::from("x-dead-letter-strategy"),
-        AMQPValue::LongString(LongString::from("at-least-once")),
-    );
-    t.insert(
         ShortString::from("x-overflow"),
         AMQPValue::LongString(LongString::from("reject-publish")),
     );
-    t.insert(
-        ShortString::from("x-delivery-limit"),
-        AMQPValue::LongLongInt(DELIVERY_LIMIT),
-    );
+    if names.queue_type == QueueType::Quorum {
+        t.insert(
+            ShortString::from("x-dead-letter-strategy"),
+            AMQPValue::LongString(LongString::from("at-least-once")),
+        );
+        t.insert(
+            ShortString::from("x-delivery-limit"),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
+    }
     FieldTable::from(t)
 }
 
@@ -189,7 +243,7 @@ pub async fn declare_exchanges(ch: &Channel, names: &Names) -> Result<(), Broker
     let mut args = BTreeMap::new();
     args.insert(
         ShortString::from("x-queue-type"),
-        AMQPValue::LongString(LongString::from("quorum")),
+        AMQPValue::LongString(LongString::from(names.queue_type.as_str())),
     );
     let dl = names.dead_letter();
     ch.queue_declare(
@@ -214,7 +268,8 @@ pub async fn declare_exchanges(ch: &Channel, names: &Names) -> Result<(), Broker
     Ok(())
 }
 
-/// Declares a durable quorum work queue with the dead-letter settings, bound to the
+/// Declares a durable work queue (quorum unless the names say otherwise) with the
+/// dead-letter settings, bound to the
 /// intents exchange by `binding` when given. A 406 (other arguments) is a clear error.
 pub async fn declare_queue(
     ch: &Channel,
@@ -228,7 +283,7 @@ pub async fn declare_queue(
             durable: true,
             ..Default::default()
         },
-        quorum_args(names),
+        queue_args(names),
     )
     .await
     .map_err(declare_failed(queue))?;
@@ -287,6 +342,17 @@ pub async fn watch_events(
     conn: &Connection,
     names: &Names,
 ) -> Result<(Channel, lapin::Consumer), BrokerError> {
+    watch_events_on(conn, names, &["#"]).await
+}
+
+/// [`watch_events`] for some events only (routing keys are event names, e.g.
+/// `work.completed`; topic wildcards work), so a watcher of many journeys is not sent
+/// what it ignores.
+pub async fn watch_events_on(
+    conn: &Connection,
+    names: &Names,
+    events: &[&str],
+) -> Result<(Channel, lapin::Consumer), BrokerError> {
     let ch = conn
         .create_channel()
         .await
@@ -303,15 +369,17 @@ pub async fn watch_events(
         )
         .await
         .map_err(amqp("declare the event watch queue"))?;
-    ch.queue_bind(
-        q.name().clone(),
-        names.events().as_str().into(),
-        "#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .map_err(amqp("bind the event watch queue"))?;
+    for key in events {
+        ch.queue_bind(
+            q.name().clone(),
+            names.events().as_str().into(),
+            (*key).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp("bind the event watch queue"))?;
+    }
     let consumer = ch
         .basic_consume(
             q.name().clone(),
@@ -538,6 +606,45 @@ mod tests {
             "amqp://guest:***@host:5672/%2f"
         );
         assert_eq!(redact("amqp://host"), "amqp://host");
+    }
+
+    #[test]
+    fn classic_queues_get_the_dead_letter_exchange_but_no_quorum_only_arguments() {
+        assert_eq!("classic".parse(), Ok(QueueType::Classic));
+        assert_eq!("quorum".parse(), Ok(QueueType::Quorum));
+        assert!(
+            "stream"
+                .parse::<QueueType>()
+                .unwrap_err()
+                .contains("quorum or classic")
+        );
+        let keys = |qt| {
+            let args = queue_args(&Names::new("t").with_queue_type(qt));
+            let inner = args.inner();
+            let kind = match inner.get("x-queue-type") {
+                Some(AMQPValue::LongString(s)) => {
+                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                }
+                other => panic!("{other:?}"),
+            };
+            (
+                kind,
+                inner
+                    .keys()
+                    .map(|k| k.as_str().to_string())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (kind, quorum) = keys(QueueType::Quorum);
+        assert_eq!(kind, "quorum");
+        assert!(quorum.contains(&"x-delivery-limit".to_string()));
+        assert!(quorum.contains(&"x-dead-letter-strategy".to_string()));
+        let (kind, classic) = keys(QueueType::Classic);
+        assert_eq!(kind, "classic");
+        assert!(classic.contains(&"x-dead-letter-exchange".to_string()));
+        assert!(!classic.contains(&"x-delivery-limit".to_string()));
+        assert!(!classic.contains(&"x-dead-letter-strategy".to_string()));
+        assert_eq!(Names::new("t").queue_type, QueueType::Quorum);
     }
 
     #[test]

@@ -75,11 +75,21 @@ pub struct Global {
     /// JSON API and the dashboard, and where `journey list|history` and `report` read it.
     #[arg(long, env = "JOURNEYMAN_HTTP_ADDR", global = true, default_value = crate::http::DEFAULT_ADDR)]
     pub http_addr: SocketAddr,
+    /// Queue type every worker declares: quorum (replicated, delivery limit, at-least-once
+    /// dead-lettering) or classic. The orchestrator and its agents must agree.
+    #[arg(
+        long,
+        env = "JOURNEYMAN_QUEUE_TYPE",
+        global = true,
+        default_value = "quorum"
+    )]
+    pub queue_type: broker::QueueType,
 }
 
 impl Global {
     pub fn names(&self) -> Names {
         Names::new(self.namespace.clone().unwrap_or_else(|| "a2a".into()))
+            .with_queue_type(self.queue_type)
     }
 
     /// The configured keys: the key file if named, else JOURNEYMAN_AUTH_KEYS, else none.
@@ -125,6 +135,9 @@ pub enum Cmd {
     Agents(AgentsArgs),
     /// Run orchestrator and simulated agents in-process, start N journeys and watch them.
     Demo(crate::demo::DemoArgs),
+    /// Measure the broker's request/reply limit and the orchestrator against it (tasks/s,
+    /// round-trip p50/p99/p99.9, CPU per 1,000 tasks, peak RSS, store bytes per journey).
+    Bench(crate::bench::BenchArgs),
     /// Start or inspect a journey (publishes protocol messages to the orchestrator).
     Journey {
         #[command(subcommand)]
@@ -536,6 +549,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let auth = a.auth(g)?;
             let mut config =
                 orchestrator::Config::new(&g.amqp_url, &g.names().namespace, a.data_dir);
+            config.names = g.names();
             config.playbook = a.playbook.load()?;
             config.orchestrator_id = a.orchestrator_id;
             config.prefetch = a.prefetch;
@@ -596,6 +610,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Demo(a) => crate::demo::run(g, a).await,
+        Cmd::Bench(a) => {
+            let binary = std::env::current_exe().context("cannot find the journeyman binary")?;
+            let cfg = crate::bench::BenchConfig::from_args(&g.amqp_url, binary, g.queue_type, &a);
+            let report = crate::bench::run(&cfg).await.context("the bench failed")?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::bench::render_text(&report));
+            }
+            Ok(())
+        }
         Cmd::Token { command } => token(g, command),
         Cmd::Health { ready } => {
             let mut addr = g.http_addr;

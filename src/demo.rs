@@ -152,7 +152,8 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
             "demo-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         )),
-    };
+    }
+    .with_queue_type(g.queue_type);
     let tmp = tempfile::Builder::new()
         .prefix("journeyman-demo-")
         .tempdir()?;
@@ -222,6 +223,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
     }
     let stats = Arc::new(Stats::default());
     let mut config = orchestrator::Config::new(&g.amqp_url, &names.namespace, data_dir.clone());
+    config.names = names.clone();
     config.max_group = a.max_group;
     config.auth = Some((
         Guard::new(ring.clone(), Policy::default()),

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod auth;
 pub mod backoff;
+pub mod bench;
 pub mod broker;
 pub mod chaos;
 pub mod cli;

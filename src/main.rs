@@ -19,7 +19,9 @@ async fn main() {
     let default = match cli.command {
         // lapin logs routine connection closes at error level; the demo and the chaos run
         // report broker trouble themselves.
-        journeyman::cli::Cmd::Demo(_) | journeyman::cli::Cmd::Chaos(_) => "warn,lapin=off",
+        journeyman::cli::Cmd::Demo(_)
+        | journeyman::cli::Cmd::Chaos(_)
+        | journeyman::cli::Cmd::Bench(_) => "warn,lapin=off",
         _ => "info",
     };
     journeyman::cli::init_tracing(cli.global.log_format, default);

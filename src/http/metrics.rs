@@ -35,6 +35,56 @@ pub struct Metrics {
     rollbacks: Family,
     /// Task round trips by intent: dispatch of an attempt to its reply.
     round_trip: Mutex<BTreeMap<String, Histogram>>,
+    /// Every task round trip (all intents) at microsecond resolution, for the quantiles
+    /// the buckets above are too coarse for (p99.9): `/api/stats` and `journeyman bench`.
+    round_trip_quantiles: Mutex<Quantiles>,
+}
+
+/// The longest round trip the quantiles resolve (longer ones count as this): an hour.
+const MAX_ROUND_TRIP_US: u64 = 3_600_000_000;
+
+/// An HDR histogram of round trips in microseconds (3 significant digits, so quantiles
+/// are within 0.1 %), and their sum for the Prometheus summary.
+#[derive(Debug)]
+struct Quantiles {
+    micros: hdrhistogram::Histogram<u64>,
+    sum_secs: f64,
+}
+
+impl Default for Quantiles {
+    fn default() -> Self {
+        Self {
+            micros: hdrhistogram::Histogram::new_with_bounds(1, MAX_ROUND_TRIP_US, 3)
+                .expect("constant, valid histogram bounds"),
+            sum_secs: 0.0,
+        }
+    }
+}
+
+/// Task round-trip quantiles (dispatch to the reply being applied), in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RoundTripSummary {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+}
+
+impl RoundTripSummary {
+    /// Reads the quantiles of an HDR histogram of microseconds.
+    pub fn of_micros(h: &hdrhistogram::Histogram<u64>) -> Self {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Self {
+            count: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.5)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            p999_ms: ms(h.value_at_quantile(0.999)),
+            max_ms: ms(h.max()),
+            mean_ms: h.mean() / 1000.0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -84,6 +134,23 @@ impl Metrics {
         }
         h.count += 1;
         h.sum += secs;
+        drop(m);
+        let mut q = self
+            .round_trip_quantiles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        q.micros
+            .saturating_record((round_trip.as_micros() as u64).clamp(1, MAX_ROUND_TRIP_US));
+        q.sum_secs += secs;
+    }
+
+    /// Quantiles over every task round trip so far.
+    pub fn round_trip_summary(&self) -> RoundTripSummary {
+        let q = self
+            .round_trip_quantiles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        RoundTripSummary::of_micros(&q.micros)
     }
     pub fn dead_letter(&self, reason: &str) {
         self.dead_letters.inc(&[reason]);
@@ -342,6 +409,34 @@ pub fn render(stats: &Stats, metrics: &Metrics, gauges: &StoreGauges, ready: boo
         let _ = writeln!(o, "{name}_sum{{intent=\"{}\"}} {}", escape(&intent), h.sum);
         sample(o, &format!("{name}_count"), &[("intent", &intent)], h.count);
     }
+
+    // The same round trips over all intents as a summary: quantiles a scraper cannot
+    // interpolate from the buckets above (p99.9 at millisecond resolution).
+    let name = "journeyman_task_round_trip_quantiles_seconds";
+    header(
+        o,
+        name,
+        "summary",
+        "Task round trip over all intents (dispatch to reply applied), quantiles since start.",
+    );
+    let (summary, sum) = {
+        let q = metrics
+            .round_trip_quantiles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        (RoundTripSummary::of_micros(&q.micros), q.sum_secs)
+    };
+    if summary.count > 0 {
+        for (quantile, ms) in [
+            ("0.5", summary.p50_ms),
+            ("0.99", summary.p99_ms),
+            ("0.999", summary.p999_ms),
+        ] {
+            let _ = writeln!(o, "{name}{{quantile=\"{quantile}\"}} {}", ms / 1000.0);
+        }
+    }
+    let _ = writeln!(o, "{name}_sum {sum}");
+    sample(o, &format!("{name}_count"), &[], summary.count);
     out
 }
 
@@ -452,6 +547,13 @@ mod tests {
             Some(1)
         );
         assert!(text.contains(r#"reason="precision \"dropped\"",automatic="true""#));
+        assert_eq!(
+            value(&text, "journeyman_task_round_trip_quantiles_seconds_count"),
+            Some(1)
+        );
+        assert!(
+            text.contains("journeyman_task_round_trip_quantiles_seconds{quantile=\"0.99\"} 0.03")
+        );
         assert_eq!(m.dead_letters_by_reason().get("schema_violation"), Some(&1));
         // Every sample line belongs to a declared metric.
         for l in text.lines().filter(|l| !l.starts_with('#')) {

@@ -409,6 +409,9 @@ pub struct StatsView {
     /// Dead letters by reason, as far as the core has counted them by reason (see
     /// [`Metrics::dead_letter`]); `counters.dead_letters` is the total.
     pub dead_letters_by_reason: BTreeMap<String, u64>,
+    /// Task round trips (dispatch to reply applied) over all intents: p50/p99/p99.9/max.
+    #[serde(default)]
+    pub round_trip: metrics::RoundTripSummary,
 }
 
 fn stats_view(state: &AppState) -> StatsView {
@@ -441,6 +444,7 @@ fn stats_view(state: &AppState) -> StatsView {
         ready: readiness(state).ready,
         counters,
         dead_letters_by_reason: state.metrics.dead_letters_by_reason(),
+        round_trip: state.metrics.round_trip_summary(),
     }
 }
 
@@ -590,6 +594,8 @@ mod tests {
         assert!(list.is_empty());
         let r: Report = c.get("/api/report").await.unwrap();
         assert_eq!(r.journeys, 0);
+        let s: StatsView = c.get("/api/stats").await.unwrap();
+        assert_eq!(s.round_trip.count, 0);
 
         // Dropping the handle frees the port.
         let addr = server.addr;

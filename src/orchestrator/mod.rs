@@ -175,6 +175,11 @@ impl Stats {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
+    /// Task round-trip quantiles since start: an attempt's dispatch to its reply being
+    /// applied, over all intents (recorded where the core observes each round trip).
+    pub fn round_trips(&self) -> crate::http::metrics::RoundTripSummary {
+        self.metrics.round_trip_summary()
+    }
 }
 
 pub use core::{Core, Inbound, Policy, Pruned, Source};

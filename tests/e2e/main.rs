@@ -2,6 +2,7 @@
 //! namespace of its own (see `helpers`), so they run in parallel on a shared broker.
 
 mod auth;
+mod bench;
 mod broker_faults;
 mod broker_node;
 mod chaos;

@@ -1,0 +1,511 @@
+//! The orchestrator part: `journeyman orchestrator` as a child process (its CPU time and
+//! peak RSS are then its own) with a bench playbook and --no-auto-promote, simulated
+//! agents without latency or failures in this process, journeys started with signed
+//! `journey.start` commands (pipelined confirms) and counted done at their
+//! `work.completed` event. Its round trips come from its `/api/stats`; its store is
+//! measured after it exits on SIGTERM (it flushes on the way out).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::probe::{cpu_seconds, dir_size, peak_rss_kib};
+use super::{
+    AbortOnDrop, BenchConfig, BenchError, PREFETCH, Progress, Row, Shape, TASKS_PER_JOURNEY, amqp,
+    check_confirm, failed, fresh_names, io, per_1k, say,
+};
+use crate::agent::{self, AgentConfig, AgentStats};
+use crate::auth::{Key, Keyring, Signer};
+use crate::broker::{self, Names, Outgoing, Publisher};
+use crate::http::StatsView;
+use crate::playbook::Playbook;
+use crate::protocol::{AgentRef, Envelope, JOURNEY_INTENTS, MessageType};
+use crate::sim::SimAgent;
+
+fn client_name(i: usize) -> String {
+    format!("bench-{i:06}")
+}
+
+fn client_index(name: &str) -> Option<usize> {
+    name.strip_prefix("bench-")?.parse().ok()
+}
+
+/// The fields of a journey event the bench reads; the rest is skipped unparsed.
+#[derive(Deserialize)]
+struct EventEnvelope {
+    payload: EventPayload,
+}
+
+#[derive(Deserialize)]
+struct EventPayload {
+    #[serde(default)]
+    client_id: String,
+    #[serde(default)]
+    event: String,
+    #[serde(default)]
+    stage: String,
+}
+
+/// The orchestrator child, killed if the bench fails before stopping it.
+struct Orchestrator {
+    child: tokio::process::Child,
+    pid: u32,
+    log: PathBuf,
+}
+
+impl Orchestrator {
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+}
+
+pub(super) async fn orchestrator_part(
+    cfg: &BenchConfig,
+    shape: Shape,
+    journeys: usize,
+    concurrency: usize,
+) -> Result<Row, BenchError> {
+    let names = fresh_names(cfg);
+    let part = format!("orchestrator {}", shape.as_str());
+    say(
+        cfg,
+        format!(
+            "{part}: {journeys} journeys of {TASKS_PER_JOURNEY} tasks, {concurrency} in flight, namespace {}",
+            names.namespace
+        ),
+    );
+    let playbook = Playbook::from_yaml(shape.yaml())?;
+    let tmp = tempfile::Builder::new()
+        .prefix("journeyman-bench-")
+        .tempdir()
+        .map_err(io("cannot create a temporary directory"))?;
+    let admin = broker::connect(&cfg.amqp_url, "journeyman-bench-admin").await?;
+    let intents: Vec<String> = JOURNEY_INTENTS
+        .iter()
+        .map(|s| s.to_string())
+        .chain(playbook.intents())
+        .collect();
+    let mut queues: Vec<String> = intents.iter().map(|i| names.intent_queue(i)).collect();
+    queues.push(names.dead_letter());
+    queues.push(names.replies("0"));
+    let result = orchestrator_on(
+        cfg,
+        &admin,
+        &names,
+        &part,
+        &playbook,
+        shape,
+        tmp.path(),
+        journeys,
+        concurrency,
+    )
+    .await;
+    if !cfg.keep {
+        broker::delete_namespace(&admin, &names, &queues).await;
+    }
+    let _ = admin.close(200, "bench done".into()).await;
+    match result {
+        Ok(mut row) => {
+            if cfg.keep {
+                row.kept_dir = Some(tmp.keep().display().to_string());
+            }
+            Ok(row)
+        }
+        Err(e) => {
+            // Kept for its log, which the error names; the store too only with --keep
+            // (a large run's is gigabytes).
+            if !cfg.keep {
+                let _ = std::fs::remove_dir_all(tmp.path().join("store"));
+            }
+            let kept = tmp.keep();
+            say(
+                cfg,
+                format!("{part}: failed; its directory is kept: {}", kept.display()),
+            );
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn orchestrator_on(
+    cfg: &BenchConfig,
+    admin: &lapin::Connection,
+    names: &Names,
+    part: &str,
+    playbook: &Playbook,
+    shape: Shape,
+    dir: &Path,
+    journeys: usize,
+    concurrency: usize,
+) -> Result<Row, BenchError> {
+    let ch = admin
+        .create_channel()
+        .await
+        .map_err(amqp("create channel"))?;
+    let intents = JOURNEY_INTENTS
+        .iter()
+        .map(|s| s.to_string())
+        .chain(playbook.intents());
+    // Declared here too, so the first commands are routable before the orchestrator runs.
+    broker::declare_topology(&ch, names, intents).await?;
+    broker::declare_queue(&ch, names, &names.replies("0"), None).await?;
+
+    let playbook_file = dir.join("playbook.yaml");
+    std::fs::write(&playbook_file, shape.yaml()).map_err(io("cannot write the playbook"))?;
+    let store_dir = dir.join("store");
+    let log = dir.join("orchestrator.log");
+    let key = if cfg.auth {
+        Some(Key::generate("bench")?)
+    } else {
+        None
+    };
+    let port = free_port().map_err(io("cannot find a free loopback port"))?;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut orch = spawn_orchestrator(
+        cfg,
+        names,
+        &store_dir,
+        &playbook_file,
+        &log,
+        addr,
+        key.as_ref(),
+    )?;
+    let log_name = log.display().to_string();
+
+    // Simulated agents: no latency, no failures, in this process.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let agent_stats = Arc::new(AgentStats::default());
+    let ring = match &key {
+        Some(k) => Some(Arc::new(Keyring::new(vec![k.clone()])?)),
+        None => None,
+    };
+    let config = AgentConfig {
+        amqp_url: cfg.amqp_url.clone(),
+        names: names.clone(),
+        agent_id: "bench-agent".into(),
+        intents: playbook.intents().into_iter().collect(),
+        prefetch: PREFETCH,
+        max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+        keyring: ring,
+        signing_key: key.clone(),
+        shutdown_timeout: Duration::from_secs(5),
+    };
+    let sim = Arc::new(SimAgent {
+        min_latency: Duration::ZERO,
+        max_latency: Duration::ZERO,
+        failure_rate: 0.0,
+        duplicate_rate: 0.0,
+    });
+    let agents = {
+        let (st, mut rx) = (agent_stats.clone(), stop_rx.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            agent::run(config, sim, st, async move {
+                let _ = rx.wait_for(|v| *v).await;
+            })
+            .await
+        }))
+    };
+    const READY_TIMEOUT: Duration = Duration::from_secs(60);
+    if tokio::time::timeout(READY_TIMEOUT, agent_stats.wait_ready())
+        .await
+        .is_err()
+    {
+        return Err(failed(
+            part,
+            format!("the simulated agents were not consuming within {READY_TIMEOUT:?}"),
+        ));
+    }
+    let http = crate::http::client::Client::new(addr, Duration::from_secs(10));
+    wait_ready(part, &mut orch, &http, READY_TIMEOUT).await?;
+
+    let watch_conn = broker::connect(&cfg.amqp_url, "journeyman-bench-watch").await?;
+    let (_watch, mut events) = broker::watch_events_on(
+        &watch_conn,
+        names,
+        &["work.completed", "work.failed", "journey.paused"],
+    )
+    .await?;
+    let publish_conn = broker::connect(&cfg.amqp_url, "journeyman-bench-publish").await?;
+    let publisher = Publisher::start(&publish_conn).await?;
+    let upstream = key.as_ref().map(|k| {
+        Signer::new(k.clone(), "journeyman-bench").with_ttl(Duration::from_secs(24 * 3600))
+    });
+    let start_cmd = |i: usize| {
+        let mut env = Envelope::new(
+            AgentRef::new("journeyman-bench", "bench"),
+            AgentRef::orchestrator(),
+            MessageType::Request,
+            "journey.start",
+            json!({"client_id": client_name(i), "context": {
+                "data_sources": ["drive", "confluence", "jira"],
+                "connectors": ["gdrive", "confluence", "jira"],
+            }}),
+            Utc::now(),
+        );
+        if let Some(s) = &upstream {
+            env = s.sign(env, Utc::now());
+        }
+        Outgoing {
+            exchange: names.intents(),
+            routing_key: "journey.start".into(),
+            mandatory: true,
+            message_id: env.message_id.to_string(),
+            correlation_id: None,
+            reply_to: None,
+            message_type: "request".into(),
+            headers: Vec::new(),
+            body: env.to_bytes(),
+        }
+    };
+
+    let cpu0 = cpu_seconds(&orch.pid.to_string());
+    let self0 = cpu_seconds("self");
+    let start = Instant::now();
+    let mut confirms = FuturesUnordered::new();
+    let mut started = 0;
+    let mut done = vec![false; journeys];
+    let mut finished = 0;
+    while started < concurrency.min(journeys) {
+        confirms.push(publisher.enqueue(start_cmd(started)).await?);
+        started += 1;
+        // Read confirms as they come, so a long scale-run start keeps memory flat.
+        while let Some(Some(c)) = confirms.next().now_or_never() {
+            check_confirm(part, c)?;
+        }
+    }
+    // Stalls are counted from here: starting 100,000 journeys takes a while by itself.
+    let mut progress = Progress::new(part, journeys);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    while finished < journeys {
+        tokio::select! {
+            next = events.next() => {
+                let d = match next {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => return Err(amqp("watch events")(e)),
+                    None => return Err(failed(part, "the event watch ended (connection lost?)")),
+                };
+                let Ok(ev) = serde_json::from_slice::<EventEnvelope>(&d.data) else { continue };
+                let p = ev.payload;
+                match p.event.as_str() {
+                    "work.completed" if p.stage == "sandbox" => {
+                        if let Some(i) = client_index(&p.client_id).filter(|i| *i < journeys)
+                            && !done[i]
+                        {
+                            done[i] = true;
+                            finished += 1;
+                            if started < journeys {
+                                confirms.push(publisher.enqueue(start_cmd(started)).await?);
+                                started += 1;
+                            }
+                        }
+                    }
+                    "journey.paused" => {
+                        return Err(failed(part, format!(
+                            "journey {} paused with {finished} of {journeys} finished: a task failed, which the simulated agents never do; see {log_name}",
+                            p.client_id
+                        )));
+                    }
+                    _ => {}
+                }
+            }
+            Some(c) = confirms.next(), if !confirms.is_empty() => check_confirm(part, c)?,
+            status = orch.child.wait() => {
+                return Err(failed(part, format!(
+                    "the orchestrator exited ({}) with {} of {journeys} journeys finished; last lines of {log_name}:\n{}",
+                    status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                    finished,
+                    orch.log_tail()
+                )));
+            }
+            _ = tick.tick() => {
+                if let Err(mut e) = progress.tick(cfg, finished, &log_name) {
+                    // Why it stalled is usually in the orchestrator's counters (timeouts
+                    // turn into retries, late replies into stale ones).
+                    if let BenchError::Unfinished { why, .. } = &mut e
+                        && let Ok(s) = http.get::<StatsView>("/api/stats").await
+                    {
+                        let c = |k: &str| s.counters.get(k).copied().unwrap_or(0);
+                        why.push_str(&format!(
+                            "; the orchestrator's counters: tasks dispatched {}, completed {}, retries {}, stale replies {}, pauses {}",
+                            c("tasks_dispatched"),
+                            c("tasks_completed"),
+                            c("retries"),
+                            c("stale_replies"),
+                            c("pauses")
+                        ));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(&orch.pid.to_string())
+        .zip(cpu0)
+        .map(|(b, a)| b - a)
+        .unwrap_or(0.0);
+    let self_cpu = cpu_seconds("self")
+        .zip(self0)
+        .map(|(b, a)| b - a)
+        .unwrap_or(0.0);
+    let peak_rss = peak_rss_kib(&orch.pid.to_string()).unwrap_or(0) as f64 / 1024.0;
+    let stats: StatsView = http.get("/api/stats").await?;
+    let tasks = stats.counters.get("tasks_completed").copied().unwrap_or(0);
+
+    // Stop the orchestrator (it flushes its store on the way out), then the agents.
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe {
+        libc::kill(orch.pid as libc::pid_t, libc::SIGTERM);
+    }
+    let flushed = match tokio::time::timeout(Duration::from_secs(60), orch.child.wait()).await {
+        Ok(Ok(status)) => status.success(),
+        _ => {
+            let _ = orch.child.kill().await;
+            false
+        }
+    };
+    let _ = stop_tx.send(true);
+    let mut agents = agents;
+    let _ = tokio::time::timeout(Duration::from_secs(10), &mut agents.0).await;
+    drop(agents);
+    for c in [&watch_conn, &publish_conn] {
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), c.close(200, "bench done".into())).await;
+    }
+    let store_bytes = dir_size(&store_dir).map_err(io("cannot measure the data directory"))?;
+    Ok(Row {
+        part: part.to_string(),
+        namespace: names.namespace.clone(),
+        journeys,
+        concurrency,
+        tasks,
+        elapsed_s: elapsed,
+        tasks_per_s: tasks as f64 / elapsed,
+        journeys_per_s: finished as f64 / elapsed,
+        round_trip: stats.round_trip,
+        cpu_s: cpu,
+        cpu_s_per_1k_tasks: per_1k(cpu, tasks),
+        cpu_of: "orchestrator process".into(),
+        bench_process_cpu_s: self_cpu,
+        peak_rss_mib: peak_rss,
+        store_bytes: Some(store_bytes),
+        store_bytes_per_journey: Some(store_bytes as f64 / journeys as f64),
+        store_flushed: Some(flushed),
+        kept_dir: None,
+    })
+}
+
+fn spawn_orchestrator(
+    cfg: &BenchConfig,
+    names: &Names,
+    store_dir: &Path,
+    playbook: &Path,
+    log: &Path,
+    addr: std::net::SocketAddr,
+    key: Option<&Key>,
+) -> Result<Orchestrator, BenchError> {
+    let log_file =
+        std::fs::File::create(log).map_err(io("cannot create the orchestrator's log"))?;
+    let mut cmd = tokio::process::Command::new(&cfg.binary);
+    cmd.arg("--namespace")
+        .arg(&names.namespace)
+        .arg("--queue-type")
+        .arg(names.queue_type.as_str())
+        .arg("--http-addr")
+        .arg(addr.to_string())
+        .arg("orchestrator")
+        .arg("--data-dir")
+        .arg(store_dir)
+        .arg("--playbook")
+        .arg(playbook)
+        .arg("--orchestrator-id")
+        .arg("0")
+        .arg("--prefetch")
+        .arg(PREFETCH.to_string())
+        .arg("--no-auto-promote")
+        .env("JOURNEYMAN_AMQP_URL", &cfg.amqp_url)
+        .env("RUST_LOG", "warn")
+        // Nothing of the caller's own deployment leaks into the measured process.
+        .env_remove(crate::auth::KEYS_FILE_ENV)
+        .env_remove("JOURNEYMAN_WEBHOOK_URL")
+        .env_remove("JOURNEYMAN_WEBHOOK_TOKEN")
+        .env_remove("JOURNEYMAN_ALLOW_LIST")
+        .env_remove("JOURNEYMAN_FAILPOINT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log_file))
+        .kill_on_drop(true);
+    match key {
+        Some(k) => {
+            cmd.env(crate::auth::KEYS_ENV, k.expose_line());
+        }
+        None => {
+            cmd.env_remove(crate::auth::KEYS_ENV)
+                .arg("--insecure-no-auth");
+        }
+    }
+    let child = cmd
+        .spawn()
+        .map_err(io(format!("cannot run {}", cfg.binary.display())))?;
+    let pid = child.id().unwrap_or(0);
+    Ok(Orchestrator {
+        child,
+        pid,
+        log: log.to_path_buf(),
+    })
+}
+
+/// Waits for `/readyz` to say 200 (connected, consuming, store open).
+async fn wait_ready(
+    part: &str,
+    orch: &mut Orchestrator,
+    http: &crate::http::client::Client,
+    timeout: Duration,
+) -> Result<(), BenchError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = orch.child.try_wait() {
+            return Err(failed(
+                part,
+                format!(
+                    "the orchestrator exited at start ({status}); last lines of {}:\n{}",
+                    orch.log.display(),
+                    orch.log_tail()
+                ),
+            ));
+        }
+        if let Ok((s, _)) = http.raw("/readyz").await
+            && s.is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(failed(
+                part,
+                format!(
+                    "the orchestrator was not ready within {timeout:?}; last lines of {}:\n{}",
+                    orch.log.display(),
+                    orch.log_tail()
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
+}
