@@ -271,6 +271,11 @@ pub struct OrchestratorArgs {
     /// publishes one card per round, however many times it changed.
     #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
     pub status_card_interval: Duration,
+    /// Journeys with work running at once. Further `journey.start` commands wait in
+    /// their durable queue until running journeys finish or pause, so a burst of starts
+    /// cannot push task waits past their deadlines. 0: no limit.
+    #[arg(long, env = "JOURNEYMAN_MAX_ACTIVE_JOURNEYS", default_value_t = orchestrator::DEFAULT_MAX_ACTIVE_JOURNEYS)]
+    pub max_active_journeys: usize,
     /// Bound on a graceful stop (SIGTERM/SIGINT): cancel the consumers, store and ack what
     /// was delivered, wait for publisher confirms, flush. Keep it below the pod's grace
     /// period (Kubernetes' default is 30s).
@@ -561,6 +566,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             config.housekeeping_every = a.housekeeping_every;
             config.store_cache_bytes = a.store_cache_mb.saturating_mul(1 << 20);
             config.card_interval = a.status_card_interval;
+            config.max_active_journeys = a.max_active_journeys;
             config.webhook = a.webhook_url.map(|url| crate::webhook::WebhookConfig {
                 url,
                 token: a.webhook_token.map(crate::webhook::Secret::new),

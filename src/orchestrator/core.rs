@@ -6,7 +6,7 @@
 //! (exit criteria and rollback triggers) and `evidence`.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
@@ -191,6 +191,9 @@ pub struct Core {
     auth: Option<(crate::auth::Guard, crate::auth::Signer)>,
     /// Some journey's status card may be due (see [`Core::publish_cards`]).
     cards_due: bool,
+    /// Journeys whose work is running, for admission of new ones.
+    active: HashSet<String>,
+    admission: Arc<super::admission::Admission>,
 }
 
 impl Core {
@@ -223,6 +226,8 @@ impl Core {
             auth: None,
             // Marks left by an earlier process are picked up by the first round.
             cards_due: true,
+            active: HashSet::new(),
+            admission: Arc::new(super::admission::Admission::new(0)),
         };
         core.load_timers()?;
         Ok(core)
@@ -282,10 +287,24 @@ impl Core {
         Ok(p)
     }
 
+    /// At most `limit` journeys run their work at once (0: no limit); see `admission`.
+    pub fn limit_admission(&mut self, limit: usize) -> Arc<super::admission::Admission> {
+        self.admission = Arc::new(super::admission::Admission::new(limit));
+        self.admission.set_active(self.active.len());
+        self.admission.clone()
+    }
+
+    pub fn admission(&self) -> Arc<super::admission::Admission> {
+        self.admission.clone()
+    }
+
     fn load_timers(&mut self) -> Result<(), OrchestratorError> {
         let mut timers = BTreeSet::new();
         for rec in self.store.journeys::<JourneyRecord>() {
             let rec = rec?;
+            if rec.is_active() {
+                self.active.insert(rec.journey.client_id.clone());
+            }
             if let Some(w) = &rec.work {
                 for (at, _, _) in w.timers() {
                     timers.insert((at, rec.journey.client_id.clone()));
@@ -1557,6 +1576,14 @@ impl Core {
         change.put_journey(client, rec);
         change.mark_card_due(client);
         self.cards_due = true;
+        let changed = if rec.is_active() {
+            !self.active.contains(client) && self.active.insert(client.to_string())
+        } else {
+            self.active.remove(client)
+        };
+        if changed {
+            self.admission.set_active(self.active.len());
+        }
         if self.policy.webhook {
             let mut recent = self.store.recent_history(client, RECENT_ACTIVITIES)?;
             recent.extend(change.history_of(client));

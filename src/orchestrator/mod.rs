@@ -11,6 +11,7 @@
 //! into store writes and messages. It owns the timers (task deadlines and retry times,
 //! read back from the store on start) and the reconnect loop.
 
+mod admission;
 mod core;
 mod record;
 
@@ -36,6 +37,8 @@ use crate::store::{OutboxEntry, Purpose, Store, StoreError};
 
 /// How often old dedup marks and expired snapshots are pruned.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(3600);
+/// Default number of journeys with work running at once.
+pub const DEFAULT_MAX_ACTIVE_JOURNEYS: usize = 2000;
 /// Default pause between two rounds of status cards.
 pub const CARD_INTERVAL: Duration = Duration::from_millis(250);
 /// Status cards built per round at most; the rest wait for the next round.
@@ -107,6 +110,9 @@ pub struct Config {
     /// Pause between rounds of status cards: a journey publishes at most one card per
     /// round, however many times it changed.
     pub card_interval: Duration,
+    /// Journeys with work running at once; further `journey.start` commands wait in
+    /// their queue (0: no limit). See `admission`.
+    pub max_active_journeys: usize,
     /// Bound on a graceful shutdown (stop consuming, finish what was delivered, drain the
     /// confirms, flush). Past it the connections close and the broker requeues whatever
     /// is still unacked: nothing is lost, some of it is redelivered.
@@ -132,6 +138,7 @@ impl Config {
             housekeeping_every: HOUSEKEEPING_EVERY,
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             card_interval: CARD_INTERVAL,
+            max_active_journeys: DEFAULT_MAX_ACTIVE_JOURNEYS,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
@@ -190,6 +197,8 @@ enum Input {
         source: Source,
         queue: Arc<str>,
         delivery: Box<lapin::message::Delivery>,
+        /// A `journey.start` let through by admission: settled once handled.
+        admitted: bool,
     },
     Unroutable {
         outbox_id: u64,
@@ -236,6 +245,7 @@ pub async fn run(
     )?;
     core.set_wake(wake);
     core.set_auth(config.auth.clone());
+    core.limit_admission(config.max_active_journeys);
     core.store.flush().await?;
     // Aborted when `run` returns, so a restarted orchestrator can bind the same address.
     let _http = match config.http_addr {
@@ -328,6 +338,8 @@ async fn session(
         }
     };
     let result = session_on(core, config, shutdown, &consume_conn, &publish_conn).await;
+    // A consumer waiting for a place gives up its delivery (requeued with the channel).
+    core.admission().close();
     // Close this session's connections, so none of its consumers lingers beside the next
     // session's (their unacked deliveries go back to the queue).
     close(&consume_conn).await;
@@ -403,6 +415,9 @@ async fn session_on(
         .collect();
     queues.push((reply_queue.clone(), Source::Reply));
     let mut channels = Vec::new();
+    let admission = core.admission();
+    admission.reopen();
+    let start_queue = config.names.intent_queue("journey.start");
     for (q, source) in queues {
         let (chan, consumer) = setup(
             "consume",
@@ -412,15 +427,24 @@ async fn session_on(
         channels.push(chan);
         let tx = tx.clone();
         let queue: Arc<str> = Arc::from(q.as_str());
+        // New journeys wait for a place; everything else flows.
+        let gate = (q == start_queue).then(|| admission.clone());
         tokio::spawn(async move {
             let mut consumer = consumer;
             while let Some(next) = consumer.next().await {
                 match next {
                     Ok(delivery) => {
+                        if let Some(gate) = &gate
+                            && !gate.reserve().await
+                        {
+                            // Stopping: left unacked, requeued when the channel closes.
+                            continue;
+                        }
                         let input = Input::Delivery {
                             source,
                             queue: queue.clone(),
                             delivery: Box::new(delivery),
+                            admitted: gate.is_some(),
                         };
                         if tx.send(input).await.is_err() {
                             return;
@@ -516,6 +540,7 @@ async fn handle_group(
                 source,
                 queue,
                 delivery,
+                admitted,
             } => {
                 let inbound = Inbound {
                     source,
@@ -530,6 +555,9 @@ async fn handle_group(
                     replay: replay_of(&delivery.properties),
                 };
                 published.extend(core.handle(&inbound)?);
+                if admitted {
+                    core.admission().settle();
+                }
                 acks.insert(queue, delivery);
             }
             Input::Unroutable {
@@ -588,6 +616,7 @@ async fn drain(
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     info!(timeout = ?timeout, "shutdown requested: cancelling consumers, finishing in-flight work");
+    core.admission().close();
     let mut consuming: usize = 0;
     for ch in channels {
         let cancel = ch.basic_cancel(CONSUMER_TAG.into(), Default::default());

@@ -85,6 +85,16 @@ impl JourneyRecord {
         }
     }
 
+    /// Its unit of work is running: it holds one of the orchestrator's places for
+    /// journeys (see `admission`).
+    pub fn is_active(&self) -> bool {
+        !self.journey.stage.is_terminal()
+            && self
+                .work
+                .as_ref()
+                .is_some_and(|w| w.status == WorkStatus::Running)
+    }
+
     /// The failed task of a paused journey: (task, attempts, last error).
     pub fn failed_task(&self) -> Option<(&str, u32, &str)> {
         let w = self.work.as_ref()?;

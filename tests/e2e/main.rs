@@ -1,6 +1,7 @@
 //! End-to-end tests over the real RabbitMQ and real sled directories. Each test runs in a
 //! namespace of its own (see `helpers`), so they run in parallel on a shared broker.
 
+mod admission;
 mod auth;
 mod bench;
 mod broker_faults;
