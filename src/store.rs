@@ -268,6 +268,26 @@ pub struct Census {
     pub other: (u64, u64),
 }
 
+impl Census {
+    /// Key and value bytes of every record: the live data, without sled's log overhead.
+    pub fn total_bytes(&self) -> u64 {
+        [
+            self.journeys,
+            self.correlations,
+            self.dedup_marks,
+            self.outbox,
+            self.history,
+            self.snapshots,
+            self.cards,
+            self.cards_due,
+            self.other,
+        ]
+        .iter()
+        .map(|(_, b)| b)
+        .sum()
+    }
+}
+
 /// The store handle. Cloning shares the same database.
 #[derive(Clone)]
 pub struct Store {

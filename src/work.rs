@@ -46,6 +46,8 @@ pub enum WorkKind {
     Rollback,
 }
 
+/// Stored in every journey record, rewritten on every reply: absent fields are left out
+/// to keep the hot record small.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskState {
     pub task_id: String,
@@ -54,19 +56,24 @@ pub struct TaskState {
     /// Attempts dispatched so far (the first dispatch is attempt 1).
     pub attempts: u32,
     /// The correlation id of the attempt in flight; replies carrying another are stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
     /// When the attempt in flight times out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<DateTime<Utc>>,
     /// When the attempt in flight was dispatched (for the round-trip histogram).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dispatched_at: Option<DateTime<Utc>>,
     /// When the next attempt is due, while waiting to retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// Correlation ids of earlier attempts: a late reply to one of them is recognised and
     /// ignored rather than reported as unknown.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub past_correlations: Vec<String>,
 }
 
@@ -80,8 +87,10 @@ pub struct UnitOfWork {
     pub status: WorkStatus,
     pub tasks: Vec<TaskState>,
     pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_at: Option<DateTime<Utc>>,
     /// Why it failed, naming the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
 }
 

@@ -250,6 +250,7 @@ async fn broker_limit_on(
         store_bytes: None,
         store_bytes_per_journey: None,
         store_flushed: None,
+        live_bytes_per_journey: None,
         kept_dir: None,
     })
 }

@@ -384,6 +384,12 @@ async fn orchestrator_on(
             tokio::time::timeout(Duration::from_secs(5), c.close(200, "bench done".into())).await;
     }
     let store_bytes = dir_size(&store_dir).map_err(io("cannot measure the data directory"))?;
+    // What the records themselves take; the rest of the directory is sled's log, which
+    // it reclaims segment by segment as the live share of each drops.
+    let live_bytes = crate::store::Store::open(&store_dir)
+        .and_then(|s| s.census())
+        .map(|c| c.total_bytes())
+        .ok();
     Ok(Row {
         part: part.to_string(),
         namespace: names.namespace.clone(),
@@ -402,6 +408,7 @@ async fn orchestrator_on(
         store_bytes: Some(store_bytes),
         store_bytes_per_journey: Some(store_bytes as f64 / journeys as f64),
         store_flushed: Some(flushed),
+        live_bytes_per_journey: live_bytes.map(|b| b as f64 / journeys as f64),
         kept_dir: None,
     })
 }

@@ -43,6 +43,9 @@ pub struct Row {
     /// The orchestrator exited cleanly on SIGTERM, so sled had flushed before the size
     /// was measured.
     pub store_flushed: Option<bool>,
+    /// Key and value bytes of the records per journey (the store's census).
+    #[serde(default)]
+    pub live_bytes_per_journey: Option<f64>,
     /// Where the data directory was kept (--keep).
     pub kept_dir: Option<String>,
 }
@@ -282,6 +285,13 @@ pub fn render_text(r: &BenchReport) -> String {
                 "NOT flushed: the orchestrator did not exit cleanly"
             }
         );
+        if let Some(live) = first.live_bytes_per_journey {
+            let _ = writeln!(
+                o,
+                "live record bytes per journey: {} (journey, history, dedup marks, correlations; the rest of the directory is sled's log awaiting reclaim)",
+                live.round() as u64
+            );
+        }
     }
     if let Some(ratio) = r.ratios.get("chain") {
         let _ = writeln!(o, "ratio: {ratio:.2}");
@@ -393,6 +403,7 @@ mod tests {
             store_bytes: (part != "broker limit").then_some(journeys as u64 * 10_000),
             store_bytes_per_journey: (part != "broker limit").then_some(10_000.0),
             store_flushed: (part != "broker limit").then_some(true),
+            live_bytes_per_journey: (part != "broker limit").then_some(4_000.0),
             kept_dir: None,
         }
     }

@@ -475,6 +475,11 @@ async fn session_on(
 
     let mut last_housekeeping = Instant::now();
     let mut last_cards = Instant::now();
+    // Group commit, pipelined: while one flush is in flight the next groups are applied
+    // (committed, not acked); they are acked and published after a flush that started
+    // after their commit.
+    let mut flushing: Option<Flushing> = None;
+    let mut waiting = Settle::default();
     loop {
         let next_timer = core.next_timer();
         let mut sleep = match next_timer {
@@ -487,9 +492,26 @@ async fn session_on(
         let first = tokio::select! {
             _ = shutdown.as_mut() => {
                 core.stats.ready.store(false, Ordering::Relaxed);
+                if let Some(f) = flushing.take() {
+                    finish_flush(core, f, &pump).await?;
+                }
+                if !waiting.is_empty() {
+                    core.store.flush().await?;
+                    flushed(core, std::mem::take(&mut waiting), &pump).await;
+                }
                 drain(core, &channels, &mut rx, &pump, config.shutdown_timeout).await?;
                 let _ = tokio::time::timeout(Duration::from_secs(2), ch.close(200, "shutdown".into())).await;
                 return Ok(Ended::Shutdown);
+            }
+            done = async { (&mut flushing.as_mut().expect("guarded").0).await }, if flushing.is_some() => {
+                let (_, settle) = flushing.take().expect("guarded");
+                let done = done.map_err(|e| StoreError::Corrupt { what: "flush", detail: e.to_string() })?;
+                done?;
+                flushed(core, settle, &pump).await;
+                if !waiting.is_empty() {
+                    flushing = Some(start_flush(core, std::mem::take(&mut waiting)));
+                }
+                continue;
             }
             input = rx.recv() => match input {
                 Some(i) => Some(i),
@@ -508,7 +530,11 @@ async fn session_on(
         if cards {
             last_cards = Instant::now();
         }
-        let failure = handle_group(core, group, &pump, true, cards).await?;
+        let (settle, failure) = apply_group(core, group, true, cards)?;
+        waiting.merge(settle);
+        if flushing.is_none() && !waiting.is_empty() {
+            flushing = Some(start_flush(core, std::mem::take(&mut waiting)));
+        }
         if last_housekeeping.elapsed() >= config.housekeeping_every {
             last_housekeeping = Instant::now();
             if let Err(e) = core.housekeeping(Utc::now()) {
@@ -521,18 +547,55 @@ async fn session_on(
     }
 }
 
-/// One group of inputs: apply each, flush once, ack (one multiple-ack per channel), hand
-/// what to publish to the pump. Returns a broker failure reported among the inputs.
-async fn handle_group(
+/// What a group of inputs leaves to do once its changes are durable: the highest
+/// delivery per queue (one multiple-ack per channel) and the messages to publish.
+#[derive(Default)]
+struct Settle {
+    acks: BTreeMap<Arc<str>, Box<lapin::message::Delivery>>,
+    published: Vec<OutboxEntry>,
+}
+
+impl Settle {
+    fn is_empty(&self) -> bool {
+        self.acks.is_empty() && self.published.is_empty()
+    }
+
+    /// Adds a later group: its deliveries come later on each channel, so they replace.
+    fn merge(&mut self, later: Settle) {
+        self.acks.extend(later.acks);
+        self.published.extend(later.published);
+    }
+
+    /// Acks, then hands the messages to the pump. Only for changes already flushed.
+    async fn run(self, pump: &OutboxPump) {
+        for (queue, d) in self.acks {
+            let opts = BasicAckOptions { multiple: true };
+            match d.acker.ack(opts).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!(%queue, "ack not delivered (channel closed); the messages will be redelivered and deduplicated")
+                }
+                Err(e) => {
+                    warn!(%queue, error = %e, "ack failed; the messages will be redelivered and deduplicated")
+                }
+            }
+        }
+        if !self.published.is_empty() {
+            crate::failpoint::hit("after_ack_before_publish");
+        }
+        pump.send(self.published);
+    }
+}
+
+/// One group of inputs applied to the store (committed, not yet flushed). Returns what
+/// to do once durable, and a broker failure reported among the inputs.
+fn apply_group(
     core: &mut Core,
     group: Vec<Input>,
-    pump: &OutboxPump,
     fire_timers: bool,
     cards: bool,
-) -> Result<Option<BrokerError>, OrchestratorError> {
-    let mut published = Vec::new();
-    // Highest delivery per queue: one multiple-ack per channel after the flush.
-    let mut acks: BTreeMap<Arc<str>, Box<lapin::message::Delivery>> = BTreeMap::new();
+) -> Result<(Settle, Option<BrokerError>), OrchestratorError> {
+    let mut settle = Settle::default();
     let mut failure = None;
     for input in group {
         match input {
@@ -554,51 +617,80 @@ async fn handle_group(
                     traceparent: broker::header(&delivery.properties, crate::trace::HEADER),
                     replay: replay_of(&delivery.properties),
                 };
-                published.extend(core.handle(&inbound)?);
+                settle.published.extend(core.handle(&inbound)?);
                 if admitted {
                     core.admission().settle();
                 }
-                acks.insert(queue, delivery);
+                settle.acks.insert(queue, delivery);
             }
             Input::Unroutable {
                 outbox_id,
                 client_id,
                 correlation_id,
             } => {
-                published.extend(core.handle_unroutable(outbox_id, &client_id, &correlation_id)?);
+                settle.published.extend(core.handle_unroutable(
+                    outbox_id,
+                    &client_id,
+                    &correlation_id,
+                )?);
             }
             Input::Failed(e) => failure = Some(e),
         }
     }
     if fire_timers {
-        published.extend(core.fire_timers(Utc::now())?);
+        settle.published.extend(core.fire_timers(Utc::now())?);
     }
     if cards {
-        published.extend(core.publish_cards(CARD_ROUND)?);
+        settle.published.extend(core.publish_cards(CARD_ROUND)?);
     }
-    if !acks.is_empty() || !published.is_empty() {
+    Ok((settle, failure))
+}
+
+/// After a flush: count it, wake the webhook, then ack and publish.
+async fn flushed(core: &Core, settle: Settle, pump: &OutboxPump) {
+    Stats::inc(&core.stats.flushes);
+    crate::failpoint::hit("after_flush_before_ack");
+    core.wake_webhook();
+    settle.run(pump).await;
+}
+
+/// One group of inputs, start to end: apply each, flush once, ack, publish.
+async fn handle_group(
+    core: &mut Core,
+    group: Vec<Input>,
+    pump: &OutboxPump,
+    fire_timers: bool,
+    cards: bool,
+) -> Result<Option<BrokerError>, OrchestratorError> {
+    let (settle, failure) = apply_group(core, group, fire_timers, cards)?;
+    if !settle.is_empty() {
         core.store.flush().await?;
-        Stats::inc(&core.stats.flushes);
-        crate::failpoint::hit("after_flush_before_ack");
-        core.wake_webhook();
+        flushed(core, settle, pump).await;
     }
-    for (queue, d) in acks {
-        let opts = BasicAckOptions { multiple: true };
-        match d.acker.ack(opts).await {
-            Ok(true) => {}
-            Ok(false) => {
-                warn!(%queue, "ack not delivered (channel closed); the messages will be redelivered and deduplicated")
-            }
-            Err(e) => {
-                warn!(%queue, error = %e, "ack failed; the messages will be redelivered and deduplicated")
-            }
-        }
-    }
-    if !published.is_empty() {
-        crate::failpoint::hit("after_ack_before_publish");
-    }
-    pump.send(published);
     Ok(failure)
+}
+
+/// The one flush in flight (sled must not have several), with what waits for it.
+type Flushing = (tokio::task::JoinHandle<Result<(), StoreError>>, Settle);
+
+/// Starts a flush for everything committed so far.
+fn start_flush(core: &Core, settle: Settle) -> Flushing {
+    let store = core.store.clone();
+    (tokio::spawn(async move { store.flush().await }), settle)
+}
+
+async fn finish_flush(
+    core: &Core,
+    flushing: Flushing,
+    pump: &OutboxPump,
+) -> Result<(), OrchestratorError> {
+    let (handle, settle) = flushing;
+    handle.await.map_err(|e| StoreError::Corrupt {
+        what: "flush",
+        detail: e.to_string(),
+    })??;
+    flushed(core, settle, pump).await;
+    Ok(())
 }
 
 /// A graceful stop, bounded by `timeout`: cancel every consumer so the broker sends
