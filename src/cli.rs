@@ -265,7 +265,7 @@ pub struct OrchestratorArgs {
     pub housekeeping_every: Duration,
     /// sled's page cache in MiB: most of the orchestrator's memory. Hot journeys stay in
     /// it; finished ones are read from disk when asked for.
-    #[arg(long, env = "JOURNEYMAN_STORE_CACHE_MB", default_value_t = 64)]
+    #[arg(long, env = "JOURNEYMAN_STORE_CACHE_MB", default_value_t = 32)]
     pub store_cache_mb: u64,
     /// Pause between rounds of `journey.status_card` events: each changed journey
     /// publishes one card per round, however many times it changed.

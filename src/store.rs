@@ -35,7 +35,7 @@ const FORMAT: &[u8] = b"journeyman-store-1";
 
 /// sled's page cache unless configured: enough for the hot journeys of a busy
 /// orchestrator, small enough for a 256 MiB container.
-pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
+pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -310,7 +310,9 @@ impl Store {
         let config = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
-            .flush_every_ms(Some(500));
+            // Durability comes from the orchestrator's own group-commit flushes; sled's timer
+            // would add log writes of its own in between.
+            .flush_every_ms(None);
         // sled may panic on some corrupt files; that must be a clear error, not a crash.
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
             .map_err(|panic| {
