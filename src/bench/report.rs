@@ -288,7 +288,7 @@ pub fn render_text(r: &BenchReport) -> String {
         if let Some(live) = first.live_bytes_per_journey {
             let _ = writeln!(
                 o,
-                "live record bytes per journey: {} (journey, history, dedup marks, correlations; the rest of the directory is sled's log awaiting reclaim)",
+                "live record bytes per journey: {} (journey, history, dedup marks, correlations; the rest of the directory is superseded versions in sled's append-only log)",
                 live.round() as u64
             );
         }
