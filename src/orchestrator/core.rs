@@ -1207,7 +1207,10 @@ impl Core {
             context: &rec.context,
         };
         let was_running = work.status == WorkStatus::Running;
-        let mut new_id = || Uuid::new_v4().to_string();
+        // The correlation id names its journey (client ids never contain '/'), so a reply
+        // finds its journey without a lookup entry per dispatch.
+        let client_id = rec.journey.client_id.clone();
+        let mut new_id = || format!("{client_id}/{}", Uuid::new_v4());
         let dispatches = work.advance(&spec, &view, now, &mut new_id);
         let (status, kind) = (work.status, work.kind);
         for d in dispatches {
@@ -1217,7 +1220,6 @@ impl Core {
                 Stats::inc(&self.stats.retries);
                 self.stats.metrics.task_retried(&d.intent);
             }
-            change.put_inflight(&d.correlation_id, &rec.journey.client_id);
             let agent = spec
                 .task(&d.task_id)
                 .and_then(|t| t.agent_id.clone())
@@ -1363,7 +1365,11 @@ impl Core {
         let mut change = Change::new();
         change.put_dedup(&mid, &Seen::of(m.data, now));
         let corr = env.correlation_id.clone().unwrap_or_default();
-        let client = self.store.inflight(&corr)?;
+        let client = match corr.split_once('/') {
+            Some((client, _)) => Some(client.to_string()),
+            // Dispatched by an earlier version, which kept a lookup entry.
+            None => self.store.inflight(&corr)?,
+        };
         let rec: Option<JourneyRecord> = match &client {
             Some(c) => self.store.journey(c)?,
             None => None,
@@ -1743,7 +1749,10 @@ mod tests {
             out = answer_all(&mut core, out);
         }
         let before = core.store.census().unwrap();
-        assert_eq!(before.correlations.0, 4, "{before:?}");
+        assert_eq!(
+            before.correlations.0, 0,
+            "no lookup entry per dispatch: {before:?}"
+        );
         assert_eq!(before.dedup_marks.0, 5, "{before:?}");
 
         // Still running (awaiting its gate): its correlations are kept, dedup marks go.
@@ -1766,7 +1775,7 @@ mod tests {
         let p = core
             .housekeeping(Utc::now() + ChronoDuration::seconds(1))
             .unwrap();
-        assert_eq!((p.correlations, p.compacted), (4, 1), "{p:?}");
+        assert_eq!((p.correlations, p.compacted), (0, 1), "{p:?}");
         let after = core.store.census().unwrap();
         assert_eq!(after.correlations.0, 0);
         assert_eq!(after.dedup_marks.0, 0);
