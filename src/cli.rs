@@ -618,7 +618,17 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(a) => crate::demo::run(g, a).await,
         Cmd::Bench(a) => {
             let binary = std::env::current_exe().context("cannot find the journeyman binary")?;
-            let cfg = crate::bench::BenchConfig::from_args(&g.amqp_url, binary, g.queue_type, &a);
+            let mut cfg =
+                crate::bench::BenchConfig::from_args(&g.amqp_url, binary, g.queue_type, &a);
+            // Ctrl-C or a SIGTERM stops the part in progress, which deletes its namespace
+            // and stops its orchestrator, instead of leaving them on the user's broker.
+            let (interrupt, interrupted) = tokio::sync::watch::channel(false);
+            let signal = shutdown_signal();
+            tokio::spawn(async move {
+                signal.await;
+                let _ = interrupt.send(true);
+            });
+            cfg.interrupt = interrupted;
             let report = crate::bench::run(&cfg).await.context("the bench failed")?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -82,7 +82,9 @@ pub(super) async fn broker_limit(
     let admin = broker::connect(&cfg.amqp_url, "journeyman-bench-admin").await?;
     let mut queues = vec![names.dead_letter(), names.replies("bench")];
     queues.extend((0..TASKS_PER_JOURNEY).map(|i| names.intent_queue(&step_key(i))));
-    let result = broker_limit_on(cfg, &admin, &names, journeys, concurrency).await;
+    let result = cfg
+        .interruptible(broker_limit_on(cfg, &admin, &names, journeys, concurrency))
+        .await;
     if !cfg.keep {
         broker::delete_namespace(&admin, &names, &queues).await;
     }

@@ -84,6 +84,10 @@ pub enum BenchError {
     },
     #[error(transparent)]
     Api(#[from] anyhow::Error),
+    #[error(
+        "interrupted (SIGINT or SIGTERM); the run's queues and exchanges were deleted and its orchestrator stopped"
+    )]
+    Interrupted,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
@@ -231,6 +235,8 @@ pub struct BenchConfig {
     pub stall_timeout: Duration,
     /// A progress line on stderr every few seconds.
     pub progress: bool,
+    /// Turns true on SIGINT/SIGTERM: the part in progress stops and cleans up.
+    pub interrupt: tokio::sync::watch::Receiver<bool>,
 }
 
 impl BenchConfig {
@@ -257,12 +263,32 @@ impl BenchConfig {
             timeout: a.timeout,
             stall_timeout: a.stall_timeout,
             progress: true,
+            interrupt: never_interrupted(),
+        }
+    }
+
+    /// Runs `part` unless interrupted first; dropping it stops what it started (the
+    /// orchestrator child is killed on drop), and the caller then deletes the namespace.
+    pub(super) async fn interruptible<T>(
+        &self,
+        part: impl std::future::Future<Output = Result<T, BenchError>>,
+    ) -> Result<T, BenchError> {
+        let mut interrupt = self.interrupt.clone();
+        tokio::select! {
+            r = part => r,
+            Ok(_) = interrupt.wait_for(|v| *v) => Err(BenchError::Interrupted),
         }
     }
 
     pub(super) fn scale(&self) -> bool {
         self.journeys.len() > 1
     }
+}
+
+/// An interrupt that never comes: its sender is gone, which disables the interrupt
+/// branch in [`BenchConfig::interruptible`].
+pub fn never_interrupted() -> tokio::sync::watch::Receiver<bool> {
+    tokio::sync::watch::channel(false).1
 }
 
 /// Runs what the configuration asks and reports it.

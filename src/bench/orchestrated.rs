@@ -98,18 +98,19 @@ pub(super) async fn orchestrator_part(
     let mut queues: Vec<String> = intents.iter().map(|i| names.intent_queue(i)).collect();
     queues.push(names.dead_letter());
     queues.push(names.replies("0"));
-    let result = orchestrator_on(
-        cfg,
-        &admin,
-        &names,
-        &part,
-        &playbook,
-        shape,
-        tmp.path(),
-        journeys,
-        concurrency,
-    )
-    .await;
+    let result = cfg
+        .interruptible(orchestrator_on(
+            cfg,
+            &admin,
+            &names,
+            &part,
+            &playbook,
+            shape,
+            tmp.path(),
+            journeys,
+            concurrency,
+        ))
+        .await;
     if !cfg.keep {
         broker::delete_namespace(&admin, &names, &queues).await;
     }
@@ -121,6 +122,7 @@ pub(super) async fn orchestrator_part(
             }
             Ok(row)
         }
+        Err(BenchError::Interrupted) => Err(BenchError::Interrupted),
         Err(e) => {
             // Kept for its log, which the error names; the store too only with --keep
             // (a large run's is gigabytes).

@@ -422,6 +422,7 @@ mod tests {
             timeout: Duration::from_secs(60),
             stall_timeout: Duration::from_secs(60),
             progress: false,
+            interrupt: super::super::never_interrupted(),
         }
     }
 

@@ -88,46 +88,106 @@ async fn bench_measures_every_part_and_deletes_its_namespaces() {
     assert_eq!(report["namespaces_deleted"], true);
     let conn = broker::connect(&amqp_url(), "bench-test").await.unwrap();
     for ns in namespaces {
-        let mut queues: Vec<String> = [
-            "dead-letter",
-            "orchestrator.0.replies",
-            "orchestrator.bench.replies",
-            "intent.journey.start",
-            "intent.provision_sandbox_environment",
-            "intent.run_security_scan",
-        ]
-        .iter()
-        .map(|q| format!("{ns}.{q}"))
-        .collect();
-        queues.extend((0..4).map(|i| format!("{ns}.intent.bench.step.{i}")));
-        for q in queues {
-            let ch = conn.create_channel().await.unwrap();
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            let r = ch
-                .queue_declare(q.as_str().into(), passive, FieldTable::default())
-                .await;
-            assert!(r.is_err(), "queue {q} is left behind");
-        }
-        for ex in ["intents", "events", "dlx"] {
-            let ch = conn.create_channel().await.unwrap();
-            let passive = ExchangeDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            let name = format!("{ns}.{ex}");
-            let r = ch
-                .exchange_declare(
-                    name.as_str().into(),
-                    lapin::ExchangeKind::Topic,
-                    passive,
-                    FieldTable::default(),
-                )
-                .await;
-            assert!(r.is_err(), "exchange {name} is left behind");
-        }
+        assert_namespace_gone(&conn, ns).await;
     }
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// Every queue and exchange a bench part declares under `ns` is gone.
+async fn assert_namespace_gone(conn: &lapin::Connection, ns: &str) {
+    let mut queues: Vec<String> = [
+        "dead-letter",
+        "orchestrator.0.replies",
+        "orchestrator.bench.replies",
+        "intent.journey.start",
+        "intent.provision_sandbox_environment",
+        "intent.run_security_scan",
+    ]
+    .iter()
+    .map(|q| format!("{ns}.{q}"))
+    .collect();
+    queues.extend((0..4).map(|i| format!("{ns}.intent.bench.step.{i}")));
+    for q in queues {
+        let ch = conn.create_channel().await.unwrap();
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let r = ch
+            .queue_declare(q.as_str().into(), passive, FieldTable::default())
+            .await;
+        assert!(r.is_err(), "queue {q} is left behind");
+    }
+    for ex in ["intents", "events", "dlx"] {
+        let ch = conn.create_channel().await.unwrap();
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let name = format!("{ns}.{ex}");
+        let r = ch
+            .exchange_declare(
+                name.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
+            .await;
+        assert!(r.is_err(), "exchange {name} is left behind");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_bench_stops_its_orchestrator_and_deletes_its_namespace() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_journeyman"))
+        .args(["bench", "--part", "orchestrator", "--variant", "chain"])
+        .args(["--journeys", "100000", "--concurrency", "1000"])
+        .env("JOURNEYMAN_AMQP_URL", amqp_url())
+        .env_remove("JOURNEYMAN_NAMESPACE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the bench starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    // Its namespace, then a first progress line: journeys are running.
+    let ns = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut ns = None;
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.split("namespace ").nth(1) {
+                ns = Some(rest.trim().to_string());
+            }
+            let running = line.contains("journeys done");
+            seen.push(line);
+            if running && ns.is_some() {
+                return ns.unwrap();
+            }
+        }
+        panic!("the bench ended early: {seen:?}");
+    })
+    .await
+    .expect("the bench runs journeys within a minute");
+    let pid = child.id().expect("running") as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let mut rest = Vec::new();
+    let status = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            rest.push(line);
+        }
+        child.wait().await.unwrap()
+    })
+    .await
+    .expect("the bench stops within 30 s of SIGTERM");
+    assert!(!status.success());
+    assert!(
+        rest.iter().any(|l| l.contains("interrupted")),
+        "says it was interrupted: {rest:?}"
+    );
+    let conn = broker::connect(&amqp_url(), "bench-test").await.unwrap();
+    assert_namespace_gone(&conn, &ns).await;
     let _ = conn.close(200, "done".into()).await;
 }
