@@ -161,8 +161,8 @@ async fn an_interrupted_bench_stops_its_orchestrator_and_deletes_its_namespace()
             }
             let running = line.contains("journeys done");
             seen.push(line);
-            if running && ns.is_some() {
-                return ns.unwrap();
+            if running && let Some(ns) = &ns {
+                return ns.clone();
             }
         }
         panic!("the bench ended early: {seen:?}");
