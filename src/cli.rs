@@ -233,8 +233,9 @@ pub struct OrchestratorArgs {
     /// Distinguishes orchestrators (partitions) sharing a namespace; names the reply queue.
     #[arg(long, env = "JOURNEYMAN_ORCHESTRATOR_ID", default_value = "0")]
     pub orchestrator_id: String,
-    /// Unacknowledged messages per queue.
-    #[arg(long, default_value_t = 256)]
+    /// Unacknowledged messages per queue (each journey command queue and the reply
+    /// queue): how many inputs a group commit can gather.
+    #[arg(long, env = "JOURNEYMAN_PREFETCH", default_value_t = 256)]
     pub prefetch: u16,
     /// Dashboard webhook: every status card is POSTed here (JSON), retried until accepted.
     #[arg(long, env = "JOURNEYMAN_WEBHOOK_URL")]
