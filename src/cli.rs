@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection};
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
 use crate::auth::{Guard, Key, Keyring, Policy, Signer};
 use crate::broker::{self, Names};
@@ -28,6 +28,7 @@ use crate::protocol::{
     AgentRef, CancelPayload, ClientPayload, Command, Decoder, Envelope, EvidenceEvent,
     EvidencePayload, MessageType, RollbackPayload, StartPayload,
 };
+use crate::store::Store;
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// RabbitMQ's direct reply-to pseudo-queue: replies without declaring a queue.
@@ -161,6 +162,11 @@ pub enum Cmd {
     Topology {
         #[command(subcommand)]
         command: TopologyCmd,
+    },
+    /// The orchestrator's data directory, offline (stop the orchestrator first).
+    Store {
+        #[command(subcommand)]
+        command: StoreCmd,
     },
     /// Authentication tokens and keys.
     Token {
@@ -490,12 +496,47 @@ pub struct ReplyArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum StoreCmd {
+    /// Records per kind and their bytes, against the directory's size on disk.
+    Stats {
+        #[arg(long, env = "JOURNEYMAN_DATA_DIR", default_value = "./journeyman-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rewrite the store with only its live records, returning the space sled's log holds
+    /// in superseded versions. The old directory is kept as <dir>.before-compact-<time>
+    /// unless --remove-old. Needs the orchestrator stopped and the directory's parent
+    /// writable (not a volume's mount point itself).
+    Compact {
+        #[arg(long, env = "JOURNEYMAN_DATA_DIR", default_value = "./journeyman-data")]
+        data_dir: PathBuf,
+        /// Delete the old directory once the compacted one is in place.
+        #[arg(long)]
+        remove_old: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TopologyCmd {
     /// Declare exchanges and queues (idempotent; every worker also does it at start).
     Declare {
         #[command(flatten)]
         playbook: PlaybookArg,
     },
+}
+
+/// A store command on a directory that holds no store would create an empty one.
+fn ensure_store_dir(dir: &std::path::Path) -> Result<()> {
+    if !dir.join("db").exists() && !dir.join("conf").exists() {
+        bail!(
+            "{} holds no journeyman store; pass the orchestrator's --data-dir (or JOURNEYMAN_DATA_DIR)",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Logs to stderr; `RUST_LOG` overrides `default` (e.g. `info`, `journeyman=debug`).
@@ -695,6 +736,88 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Dlq { command } => Ok(crate::dlq::run(&g.amqp_url, g.names(), command).await?),
         Cmd::Report { json } => crate::http::client::report(&http_client(g), json).await,
+        Cmd::Store {
+            command: StoreCmd::Stats { data_dir, json },
+        } => {
+            ensure_store_dir(&data_dir)?;
+            let census = Store::open(&data_dir)
+                .and_then(|s| s.census())
+                .with_context(|| format!("cannot read the store in {}", data_dir.display()))?;
+            let on_disk = crate::bench::dir_size(&data_dir)
+                .with_context(|| format!("cannot measure {}", data_dir.display()))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &json!({"records": census, "live_bytes": census.total_bytes(), "bytes_on_disk": on_disk})
+                    )?
+                );
+            } else {
+                let c = &census;
+                for (what, (n, b)) in [
+                    ("journeys", c.journeys),
+                    ("history lines", c.history),
+                    ("dedup marks", c.dedup_marks),
+                    ("outbox (unpublished)", c.outbox),
+                    ("rollback snapshots", c.snapshots),
+                    ("webhook cards", c.cards),
+                    ("status cards due", c.cards_due),
+                    ("correlation entries", c.correlations),
+                    ("other", c.other),
+                ] {
+                    println!("{what:<22} {n:>10} records {:>12} bytes", b);
+                }
+                println!(
+                    "live: {} bytes; on disk: {} bytes ({}x); `journeyman store compact` returns the difference",
+                    census.total_bytes(),
+                    on_disk,
+                    on_disk / census.total_bytes().max(1)
+                );
+            }
+            Ok(())
+        }
+        Cmd::Store {
+            command:
+                StoreCmd::Compact {
+                    data_dir,
+                    remove_old,
+                    json,
+                },
+        } => {
+            ensure_store_dir(&data_dir)?;
+            eprintln!("compacting {} ...", data_dir.display());
+            let done = Store::compact(&data_dir).with_context(|| {
+                format!(
+                    "cannot compact {} (is the orchestrator stopped?)",
+                    data_dir.display()
+                )
+            })?;
+            if remove_old {
+                std::fs::remove_dir_all(&done.old_dir).with_context(|| {
+                    format!("compacted, but cannot remove {}", done.old_dir.display())
+                })?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            } else {
+                println!(
+                    "compacted {}: {} records, {} -> {} bytes{}",
+                    data_dir.display(),
+                    done.records,
+                    done.bytes_before,
+                    done.bytes_after,
+                    if remove_old {
+                        String::new()
+                    } else {
+                        format!(
+                            "; the old directory is kept at {} (remove it once the orchestrator runs)",
+                            done.old_dir.display()
+                        )
+                    }
+                );
+            }
+            Ok(())
+        }
         Cmd::Topology {
             command: TopologyCmd::Declare { playbook },
         } => {
