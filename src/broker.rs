@@ -437,6 +437,22 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// A journey command (a request to `<ns>.intents`, routed by its intent) as an
+    /// upstream agent sends it: mandatory, so a missing orchestrator queue is noticed.
+    pub fn command(names: &Names, intent: &str, message_id: String, body: Vec<u8>) -> Self {
+        Self {
+            exchange: names.intents(),
+            routing_key: intent.to_string(),
+            mandatory: true,
+            message_id,
+            correlation_id: None,
+            reply_to: None,
+            message_type: "request".into(),
+            headers: Vec::new(),
+            body,
+        }
+    }
+
     fn properties(&self) -> BasicProperties {
         let mut p = BasicProperties::default()
             .with_content_type(ShortString::from(crate::protocol::CONTENT_TYPE))

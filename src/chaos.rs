@@ -235,7 +235,7 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport> {
             Utc::now(),
         );
         publisher
-            .publish(command(
+            .publish(Outgoing::command(
                 &names,
                 &env.intent,
                 env.message_id.to_string(),
@@ -252,7 +252,7 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport> {
                 bad.to_bytes()
             };
             publisher
-                .publish(command(
+                .publish(Outgoing::command(
                     &names,
                     "journey.start",
                     uuid::Uuid::new_v4().to_string(),
@@ -406,18 +406,4 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport> {
         duplicate_events_absorbed: event_copies,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
-}
-
-fn command(names: &Names, intent: &str, message_id: String, body: Vec<u8>) -> Outgoing {
-    Outgoing {
-        exchange: names.intents(),
-        routing_key: intent.to_string(),
-        mandatory: true,
-        message_id,
-        correlation_id: None,
-        reply_to: None,
-        message_type: "request".into(),
-        headers: Vec::new(),
-        body,
-    }
 }

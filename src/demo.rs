@@ -131,17 +131,7 @@ fn command(names: &Names, signer: &Signer, intent: &str, payload: serde_json::Va
         Utc::now(),
     );
     let env = signer.sign(env, Utc::now());
-    Outgoing {
-        exchange: names.intents(),
-        routing_key: intent.to_string(),
-        mandatory: true,
-        message_id: env.message_id.to_string(),
-        correlation_id: None,
-        reply_to: None,
-        message_type: "request".into(),
-        headers: Vec::new(),
-        body: env.to_bytes(),
-    }
+    Outgoing::command(names, intent, env.message_id.to_string(), env.to_bytes())
 }
 
 pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {

@@ -258,17 +258,12 @@ async fn orchestrator_on(
         if let Some(s) = &upstream {
             env = s.sign(env, Utc::now());
         }
-        Outgoing {
-            exchange: names.intents(),
-            routing_key: "journey.start".into(),
-            mandatory: true,
-            message_id: env.message_id.to_string(),
-            correlation_id: None,
-            reply_to: None,
-            message_type: "request".into(),
-            headers: Vec::new(),
-            body: env.to_bytes(),
-        }
+        Outgoing::command(
+            names,
+            "journey.start",
+            env.message_id.to_string(),
+            env.to_bytes(),
+        )
     };
 
     let cpu0 = cpu_seconds(&orch.pid.to_string());
