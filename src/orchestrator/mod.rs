@@ -505,9 +505,7 @@ async fn session_on(
             }
             done = async { (&mut flushing.as_mut().expect("guarded").0).await }, if flushing.is_some() => {
                 let (_, settle) = flushing.take().expect("guarded");
-                let done = done.map_err(|e| StoreError::Corrupt { what: "flush", detail: e.to_string() })?;
-                done?;
-                flushed(core, settle, &pump).await;
+                after_flush(core, done, settle, &pump).await?;
                 if !waiting.is_empty() {
                     flushing = Some(start_flush(core, std::mem::take(&mut waiting)));
                 }
@@ -685,9 +683,20 @@ async fn finish_flush(
     pump: &OutboxPump,
 ) -> Result<(), OrchestratorError> {
     let (handle, settle) = flushing;
-    handle.await.map_err(|e| StoreError::Corrupt {
-        what: "flush",
-        detail: e.to_string(),
+    after_flush(core, handle.await, settle, pump).await
+}
+
+/// A flush ended: if it succeeded, ack and publish what waited for it.
+async fn after_flush(
+    core: &Core,
+    result: Result<Result<(), StoreError>, tokio::task::JoinError>,
+    settle: Settle,
+    pump: &OutboxPump,
+) -> Result<(), OrchestratorError> {
+    result.map_err(|e| {
+        StoreError::Io(sled::Error::ReportableBug(format!(
+            "the flush task failed: {e}"
+        )))
     })??;
     flushed(core, settle, pump).await;
     Ok(())
