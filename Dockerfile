@@ -39,7 +39,7 @@ RUN groupadd --system --gid 10001 journeyman \
 COPY --from=builder /out/journeyman /usr/local/bin/journeyman
 USER 10001:10001
 WORKDIR /data
-ENV JOURNEYMAN_DATA_DIR=/data \
+ENV JOURNEYMAN_DATA_DIR=/data/store \
     RUST_LOG="info,lapin=warn"
 # The orchestrator's sled store: one process per directory, keep it on a volume.
 VOLUME ["/data"]

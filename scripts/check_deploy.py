@@ -364,9 +364,13 @@ def check_objects(where, docs, production):
             err(f"{where}: the StatefulSet's container must run 'orchestrator'")
         for c in cs[:1]:
             mounts = {m.get("mountPath"): m.get("name") for m in c.get("volumeMounts") or []}
-            data_dir = (config.get("data") or {}).get("JOURNEYMAN_DATA_DIR")
-            if mounts.get(data_dir) not in [name(v) for v in spec.get("volumeClaimTemplates") or []]:
-                err(f"{where}: JOURNEYMAN_DATA_DIR ({data_dir}) must be the persistent volume")
+            data_dir = str((config.get("data") or {}).get("JOURNEYMAN_DATA_DIR"))
+            claims = [name(v) for v in spec.get("volumeClaimTemplates") or []]
+            if not any(
+                v in claims and (data_dir == m or data_dir.startswith(str(m).rstrip("/") + "/"))
+                for m, v in mounts.items()
+            ):
+                err(f"{where}: JOURNEYMAN_DATA_DIR ({data_dir}) must be on the persistent volume")
             env = {e.get("name"): e.get("value") for e in c.get("env") or []}
             if not str(env.get("JOURNEYMAN_HTTP_ADDR", "")).startswith("0.0.0.0:"):
                 err(f"{where}: the orchestrator must listen on 0.0.0.0 (probes come from outside the pod)")

@@ -54,6 +54,10 @@ pub enum StoreError {
         "the data directory {path} is corrupt: {detail}. Move it aside (keep it for analysis) and start with an empty directory; journeys in flight must then be restarted"
     )]
     Corrupted { path: String, detail: String },
+    #[error(
+        "{path} holds no store, but its parent {parent} does (the data directory moved, e.g. from /data to /data/store). Move the store into {path} (mkdir -p {path} && mv {parent}/db {parent}/conf {parent}/blobs {parent}/snap.* {path}/) or set the data directory back to {parent}"
+    )]
+    Misplaced { path: String, parent: String },
     #[error("store I/O failed: {0}")]
     Io(#[from] sled::Error),
     #[error("a stored {what} record could not be decoded: {detail}")]
@@ -335,6 +339,17 @@ impl Store {
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
         let existed = path.join("db").exists() || path.join("conf").exists();
+        // Starting empty beside the real store would look like every journey vanished.
+        if !existed
+            && let Some(parent) = path.parent()
+            && parent.join("db").exists()
+            && parent.join("conf").exists()
+        {
+            return Err(StoreError::Misplaced {
+                path: shown,
+                parent: parent.display().to_string(),
+            });
+        }
         let config = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
@@ -831,6 +846,18 @@ mod tests {
             vec!["first", "second"],
             "history order holds across compaction"
         );
+    }
+
+    #[test]
+    fn a_store_left_in_the_parent_directory_is_reported_not_shadowed() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let e = Store::open(&dir.path().join("store"))
+            .err()
+            .expect("refused");
+        assert!(matches!(e, StoreError::Misplaced { .. }), "{e}");
+        assert!(e.to_string().contains("mv "), "says what to do: {e}");
+        assert!(!dir.path().join("store").exists(), "nothing created");
     }
 
     #[test]
