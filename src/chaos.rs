@@ -26,9 +26,7 @@ use tokio::sync::watch;
 use crate::agent::{self, AgentConfig, AgentStats};
 use crate::broker::{self, Names, Outgoing, Publisher};
 use crate::playbook::Playbook;
-use crate::protocol::{
-    AgentRef, ClientPayload, Command, Decoder, Envelope, JOURNEY_INTENTS, MessageType,
-};
+use crate::protocol::{AgentRef, ClientPayload, Command, Decoder, Envelope, MessageType};
 use crate::sim::SimAgent;
 
 /// Restarts the broker once mid-run (a test's own node; never a shared broker).
@@ -168,11 +166,7 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport> {
 
     let conn = broker::connect(&cfg.amqp_url, "journeyman-chaos").await?;
     let ch = conn.create_channel().await?;
-    let intents: Vec<String> = JOURNEY_INTENTS
-        .iter()
-        .map(|s| s.to_string())
-        .chain(playbook.intents())
-        .collect();
+    let intents = playbook.namespace_intents();
     let mut queues = broker::declare_topology(&ch, &names, intents).await?;
     queues.push(names.replies("0"));
     // Every event, kept durably for the checker (it survives a broker restart).

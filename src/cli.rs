@@ -825,10 +825,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let names = g.names();
             let conn = broker::connect(&g.amqp_url, "journeyman-cli").await?;
             let ch = conn.create_channel().await?;
-            let intents = crate::protocol::JOURNEY_INTENTS
-                .iter()
-                .map(|s| s.to_string())
-                .chain(playbook.intents());
+            let intents = playbook.namespace_intents();
             let queues = broker::declare_topology(&ch, &names, intents).await?;
             broker::declare_queue(&ch, &names, &names.replies("0"), None).await?;
             println!("declared in namespace '{}':", names.namespace);

@@ -24,7 +24,7 @@ use crate::auth::{Guard, Key, Keyring, Policy, Signer};
 use crate::broker::{self, Names, Outgoing, Published, Publisher};
 use crate::cli::Global;
 use crate::orchestrator::{self, Stats};
-use crate::protocol::{AgentRef, Decoder, Envelope, JOURNEY_INTENTS, MessageType};
+use crate::protocol::{AgentRef, Decoder, Envelope, MessageType};
 use crate::sim::SimAgent;
 
 #[derive(Debug, Args)]
@@ -162,11 +162,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
 
     let conn = broker::connect(&g.amqp_url, "journeyman-demo").await?;
     let ch = conn.create_channel().await?;
-    let intents: Vec<String> = JOURNEY_INTENTS
-        .iter()
-        .map(|s| s.to_string())
-        .chain(playbook.intents())
-        .collect();
+    let intents = playbook.namespace_intents();
     let mut queues = broker::declare_topology(&ch, &names, intents).await?;
     queues.push(names.replies("0"));
 

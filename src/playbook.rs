@@ -274,6 +274,16 @@ impl Playbook {
             .collect()
     }
 
+    /// Every intent a namespace running this playbook has a queue for: the journey
+    /// commands the orchestrator serves, then the playbook's task intents.
+    pub fn namespace_intents(&self) -> Vec<String> {
+        crate::protocol::JOURNEY_INTENTS
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.intents())
+            .collect()
+    }
+
     /// JSON of the parsed playbook with every object's keys sorted: the form that is hashed
     /// and a convenient form to store. Sorting explicitly keeps the hash stable even if some
     /// crate turns on serde_json's `preserve_order`.

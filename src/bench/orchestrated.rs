@@ -27,7 +27,7 @@ use crate::auth::{Key, Keyring, Signer};
 use crate::broker::{self, Names, Outgoing, Publisher};
 use crate::http::StatsView;
 use crate::playbook::Playbook;
-use crate::protocol::{AgentRef, Envelope, JOURNEY_INTENTS, MessageType};
+use crate::protocol::{AgentRef, Envelope, MessageType};
 use crate::sim::SimAgent;
 
 fn client_name(i: usize) -> String {
@@ -90,11 +90,7 @@ pub(super) async fn orchestrator_part(
         .tempdir()
         .map_err(io("cannot create a temporary directory"))?;
     let admin = broker::connect(&cfg.amqp_url, "journeyman-bench-admin").await?;
-    let intents: Vec<String> = JOURNEY_INTENTS
-        .iter()
-        .map(|s| s.to_string())
-        .chain(playbook.intents())
-        .collect();
+    let intents = playbook.namespace_intents();
     let mut queues: Vec<String> = intents.iter().map(|i| names.intent_queue(i)).collect();
     queues.push(names.dead_letter());
     queues.push(names.replies("0"));
@@ -155,10 +151,7 @@ async fn orchestrator_on(
         .create_channel()
         .await
         .map_err(amqp("create channel"))?;
-    let intents = JOURNEY_INTENTS
-        .iter()
-        .map(|s| s.to_string())
-        .chain(playbook.intents());
+    let intents = playbook.namespace_intents();
     // Declared here too, so the first commands are routable before the orchestrator runs.
     broker::declare_topology(&ch, names, intents).await?;
     broker::declare_queue(&ch, names, &names.replies("0"), None).await?;

@@ -10,10 +10,8 @@ use futures_util::StreamExt;
 use journeyman::agent::{Agent, TaskError};
 use journeyman::auth::{self, Key, Keyring, Signer};
 use journeyman::protocol::{AgentRef, Decoder, Envelope, MessageType};
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
-use lapin::types::{FieldTable, ShortString};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
 use lapin::{BasicProperties, Confirmation};
 use serde_json::{Map, Value, json};
 
@@ -63,34 +61,11 @@ async fn a_forged_task_request_is_dead_lettered_and_the_next_valid_one_is_served
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let replies_q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut replies = ch
-        .basic_consume(
-            replies_q.name().clone(),
-            "replies".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (reply_queue, mut replies) = private_reply_queue(&ch).await;
     let exchange = app.names.intents();
     let publish = |env: Envelope| {
         let ch = ch.clone();
-        let (exchange, reply_to) = (exchange.clone(), replies_q.name().to_string());
+        let (exchange, reply_to) = (exchange.clone(), reply_queue.clone());
         async move {
             let props = BasicProperties::default()
                 .with_content_type(ShortString::from("application/json"))

@@ -624,3 +624,33 @@ pub async fn terminate(
 pub fn playbook(yaml: &str) -> Playbook {
     Playbook::from_yaml(yaml).expect("test playbook is valid")
 }
+
+/// A private queue of the test (exclusive, gone with the connection) and an auto-ack
+/// consumer on it: where a test standing in for the orchestrator gets agents' replies.
+pub async fn private_reply_queue(ch: &lapin::Channel) -> (String, lapin::Consumer) {
+    let q = ch
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let consumer = ch
+        .basic_consume(
+            q.name().clone(),
+            "replies".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (q.name().to_string(), consumer)
+}

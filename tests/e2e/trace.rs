@@ -9,7 +9,7 @@ use journeyman::broker::{self, Outgoing, Publisher};
 use journeyman::protocol::{AgentRef, Envelope, MessageType};
 use journeyman::sim::SimAgent;
 use journeyman::trace::{HEADER, TraceParent};
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use serde_json::json;
 
@@ -81,30 +81,7 @@ async fn an_agent_answers_in_the_requests_trace() {
     app.start_agent(Arc::new(SimAgent::default()), &["run_security_scan"])
         .await;
     let ch = app.conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut replies = ch
-        .basic_consume(
-            q.name().clone(),
-            "t".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (reply_queue, mut replies) = private_reply_queue(&ch).await;
     let request = Envelope::new(
         AgentRef::orchestrator(),
         AgentRef::new("security-audit-agent", "tests"),
@@ -117,7 +94,7 @@ async fn an_agent_answers_in_the_requests_trace() {
     let trace = TraceParent::new_root();
     let publisher = Publisher::start(&app.conn).await.unwrap();
     publisher
-        .publish(outgoing(&app, &request, Some(q.name().to_string()), &trace))
+        .publish(outgoing(&app, &request, Some(reply_queue.clone()), &trace))
         .await
         .unwrap();
 
