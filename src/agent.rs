@@ -301,6 +301,7 @@ struct Running {
     inflight: Arc<InFlight>,
     /// Replies go out on it; closed only once the last handler has replied.
     publish_conn: lapin::Connection,
+    publisher: Publisher,
     /// Tells the consumer tasks that the end of their stream is a shutdown, not the broker
     /// cancelling them.
     stopping: Arc<std::sync::atomic::AtomicBool>,
@@ -335,6 +336,7 @@ impl Running {
             let _ = tokio::time::timeout(Duration::from_secs(2), ch.close(200, "shutdown".into()))
                 .await;
         }
+        self.publisher.close().await;
         let close = self.publish_conn.close(200, "shutdown".into());
         if tokio::time::timeout(Duration::from_secs(5), close)
             .await
@@ -439,6 +441,7 @@ async fn start_consuming<A: Agent>(
         channels,
         inflight,
         publish_conn,
+        publisher,
         stopping,
     })
 }

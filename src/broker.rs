@@ -498,6 +498,9 @@ type Reply = oneshot::Sender<Result<Published, BrokerError>>;
 #[derive(Clone)]
 pub struct Publisher {
     tx: mpsc::Sender<(Outgoing, Reply)>,
+    /// The publishing task's channel, so a graceful stop can close it before its
+    /// connection (closing a connection under an open channel makes lapin log an error).
+    ch: Channel,
 }
 
 impl Publisher {
@@ -512,8 +515,18 @@ impl Publisher {
             .await
             .map_err(amqp("confirm.select"))?;
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(publish_loop(ch, rx));
-        Ok(Self { tx })
+        tokio::spawn(publish_loop(ch.clone(), rx));
+        Ok(Self { tx, ch })
+    }
+
+    /// Closes the channel, once nothing more is to be published: for a graceful stop,
+    /// before the connection is closed.
+    pub async fn close(&self) {
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            self.ch.close(200, "shutdown".into()),
+        )
+        .await;
     }
 
     /// Publishes and waits for the confirm.
