@@ -1,30 +1,25 @@
 //! journeyman: client journeys (Sandbox → Pilot → Production) orchestrated over RabbitMQ.
 //!
-//! Pure core: [`journey`] (the state machine), [`playbook`] (units of work as data),
-//! [`work`] (a unit of work's DAG), [`backoff`] (the retry schedule). Edges: [`protocol`]
-//! (bytes to typed messages), [`store`] (sled), [`broker`] (RabbitMQ). Workers:
-//! [`orchestrator`] and [`agent`], with [`sim`] agents for demos and tests.
+//! The floors, lowest first. A floor uses the floors below it, never one above:
+//!
+//! - [`domain`]: the decisions, pure: journeys, units of work, gates, evidence, backoff,
+//!   reports, and the orchestrator's `step`. No I/O, no clock, no randomness.
+//! - [`wire`]: the protocol, pure: envelopes and their decoder, tokens, trace context,
+//!   resource names, header vocabulary and dead-letter encoding. Uses `domain`.
+//! - [`store`] (sled) and [`broker`] (RabbitMQ): the adapters.
+//! - [`orchestrator`] and [`agent`]: the runtime, turning deliveries into steps and
+//!   effects into writes and publishes.
+//! - [`http`] and [`ops`]: the surfaces (health, metrics, API and dashboard; the CLI, the
+//!   demo, chaos and bench). They wire the runtime together.
+//!
+pub mod domain;
+pub mod wire;
+
+pub mod broker;
+pub mod store;
 
 pub mod agent;
-pub mod auth;
-pub mod backoff;
-pub mod bench;
-pub mod broker;
-pub mod chaos;
-pub mod cli;
-pub mod demo;
-pub mod dlq;
-pub mod evidence;
-pub mod failpoint;
-pub mod gate;
-pub mod http;
-pub mod journey;
 pub mod orchestrator;
-pub mod playbook;
-pub mod protocol;
-pub mod report;
-pub mod sim;
-pub mod store;
-pub mod trace;
-pub mod webhook;
-pub mod work;
+
+pub mod http;
+pub mod ops;

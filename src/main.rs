@@ -14,18 +14,18 @@ async fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = journeyman::cli::Cli::parse();
+    let cli = journeyman::ops::cli::Cli::parse();
     // The demo's progress display is its output; workers log what they do.
     let default = match cli.command {
         // lapin logs routine connection closes at error level; the demo and the chaos run
         // report broker trouble themselves.
-        journeyman::cli::Cmd::Demo(_)
-        | journeyman::cli::Cmd::Chaos(_)
-        | journeyman::cli::Cmd::Bench(_) => "warn,lapin=off",
+        journeyman::ops::cli::Cmd::Demo(_)
+        | journeyman::ops::cli::Cmd::Chaos(_)
+        | journeyman::ops::cli::Cmd::Bench(_) => "warn,lapin=off",
         _ => "info",
     };
-    journeyman::cli::init_tracing(cli.global.log_format, default);
-    if let Err(e) = journeyman::cli::run(cli).await {
+    journeyman::ops::cli::init_tracing(cli.global.log_format, default);
+    if let Err(e) = journeyman::ops::cli::run(cli).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -3,15 +3,15 @@
 //! against its schema. No broker needed.
 
 use chrono::Utc;
-use journeyman::journey::{Journey, Stage};
+use journeyman::domain::journey::{Journey, Stage};
+use journeyman::domain::playbook::Playbook;
+use journeyman::domain::work::{JourneyView, UnitOfWork};
 use journeyman::orchestrator::{JourneyRecord, event_payload, state_view};
-use journeyman::playbook::Playbook;
-use journeyman::protocol::{
+use journeyman::wire::protocol::{
     AgentRef, CancelPayload, ClientPayload, Command, Decoder, Envelope, ErrorPayload,
     EvidenceEvent, EvidencePayload, MessageType, RollbackPayload, StartPayload, TaskOutcome,
     TaskResponse, compile_schema, schemas,
 };
-use journeyman::work::{JourneyView, UnitOfWork};
 use serde_json::{Value, json};
 
 fn examples(text: &str) -> Vec<Value> {

@@ -6,8 +6,8 @@
 use std::sync::LazyLock;
 
 use chrono::Utc;
-use journeyman::auth::{self, Key, Keyring};
-use journeyman::protocol::{AgentRef, Decoder, Envelope, JOURNEY_INTENTS, MessageType};
+use journeyman::wire::auth::{self, Key, Keyring};
+use journeyman::wire::protocol::{AgentRef, Decoder, Envelope, JOURNEY_INTENTS, MessageType};
 use proptest::prelude::*;
 use serde_json::{Map, Value};
 

@@ -6,8 +6,8 @@
 use std::sync::{Arc, LazyLock};
 
 use chrono::Utc;
-use journeyman::auth::{self, Key, Keyring};
-use journeyman::protocol::Decoder;
+use journeyman::wire::auth::{self, Key, Keyring};
+use journeyman::wire::protocol::Decoder;
 use libfuzzer_sys::fuzz_target;
 
 /// Compiling the schemas is slow: once per process, not per input.

@@ -14,14 +14,14 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{ApiError, AppState, JourneySummary, StatsView};
-use crate::gate::ValidationResult;
-use crate::journey::Stage;
-use crate::orchestrator::{HistoryEntry, JourneyRecord};
-use crate::report::human;
+use crate::domain::gate::ValidationResult;
+use crate::domain::journey::Stage;
+use crate::domain::record::{HistoryEntry, JourneyRecord};
+use crate::domain::report::human;
 
 pub(super) struct PageData {
     /// Counts read from the dead-letter queue (or why not), when a broker is configured.
-    pub dead_letter_queue: Option<Result<crate::dlq::Stats, String>>,
+    pub dead_letter_queue: Option<Result<crate::ops::dlq::Stats, String>>,
     pub stats: StatsView,
     pub journeys: Vec<JourneySummary>,
     pub selected: Option<(JourneyRecord, Vec<HistoryEntry>)>,

@@ -12,8 +12,7 @@
 //! scans of per-client records, fine for thousands of journeys, and must not stall the
 //! runtime that also runs the orchestrator.
 
-pub mod client;
-mod dashboard;
+pub mod dashboard;
 pub mod metrics;
 
 use std::collections::BTreeMap;
@@ -34,12 +33,13 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::broker::Names;
-use crate::orchestrator::{HistoryEntry, JourneyRecord, Stats, state_view};
-use crate::report::{self, JourneyInput, Report};
+use crate::domain::record::{HistoryEntry, JourneyRecord, state_view};
+use crate::domain::report::{self, JourneyInput, Report};
+use crate::domain::work::TaskStatus;
+use crate::orchestrator::Stats;
 use crate::store::{Store, StoreError};
-use crate::work::TaskStatus;
 
-pub use metrics::Metrics;
+pub use crate::orchestrator::stats::Metrics;
 
 /// The default address of `journeyman orchestrator` and of the commands that read it.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
@@ -53,6 +53,8 @@ pub enum HttpError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Orchestrator(#[from] crate::orchestrator::OrchestratorError),
 }
 
 /// The address the server bound, reported back to whoever holds a clone (tests ask for
@@ -138,18 +140,56 @@ impl Drop for ServerHandle {
     }
 }
 
+/// Runs an orchestrator with its HTTP surface on `addr`. The port is bound before the data
+/// directory is opened, so a busy port fails fast and leaves nothing behind.
+pub async fn serve_orchestrator(
+    config: crate::orchestrator::Config,
+    stats: Arc<Stats>,
+    addr: SocketAddr,
+    bound: &BoundAddr,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), HttpError> {
+    let listener = bind(addr).await?;
+    let names = config.names.clone();
+    let amqp_url = config.amqp_url.clone();
+    let orchestrator = crate::orchestrator::Orchestrator::open(config, stats.clone()).await?;
+    let state = AppState::with_metrics(
+        orchestrator.store().clone(),
+        stats.clone(),
+        stats.metrics.clone(),
+        names,
+    )
+    .with_broker(&amqp_url);
+    // Aborted when this returns, so a restarted orchestrator can bind the same address.
+    let _server = serve(listener, state, bound)?;
+    orchestrator.run(shutdown).await?;
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, HttpError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })
+}
+
 /// Binds `addr`, reports the bound address to `bound`, and serves until dropped.
 pub async fn spawn(
     addr: SocketAddr,
     state: AppState,
     bound: &BoundAddr,
 ) -> Result<ServerHandle, HttpError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind { addr, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| HttpError::Bind { addr, source })?;
+    serve(bind(addr).await?, state, bound)
+}
+
+fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    bound: &BoundAddr,
+) -> Result<ServerHandle, HttpError> {
+    let addr = listener.local_addr().map_err(|source| HttpError::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
     bound.set(addr);
     info!(%addr, "serving HTTP: /healthz /readyz /metrics /api/journeys /");
     let app = router(state);
@@ -459,8 +499,8 @@ const DLQ_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10)
 /// reordering it), on a connection of its own that is closed afterwards.
 async fn read_dead_letters(
     state: &AppState,
-    filter: crate::dlq::Filter,
-) -> Result<Vec<crate::dlq::DeadLetter>, ApiError> {
+    filter: crate::ops::dlq::Filter,
+) -> Result<Vec<crate::ops::dlq::DeadLetter>, ApiError> {
     let unavailable = |e: String| ApiError(StatusCode::SERVICE_UNAVAILABLE, e);
     let Some(url) = &state.amqp_url else {
         return Err(unavailable(
@@ -471,7 +511,7 @@ async fn read_dead_letters(
         let conn = crate::broker::connect(url, "journeyman-http-dlq")
             .await
             .map_err(|e| unavailable(e.to_string()))?;
-        let r = crate::dlq::Dlq::new(&conn, state.names.clone())
+        let r = crate::ops::dlq::Dlq::new(&conn, state.names.clone())
             .list(&filter)
             .await
             .map_err(|e| unavailable(e.to_string()));
@@ -494,8 +534,8 @@ pub struct DeadLetterQuery {
 async fn dead_letters(
     State(state): State<AppState>,
     Query(q): Query<DeadLetterQuery>,
-) -> Result<axum::Json<Vec<crate::dlq::DeadLetter>>, ApiError> {
-    let filter = crate::dlq::Filter {
+) -> Result<axum::Json<Vec<crate::ops::dlq::DeadLetter>>, ApiError> {
+    let filter = crate::ops::dlq::Filter {
         reason: q.reason.filter(|s| !s.is_empty()),
         intent: q.intent.filter(|s| !s.is_empty()),
         client: q.client.filter(|s| !s.is_empty()),
@@ -504,9 +544,9 @@ async fn dead_letters(
 }
 
 /// Counts of the dead-letter queue by reason and intent (`journeyman dlq stats`).
-async fn dead_letter_counts(state: &AppState) -> Result<crate::dlq::Stats, ApiError> {
-    let all = read_dead_letters(state, crate::dlq::Filter::default()).await?;
-    let mut s = crate::dlq::Stats {
+async fn dead_letter_counts(state: &AppState) -> Result<crate::ops::dlq::Stats, ApiError> {
+    let all = read_dead_letters(state, crate::ops::dlq::Filter::default()).await?;
+    let mut s = crate::ops::dlq::Stats {
         total: all.len(),
         ..Default::default()
     };
@@ -519,7 +559,7 @@ async fn dead_letter_counts(state: &AppState) -> Result<crate::dlq::Stats, ApiEr
 
 async fn dead_letter_stats(
     State(state): State<AppState>,
-) -> Result<axum::Json<crate::dlq::Stats>, ApiError> {
+) -> Result<axum::Json<crate::ops::dlq::Stats>, ApiError> {
     Ok(axum::Json(dead_letter_counts(&state).await?))
 }
 
@@ -570,7 +610,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(bound.wait().await, server.addr);
-        let c = client::Client::new(server.addr, Duration::from_secs(5));
+        let c = crate::ops::client::Client::new(server.addr, Duration::from_secs(5));
 
         let (s, body) = c.raw("/healthz").await.unwrap();
         assert_eq!((s.as_u16(), &body[..]), (200, &b"ok\n"[..]));
@@ -601,7 +641,7 @@ mod tests {
         let addr = server.addr;
         drop(server);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let e = client::Client::new(addr, Duration::from_secs(2))
+        let e = crate::ops::client::Client::new(addr, Duration::from_secs(2))
             .raw("/healthz")
             .await
             .unwrap_err();

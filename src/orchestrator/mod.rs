@@ -12,15 +12,18 @@
 //! read back from the store on start) and the reconnect loop.
 
 mod admission;
-mod core;
-mod record;
+mod engine;
+pub mod failpoint;
+pub mod stats;
+pub mod webhook;
+
+pub use stats::Stats;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -31,9 +34,10 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::broker::{self, BrokerError, Names, Outgoing, Published, Publisher};
-use crate::playbook::Playbook;
-use crate::protocol::{Decoder, JOURNEY_INTENTS};
+use crate::domain::playbook::Playbook;
 use crate::store::{OutboxEntry, Purpose, Store, StoreError};
+use crate::wire::headers;
+use crate::wire::protocol::{Decoder, JOURNEY_INTENTS};
 
 /// How often old dedup marks and expired snapshots are pruned.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(3600);
@@ -64,8 +68,6 @@ pub enum OrchestratorError {
     Broker(#[from] BrokerError),
     #[error("the default playbook's stored version {0} is missing from the store")]
     MissingPlaybook(String),
-    #[error(transparent)]
-    Http(#[from] crate::http::HttpError),
 }
 
 impl OrchestratorError {
@@ -91,18 +93,12 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub policy: Policy,
     /// Where status cards are posted, if anywhere.
-    pub webhook: Option<crate::webhook::WebhookConfig>,
+    pub webhook: Option<crate::orchestrator::webhook::WebhookConfig>,
     /// Inputs handled per store flush (group commit); 1 means one fsync per message.
     pub max_group: usize,
     /// Verifies every command and reply, and signs what the orchestrator sends. `None`
     /// accepts unsigned messages (the CLI requires --insecure-no-auth for that).
-    pub auth: Option<(crate::auth::Guard, crate::auth::Signer)>,
-    /// Where to serve health, readiness, metrics, the JSON API and the dashboard; `None`
-    /// serves nothing (the demo, most tests). Port 0 picks a free port.
-    pub http_addr: Option<SocketAddr>,
-    /// Reports the address the HTTP server actually bound (the port 0 picked), to whoever
-    /// holds a clone of the config.
-    pub http_bound: crate::http::BoundAddr,
+    pub auth: Option<(crate::wire::auth::Guard, crate::wire::auth::Signer)>,
     /// How often expired records are pruned.
     pub housekeeping_every: Duration,
     /// sled's page cache.
@@ -128,12 +124,10 @@ impl Config {
             orchestrator_id: "0".into(),
             playbook: Playbook::default_playbook(),
             prefetch: 256,
-            max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_bytes: crate::wire::protocol::DEFAULT_MAX_MESSAGE_BYTES,
             policy: Policy::default(),
             webhook: None,
             max_group: MAX_GROUP,
-            http_addr: None,
-            http_bound: Default::default(),
             auth: None,
             housekeeping_every: HOUSEKEEPING_EVERY,
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
@@ -144,53 +138,10 @@ impl Config {
     }
 }
 
-/// Counters the demo and tests read; the metrics endpoint will export them.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub journeys_started: AtomicU64,
-    pub tasks_dispatched: AtomicU64,
-    pub tasks_completed: AtomicU64,
-    pub retries: AtomicU64,
-    pub works_failed: AtomicU64,
-    pub promotions: AtomicU64,
-    pub dead_letters: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub stale_replies: AtomicU64,
-    pub refusals: AtomicU64,
-    pub conflicts: AtomicU64,
-    pub gate_passed: AtomicU64,
-    pub gate_failed: AtomicU64,
-    pub rollbacks_started: AtomicU64,
-    pub rollbacks_automatic: AtomicU64,
-    pub rollbacks_completed: AtomicU64,
-    pub rollbacks_failed: AtomicU64,
-    pub pauses: AtomicU64,
-    pub resumes: AtomicU64,
-    pub inputs: AtomicU64,
-    pub flushes: AtomicU64,
-    /// True while connected and consuming.
-    pub ready: AtomicBool,
-    /// Counters by intent and reason, exported on /metrics.
-    pub metrics: Arc<crate::http::Metrics>,
-    pub webhook: Arc<crate::webhook::WebhookStats>,
-}
-
-impl Stats {
-    fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn get(c: &AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
-    }
-    /// Task round-trip quantiles since start: an attempt's dispatch to its reply being
-    /// applied, over all intents (recorded where the core observes each round trip).
-    pub fn round_trips(&self) -> crate::http::metrics::RoundTripSummary {
-        self.metrics.round_trip_summary()
-    }
-}
-
-pub use core::{Core, Inbound, Policy, Pruned, Source};
-pub use record::{HistoryEntry, JourneyRecord, RollbackInfo, Snapshot, event_payload, state_view};
+pub use crate::domain::record::{
+    HistoryEntry, JourneyRecord, RollbackInfo, Snapshot, event_payload, state_view,
+};
+pub use engine::{Core, Inbound, Policy, Pruned, Source};
 
 enum Input {
     Delivery {
@@ -214,53 +165,84 @@ enum Ended {
     Shutdown,
 }
 
-/// Runs the orchestrator until `shutdown` resolves. Reconnects with backoff on broker
-/// failures; store failures are fatal.
+/// An orchestrator whose store is open and whose state is loaded, not yet connected: the
+/// surface that starts it can serve the store (HTTP) before [`Orchestrator::run`].
+pub struct Orchestrator {
+    core: Core,
+    config: Config,
+    stats: Arc<Stats>,
+    _webhook: AbortOnDrop,
+}
+
+impl Orchestrator {
+    /// Opens the data directory and loads the timers and admission state from it.
+    pub async fn open(config: Config, stats: Arc<Stats>) -> Result<Self, OrchestratorError> {
+        let store = Store::open_with_cache(&config.data_dir, config.store_cache_bytes)?;
+        let mut policy = config.policy.clone();
+        policy.webhook = config.webhook.is_some();
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let webhook_task = config.webhook.clone().map(|w| {
+            tokio::spawn(webhook::deliver(
+                store.clone(),
+                w,
+                wake.clone(),
+                stats.webhook.clone(),
+            ))
+        });
+        let mut core = Core::new(
+            store,
+            config.names.clone(),
+            config.names.replies(&config.orchestrator_id),
+            Decoder::new(config.max_message_bytes),
+            &config.playbook,
+            stats.clone(),
+            policy,
+        )?;
+        core.set_wake(wake);
+        core.set_auth(config.auth.clone());
+        core.limit_admission(config.max_active_journeys);
+        core.store.flush().await?;
+        Ok(Self {
+            core,
+            config,
+            stats,
+            _webhook: AbortOnDrop(webhook_task),
+        })
+    }
+
+    /// The open store, for surfaces that read it while the orchestrator runs.
+    pub fn store(&self) -> &Store {
+        &self.core.store
+    }
+
+    /// Runs until `shutdown` resolves. Reconnects with backoff on broker failures; store
+    /// failures are fatal.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), OrchestratorError> {
+        let Self {
+            mut core,
+            config,
+            stats,
+            _webhook,
+        } = self;
+        run_loop(&mut core, &config, &stats, shutdown).await
+    }
+}
+
+/// Opens the store and runs the orchestrator until `shutdown` resolves.
 pub async fn run(
     config: Config,
     stats: Arc<Stats>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), OrchestratorError> {
-    let store = Store::open_with_cache(&config.data_dir, config.store_cache_bytes)?;
-    let mut policy = config.policy.clone();
-    policy.webhook = config.webhook.is_some();
-    let wake = Arc::new(tokio::sync::Notify::new());
-    let webhook_task = config.webhook.clone().map(|w| {
-        tokio::spawn(crate::webhook::deliver(
-            store.clone(),
-            w,
-            wake.clone(),
-            stats.webhook.clone(),
-        ))
-    });
-    let _abort_webhook = AbortOnDrop(webhook_task);
-    let mut core = Core::new(
-        store,
-        config.names.clone(),
-        config.names.replies(&config.orchestrator_id),
-        Decoder::new(config.max_message_bytes),
-        &config.playbook,
-        stats.clone(),
-        policy,
-    )?;
-    core.set_wake(wake);
-    core.set_auth(config.auth.clone());
-    core.limit_admission(config.max_active_journeys);
-    core.store.flush().await?;
-    // Aborted when `run` returns, so a restarted orchestrator can bind the same address.
-    let _http = match config.http_addr {
-        Some(addr) => {
-            let state = crate::http::AppState::with_metrics(
-                core.store.clone(),
-                stats.clone(),
-                stats.metrics.clone(),
-                config.names.clone(),
-            )
-            .with_broker(&config.amqp_url);
-            Some(crate::http::spawn(addr, state, &config.http_bound).await?)
-        }
-        None => None,
-    };
+    Orchestrator::open(config, stats).await?.run(shutdown).await
+}
+
+async fn run_loop(
+    core: &mut Core,
+    config: &Config,
+    stats: &Arc<Stats>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), OrchestratorError> {
     match core.housekeeping(Utc::now()) {
         Ok(p) => info!(
             dedup_marks = p.dedup_marks,
@@ -286,7 +268,7 @@ pub async fn run(
         .without_max_times()
         .build();
     loop {
-        let result = session(&mut core, &config, &mut shutdown).await;
+        let result = session(core, config, &mut shutdown).await;
         stats.ready.store(false, Ordering::Relaxed);
         match result {
             Ok(Ended::Shutdown) => {
@@ -579,7 +561,7 @@ impl Settle {
             }
         }
         if !self.published.is_empty() {
-            crate::failpoint::hit("after_ack_before_publish");
+            crate::orchestrator::failpoint::hit("after_ack_before_publish");
         }
         pump.send(self.published);
     }
@@ -612,7 +594,7 @@ fn apply_group(
                     message_id: prop(delivery.properties.message_id()),
                     correlation_id: prop(delivery.properties.correlation_id()),
                     reply_to: prop(delivery.properties.reply_to()),
-                    traceparent: broker::header(&delivery.properties, crate::trace::HEADER),
+                    traceparent: broker::header(&delivery.properties, crate::wire::trace::HEADER),
                     replay: replay_of(&delivery.properties),
                 };
                 settle.published.extend(core.handle(&inbound)?);
@@ -647,7 +629,7 @@ fn apply_group(
 /// After a flush: count it, wake the webhook, then ack and publish.
 async fn flushed(core: &Core, settle: Settle, pump: &OutboxPump) {
     Stats::inc(&core.stats.flushes);
-    crate::failpoint::hit("after_flush_before_ack");
+    crate::orchestrator::failpoint::hit("after_flush_before_ack");
     core.wake_webhook();
     settle.run(pump).await;
 }
@@ -806,15 +788,15 @@ impl Drop for AbortOnDrop {
 }
 
 /// The failure history `journeyman dlq replay` attaches to a republished dead letter.
-fn replay_of(p: &lapin::BasicProperties) -> Option<core::Replay> {
-    broker::header(p, "x-journeyman-replayed-at")?;
-    Some(core::Replay {
-        replay_of: broker::header(p, "x-journeyman-replay-of"),
-        attempts: broker::header(p, "x-journeyman-attempts")
+fn replay_of(p: &lapin::BasicProperties) -> Option<engine::Replay> {
+    broker::header(p, headers::REPLAYED_AT)?;
+    Some(engine::Replay {
+        replay_of: broker::header(p, headers::REPLAY_OF),
+        attempts: broker::header(p, headers::ATTEMPTS)
             .and_then(|a| a.parse().ok())
             .unwrap_or(1),
-        first_failed_at: broker::header(p, "x-journeyman-first-failed-at"),
-        edited_at: broker::header(p, "x-journeyman-edited-at"),
+        first_failed_at: broker::header(p, headers::FIRST_FAILED_AT),
+        edited_at: broker::header(p, headers::EDITED_AT),
     })
 }
 
@@ -881,7 +863,7 @@ impl OutboxPump {
                         Some((e, res)) = inflight.next(), if !inflight.is_empty() => {
                             match res {
                                 Ok(Ok(Published::Confirmed)) => {
-                                    crate::failpoint::hit("after_confirm_before_clear");
+                                    crate::orchestrator::failpoint::hit("after_confirm_before_clear");
                                     confirmed.push(e.id)
                                 }
                                 Ok(Ok(Published::Unroutable)) => match &e.purpose {

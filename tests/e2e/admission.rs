@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use journeyman::playbook::Playbook;
-use journeyman::sim::SimAgent;
+use journeyman::agent::sim::SimAgent;
+use journeyman::domain::playbook::Playbook;
 
 use crate::helpers::*;
 

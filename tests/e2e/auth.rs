@@ -8,8 +8,8 @@ use std::time::Duration;
 use chrono::Utc;
 use futures_util::StreamExt;
 use journeyman::agent::{Agent, TaskError};
-use journeyman::auth::{self, Key, Keyring, Signer};
-use journeyman::protocol::{AgentRef, Decoder, Envelope, MessageType};
+use journeyman::wire::auth::{self, Key, Keyring, Signer};
+use journeyman::wire::protocol::{AgentRef, Decoder, Envelope, MessageType};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Confirmation};
@@ -185,7 +185,7 @@ async fn the_orchestrator_refuses_unsigned_commands_and_its_signed_requests_are_
     let key = Key::generate("k1").unwrap();
     let ring = Arc::new(Keyring::new(vec![key.clone()]).unwrap());
     let mut app = TestApp::spawn_with(
-        journeyman::playbook::Playbook::default_playbook(),
+        journeyman::domain::playbook::Playbook::default_playbook(),
         Mode::Manual,
     )
     .await;
@@ -198,7 +198,7 @@ async fn the_orchestrator_refuses_unsigned_commands_and_its_signed_requests_are_
         agent_id: "signed-agent".into(),
         intents: app.playbook.intents().into_iter().collect(),
         prefetch: 16,
-        max_message_bytes: journeyman::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: journeyman::wire::protocol::DEFAULT_MAX_MESSAGE_BYTES,
         keyring: Some(ring.clone()),
         signing_key: Some(key.clone()),
         shutdown_timeout: journeyman::agent::DEFAULT_SHUTDOWN_TIMEOUT,
@@ -208,7 +208,7 @@ async fn the_orchestrator_refuses_unsigned_commands_and_its_signed_requests_are_
     tokio::spawn(async move {
         let _ = journeyman::agent::run(
             config,
-            Arc::new(journeyman::sim::SimAgent::default()),
+            Arc::new(journeyman::agent::sim::SimAgent::default()),
             st,
             std::future::pending(),
         )

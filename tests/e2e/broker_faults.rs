@@ -14,12 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use journeyman::agent::sim::SimAgent;
 use journeyman::agent::{self, Agent, AgentConfig, AgentStats, TaskError};
 use journeyman::broker::{self, BrokerError, Names};
+use journeyman::domain::playbook::Playbook;
 use journeyman::orchestrator::{self, OrchestratorError, Stats};
-use journeyman::playbook::Playbook;
-use journeyman::protocol::{AgentRef, Decoder, Envelope, JOURNEY_INTENTS, MessageType};
-use journeyman::sim::SimAgent;
+use journeyman::wire::protocol::{AgentRef, Decoder, Envelope, JOURNEY_INTENTS, MessageType};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -849,7 +849,7 @@ async fn a_queue_with_other_arguments_is_a_clear_startup_error() {
         agent_id: "test-agent".into(),
         intents: vec!["provision_sandbox_environment".into()],
         prefetch: 16,
-        max_message_bytes: journeyman::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: journeyman::wire::protocol::DEFAULT_MAX_MESSAGE_BYTES,
         keyring: None,
         signing_key: None,
         shutdown_timeout: journeyman::agent::DEFAULT_SHUTDOWN_TIMEOUT,

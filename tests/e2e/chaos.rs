@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use journeyman::chaos::{ChaosConfig, run};
+use journeyman::ops::chaos::{ChaosConfig, run};
 
 use crate::helpers::amqp_url;
 

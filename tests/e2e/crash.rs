@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 
-use journeyman::failpoint::POINTS;
-use journeyman::playbook::Playbook;
-use journeyman::sim::SimAgent;
+use journeyman::agent::sim::SimAgent;
+use journeyman::domain::playbook::Playbook;
+use journeyman::orchestrator::failpoint::POINTS;
 use serde_json::json;
 
 use crate::Recorder;

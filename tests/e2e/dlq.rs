@@ -4,10 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use journeyman::agent::sim::SimAgent;
 use journeyman::broker::{self, Outgoing, Publisher};
-use journeyman::dlq::{DeadLetteredBy, Dlq, DlqError, Filter, ReplayOptions, Selector, derived_id};
-use journeyman::protocol::{ClientPayload, Command};
-use journeyman::sim::SimAgent;
+use journeyman::ops::dlq::{
+    DeadLetteredBy, Dlq, DlqError, Filter, ReplayOptions, Selector, derived_id,
+};
+use journeyman::wire::protocol::{ClientPayload, Command};
 use lapin::options::{BasicGetOptions, BasicNackOptions, BasicRejectOptions};
 use serde_json::{Value, json};
 use std::sync::Arc;

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use journeyman::journey::Stage;
+use journeyman::agent::sim::SimAgent;
+use journeyman::domain::journey::Stage;
 use journeyman::orchestrator::Stats;
-use journeyman::protocol::{ClientPayload, Command, MessageType, RollbackPayload};
-use journeyman::sim::SimAgent;
+use journeyman::wire::protocol::{ClientPayload, Command, MessageType, RollbackPayload};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
@@ -426,7 +426,7 @@ async fn cancel_works_during_a_rollback() {
     tokio::time::timeout(WAIT, arrived.recv())
         .await
         .expect("rollback task requested");
-    let cancel = Command::Cancel(journeyman::protocol::CancelPayload {
+    let cancel = Command::Cancel(journeyman::wire::protocol::CancelPayload {
         client_id: "acme".into(),
         reason: Some("contract ended".into()),
     });

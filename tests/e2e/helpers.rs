@@ -12,9 +12,9 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use journeyman::agent::{self, Agent, AgentConfig, AgentStats};
 use journeyman::broker::{self, Names};
+use journeyman::domain::playbook::Playbook;
 use journeyman::orchestrator::{self, Stats};
-use journeyman::playbook::Playbook;
-use journeyman::protocol::{
+use journeyman::wire::protocol::{
     AgentRef, Command, Decoder, Envelope, EvidenceEvent, EvidencePayload, JOURNEY_INTENTS,
     MessageType,
 };
@@ -166,16 +166,20 @@ impl TestApp {
         let mut config =
             orchestrator::Config::new(&self.url, &self.names.namespace, self.data_dir());
         config.playbook = self.playbook.clone();
-        config.http_addr = Some(([127, 0, 0, 1], 0).into());
-        config.http_bound = self.http.clone();
         configure(&mut config);
         let stats = self.stats.clone();
         let mut rx = self.stop.subscribe();
+        let bound = self.http.clone();
         self.orchestrator = Some(tokio::spawn(async move {
-            orchestrator::run(config, stats, async move {
+            let stopped = async move {
                 let _ = rx.wait_for(|v| *v).await;
-            })
-            .await
+            };
+            let addr = ([127, 0, 0, 1], 0).into();
+            match journeyman::http::serve_orchestrator(config, stats, addr, &bound, stopped).await {
+                Ok(()) => Ok(()),
+                Err(journeyman::http::HttpError::Orchestrator(e)) => Err(e),
+                Err(e) => panic!("the test orchestrator's HTTP server failed: {e}"),
+            }
         }));
     }
 
@@ -306,7 +310,7 @@ impl TestApp {
             agent_id: "test-agent".into(),
             intents: intents.iter().map(|s| s.to_string()).collect(),
             prefetch: 16,
-            max_message_bytes: journeyman::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_bytes: journeyman::wire::protocol::DEFAULT_MAX_MESSAGE_BYTES,
             keyring: None,
             signing_key: None,
             shutdown_timeout: journeyman::agent::DEFAULT_SHUTDOWN_TIMEOUT,
@@ -442,7 +446,7 @@ impl TestApp {
 
     /// A command with a reply, through the same code path as the CLI.
     pub async fn request(&self, cmd: &Command) -> Envelope {
-        journeyman::cli::request(&self.conn, &self.names, cmd, WAIT)
+        journeyman::ops::cli::request(&self.conn, &self.names, cmd, WAIT)
             .await
             .expect("the orchestrator answers")
     }

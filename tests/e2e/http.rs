@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use journeyman::agent::sim::SimAgent;
+use journeyman::domain::report::Report;
 use journeyman::http::JourneySummary;
-use journeyman::http::client::Client;
+use journeyman::ops::client::Client;
 use journeyman::orchestrator::HistoryEntry;
-use journeyman::report::Report;
-use journeyman::sim::SimAgent;
 use serde_json::Value;
 
 use crate::helpers::*;
@@ -185,7 +185,9 @@ async fn the_json_api_lists_shows_and_histories_journeys() {
     // The detail is the protocol's journey state, schema and all.
     let detail: Value = c.get("/api/journeys/acme").await.unwrap();
     assert_eq!(detail["stage"], "production");
-    let v = journeyman::protocol::compile_schema(journeyman::protocol::schemas::JOURNEY_STATE);
+    let v = journeyman::wire::protocol::compile_schema(
+        journeyman::wire::protocol::schemas::JOURNEY_STATE,
+    );
     assert!(v.is_valid(&detail), "{detail}");
 
     let history: Vec<HistoryEntry> = c.get("/api/journeys/acme/history").await.unwrap();
@@ -383,10 +385,11 @@ async fn the_dashboard_shows_journeys_by_stage_in_a_headless_browser() {
     app.wait_in_production("globex").await;
     // A third journey cancelled in sandbox, so two stages have journeys.
     app.start_journey("initech").await;
-    let cancel = journeyman::protocol::Command::Cancel(journeyman::protocol::CancelPayload {
-        client_id: "initech".into(),
-        reason: Some("client withdrew".into()),
-    });
+    let cancel =
+        journeyman::wire::protocol::Command::Cancel(journeyman::wire::protocol::CancelPayload {
+            client_id: "initech".into(),
+            reason: Some("client withdrew".into()),
+        });
     app.request(&cancel).await;
 
     // Server-rendered: the page is complete without a browser.

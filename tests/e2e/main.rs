@@ -20,9 +20,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use helpers::*;
+use journeyman::agent::sim::SimAgent;
 use journeyman::agent::{Agent, TaskError};
-use journeyman::protocol::{ClientPayload, Command, Envelope, MessageType, StartPayload};
-use journeyman::sim::SimAgent;
+use journeyman::wire::protocol::{ClientPayload, Command, Envelope, MessageType, StartPayload};
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, watch};
 
@@ -128,7 +128,9 @@ async fn a_journey_runs_to_production() {
     assert_eq!(p["completed_stages"], json!(["sandbox", "pilot"]));
     assert_eq!(p["work"]["status"], "completed");
     // The answer is what the published schema promises.
-    let v = journeyman::protocol::compile_schema(journeyman::protocol::schemas::JOURNEY_STATE);
+    let v = journeyman::wire::protocol::compile_schema(
+        journeyman::wire::protocol::schemas::JOURNEY_STATE,
+    );
     assert!(v.is_valid(p), "journey state matches its schema: {p}");
     // Every task of every stage ran exactly once.
     for stage in app.playbook.stages.values() {
@@ -420,7 +422,7 @@ impl Agent for Gate {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orchestrator_killed_mid_work_resumes_without_losing_or_duplicating_tasks() {
     let mut app = TestApp::spawn_with(
-        journeyman::playbook::Playbook::default_playbook(),
+        journeyman::domain::playbook::Playbook::default_playbook(),
         Mode::ChildProcess,
     )
     .await;
@@ -471,7 +473,7 @@ async fn an_orchestrator_killed_mid_work_resumes_without_losing_or_duplicating_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_orchestrator_on_the_same_directory_is_refused() {
     let mut app = TestApp::spawn_with(
-        journeyman::playbook::Playbook::default_playbook(),
+        journeyman::domain::playbook::Playbook::default_playbook(),
         Mode::ChildProcess,
     )
     .await;
@@ -532,7 +534,7 @@ async fn a_reused_message_id_with_another_body_is_a_conflict_not_a_duplicate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_data_directory_is_a_clear_fatal_error() {
     let app = TestApp::spawn_with(
-        journeyman::playbook::Playbook::default_playbook(),
+        journeyman::domain::playbook::Playbook::default_playbook(),
         Mode::Manual,
     )
     .await;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use journeyman::playbook::Playbook;
+use journeyman::domain::playbook::Playbook;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -164,7 +164,7 @@ impl AgentsProcess {
     }
 }
 
-fn start_command(client: &str) -> journeyman::protocol::Envelope {
+fn start_command(client: &str) -> journeyman::wire::protocol::Envelope {
     TestApp::command(
         "journey.start",
         json!({"client_id": client, "context": {"data_sources": ["drive"], "connectors": ["gdrive"]}}),

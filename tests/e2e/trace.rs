@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use futures_util::StreamExt;
+use journeyman::agent::sim::SimAgent;
 use journeyman::broker::{self, Outgoing, Publisher};
-use journeyman::protocol::{AgentRef, Envelope, MessageType};
-use journeyman::sim::SimAgent;
-use journeyman::trace::{HEADER, TraceParent};
+use journeyman::wire::protocol::{AgentRef, Envelope, MessageType};
+use journeyman::wire::trace::{HEADER, TraceParent};
 use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use serde_json::json;

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use journeyman::playbook::Playbook;
-use journeyman::sim::SimAgent;
-use journeyman::webhook::{Secret, WebhookConfig};
+use journeyman::agent::sim::SimAgent;
+use journeyman::domain::playbook::Playbook;
+use journeyman::orchestrator::webhook::{Secret, WebhookConfig};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;

@@ -22,13 +22,13 @@ use super::{
     AbortOnDrop, BenchConfig, BenchError, PREFETCH, Progress, Row, Shape, TASKS_PER_JOURNEY, amqp,
     check_confirm, failed, fresh_names, io, per_1k, say,
 };
+use crate::agent::sim::SimAgent;
 use crate::agent::{self, AgentConfig, AgentStats};
-use crate::auth::{Key, Keyring, Signer};
 use crate::broker::{self, Names, Outgoing, Publisher};
+use crate::domain::playbook::Playbook;
 use crate::http::StatsView;
-use crate::playbook::Playbook;
-use crate::protocol::{AgentRef, Envelope, MessageType};
-use crate::sim::SimAgent;
+use crate::wire::auth::{Key, Keyring, Signer};
+use crate::wire::protocol::{AgentRef, Envelope, MessageType};
 
 fn client_name(i: usize) -> String {
     format!("bench-{i:06}")
@@ -191,7 +191,7 @@ async fn orchestrator_on(
         agent_id: "bench-agent".into(),
         intents: playbook.intents().into_iter().collect(),
         prefetch: PREFETCH,
-        max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: crate::wire::protocol::DEFAULT_MAX_MESSAGE_BYTES,
         keyring: ring,
         signing_key: key.clone(),
         shutdown_timeout: Duration::from_secs(5),
@@ -221,7 +221,7 @@ async fn orchestrator_on(
             format!("the simulated agents were not consuming within {READY_TIMEOUT:?}"),
         ));
     }
-    let http = crate::http::client::Client::new(addr, Duration::from_secs(10));
+    let http = crate::ops::client::Client::new(addr, Duration::from_secs(10));
     wait_ready(part, &mut orch, &http, READY_TIMEOUT).await?;
 
     let watch_conn = broker::connect(&cfg.amqp_url, "journeyman-bench-watch").await?;
@@ -434,7 +434,7 @@ fn spawn_orchestrator(
         .env("JOURNEYMAN_AMQP_URL", &cfg.amqp_url)
         .env("RUST_LOG", "warn")
         // Nothing of the caller's own deployment leaks into the measured process.
-        .env_remove(crate::auth::KEYS_FILE_ENV)
+        .env_remove(crate::wire::auth::KEYS_FILE_ENV)
         .env_remove("JOURNEYMAN_WEBHOOK_URL")
         .env_remove("JOURNEYMAN_WEBHOOK_TOKEN")
         .env_remove("JOURNEYMAN_ALLOW_LIST")
@@ -445,10 +445,10 @@ fn spawn_orchestrator(
         .kill_on_drop(true);
     match key {
         Some(k) => {
-            cmd.env(crate::auth::KEYS_ENV, k.expose_line());
+            cmd.env(crate::wire::auth::KEYS_ENV, k.expose_line());
         }
         None => {
-            cmd.env_remove(crate::auth::KEYS_ENV)
+            cmd.env_remove(crate::wire::auth::KEYS_ENV)
                 .arg("--insecure-no-auth");
         }
     }
@@ -467,7 +467,7 @@ fn spawn_orchestrator(
 async fn wait_ready(
     part: &str,
     orch: &mut Orchestrator,
-    http: &crate::http::client::Client,
+    http: &crate::ops::client::Client,
     timeout: Duration,
 ) -> Result<(), BenchError> {
     let deadline = Instant::now() + timeout;

@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::orchestrator::HistoryEntry;
+use crate::domain::record::HistoryEntry;
 
 /// One journey as the report needs it.
 #[derive(Debug, Clone)]

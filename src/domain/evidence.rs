@@ -9,7 +9,7 @@
 //! `evidence` mapping ([`extract`], [`Evidence::record_task_output`]).
 //!
 //! This module owns only the bookkeeping. It must not read the clock (callers pass `now`),
-//! touch storage or the broker, or judge anything: that is [`crate::gate`].
+//! touch storage or the broker, or judge anything: that is [`crate::domain::gate`].
 
 use std::collections::BTreeMap;
 
@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::protocol::EvidencePayload;
+use crate::domain::command::EvidencePayload;
 
 /// One observed value with its provenance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,7 +45,7 @@ impl<T> Observed<T> {
 }
 
 /// A dated occurrence (a critical bug, an incident) as stored: the reported event plus its
-/// provenance. Distinct from [`crate::protocol::EvidenceEvent`], the wire form, whose `at`
+/// provenance. Distinct from [`crate::domain::command::EvidenceEvent`], the wire form, whose `at`
 /// is optional.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvidenceEvent {
@@ -188,7 +188,7 @@ impl Evidence {
     }
 
     /// Drops events that happened before `t`, so the list stays bounded. Callers pass
-    /// `now - longest window` (see [`crate::gate::longest_event_window`]); metrics and flags
+    /// `now - longest window` (see [`crate::domain::gate::longest_event_window`]); metrics and flags
     /// are bounded by their names and kept.
     pub fn prune_events_before(&mut self, t: DateTime<Utc>) {
         self.events.retain(|event| event.at >= t);
@@ -269,7 +269,7 @@ fn json_type(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::EvidenceEvent as ReportedEvent;
+    use crate::domain::command::EvidenceEvent as ReportedEvent;
     use chrono::TimeZone;
     use serde_json::json;
 

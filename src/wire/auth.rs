@@ -25,7 +25,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::protocol::{AgentRef, Envelope, ProtocolError};
+use crate::wire::protocol::{AgentRef, Envelope, ProtocolError};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -788,7 +788,7 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::MessageType;
+    use crate::wire::protocol::MessageType;
     use serde_json::json;
 
     fn key(kid: &str, byte: u8) -> Key {
@@ -1098,7 +1098,7 @@ mod tests {
             roles: vec!["operator".into()],
             ..user.clone()
         };
-        for intent in crate::protocol::JOURNEY_INTENTS {
+        for intent in crate::wire::protocol::JOURNEY_INTENTS {
             assert!(authorize(&p, &op, intent).is_ok(), "{intent}");
             assert_eq!(
                 authorize(&p, &user, intent).is_ok(),

@@ -19,13 +19,13 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::agent::sim::SimAgent;
 use crate::agent::{self, AgentConfig, AgentStats};
-use crate::auth::{Guard, Key, Keyring, Policy, Signer};
 use crate::broker::{self, Names, Outgoing, Published, Publisher};
-use crate::cli::Global;
+use crate::ops::settings::Global;
 use crate::orchestrator::{self, Stats};
-use crate::protocol::{AgentRef, Decoder, Envelope, MessageType};
-use crate::sim::SimAgent;
+use crate::wire::auth::{Guard, Key, Keyring, Policy, Signer};
+use crate::wire::protocol::{AgentRef, Decoder, Envelope, MessageType};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -151,7 +151,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         .data_dir
         .clone()
         .unwrap_or_else(|| tmp.path().to_path_buf());
-    let playbook = crate::playbook::Playbook::default_playbook();
+    let playbook = crate::domain::playbook::Playbook::default_playbook();
     eprintln!(
         "journeyman demo: {} journeys, namespace '{}', broker {}, store {}",
         a.journeys,
@@ -178,8 +178,8 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
     // orchestrator's requests, the agents' replies and the demo's own commands.
     let key = Key::generate("demo")?;
     let ring = Arc::new(Keyring::new(vec![key.clone()])?);
-    let upstream =
-        Signer::new(key.clone(), "journeyman-demo").with_roles(vec![crate::auth::OPERATOR.into()]);
+    let upstream = Signer::new(key.clone(), "journeyman-demo")
+        .with_roles(vec![crate::wire::auth::OPERATOR.into()]);
     let agent_stats = Arc::new(AgentStats::default());
     let sim = Arc::new(SimAgent {
         failure_rate: a.failure_rate.clamp(0.0, 1.0),
@@ -195,7 +195,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
             agent_id: format!("sim-agent-{i}"),
             intents: playbook.intents().into_iter().collect(),
             prefetch: 32,
-            max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_bytes: crate::wire::protocol::DEFAULT_MAX_MESSAGE_BYTES,
             keyring: Some(ring.clone()),
             signing_key: Some(key.clone()),
             shutdown_timeout: crate::agent::DEFAULT_SHUTDOWN_TIMEOUT,

@@ -34,6 +34,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::broker::{self, BrokerError, Names, Outgoing, Published, Publisher};
+use crate::wire::headers;
 
 /// Default replay rate, in messages per second: enough to drain a backlog, slow enough
 /// not to stampede one journey.
@@ -125,32 +126,32 @@ impl DeadLetter {
                 let digest = Sha256::digest(&d.data);
                 format!("body-{}", &hex::encode(digest)[..16])
             });
-        let client_id = h("x-journeyman-client-id").or_else(|| {
+        let client_id = h(headers::CLIENT_ID).or_else(|| {
             let b = body_json.as_ref()?;
             b["payload"]["client_id"]
                 .as_str()
                 .or_else(|| b["client_id"].as_str())
                 .map(str::to_string)
         });
-        let task_id = h("x-journeyman-task-id");
+        let task_id = h(headers::TASK_ID);
         let parse_time = |s: Option<String>| {
             s.and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
                 .map(|t| t.with_timezone(&Utc))
         };
-        if let Some(reason) = h("x-journeyman-reason") {
+        if let Some(reason) = h(headers::REASON) {
             let str_or_empty = |name: &str| broker::header(p, name).unwrap_or_default();
             return Self {
                 position,
                 id,
                 reason,
-                reason_message: str_or_empty("x-journeyman-reason-message"),
+                reason_message: str_or_empty(headers::REASON_MESSAGE),
                 dead_lettered_by: DeadLetteredBy::Journeyman,
-                original_exchange: str_or_empty("x-journeyman-original-exchange"),
-                original_routing_key: str_or_empty("x-journeyman-original-routing-key"),
-                original_queue: str_or_empty("x-journeyman-original-queue"),
-                failed_at: parse_time(h("x-journeyman-failed-at")),
-                first_failed_at: parse_time(h("x-journeyman-first-failed-at")),
-                attempts: h("x-journeyman-attempts")
+                original_exchange: str_or_empty(headers::ORIGINAL_EXCHANGE),
+                original_routing_key: str_or_empty(headers::ORIGINAL_ROUTING_KEY),
+                original_queue: str_or_empty(headers::ORIGINAL_QUEUE),
+                failed_at: parse_time(h(headers::FAILED_AT)),
+                first_failed_at: parse_time(h(headers::FIRST_FAILED_AT)),
+                attempts: h(headers::ATTEMPTS)
                     .and_then(|a| a.parse().ok())
                     .unwrap_or(1),
                 client_id,
@@ -794,15 +795,15 @@ impl<'a> Dlq<'a> {
                 let k = k.as_str();
                 let drop = matches!(
                     k,
-                    "x-journeyman-reason"
-                        | "x-journeyman-reason-message"
-                        | "x-journeyman-original-exchange"
-                        | "x-journeyman-original-routing-key"
-                        | "x-journeyman-original-queue"
-                        | "x-journeyman-failed-at"
-                        | "x-journeyman-attempts"
-                        | "x-journeyman-replayed-at"
-                        | "x-journeyman-edited-at"
+                    headers::REASON
+                        | headers::REASON_MESSAGE
+                        | headers::ORIGINAL_EXCHANGE
+                        | headers::ORIGINAL_ROUTING_KEY
+                        | headers::ORIGINAL_QUEUE
+                        | headers::FAILED_AT
+                        | headers::ATTEMPTS
+                        | headers::REPLAYED_AT
+                        | headers::EDITED_AT
                         | "x-death"
                         | "x-delivery-count"
                 ) || k.starts_with("x-first-death-")
@@ -812,22 +813,20 @@ impl<'a> Dlq<'a> {
                 }
             }
         }
-        if !headers
-            .iter()
-            .any(|(k, _)| k == "x-journeyman-first-failed-at")
+        if !headers.iter().any(|(k, _)| k == headers::FIRST_FAILED_AT)
             && let Some(t) = d.first_failed_at.or(d.failed_at)
         {
-            headers.push(("x-journeyman-first-failed-at".into(), t.to_rfc3339()));
+            headers.push((headers::FIRST_FAILED_AT.to_string(), t.to_rfc3339()));
         }
-        headers.push(("x-journeyman-attempts".into(), (d.attempts + 1).to_string()));
-        headers.push(("x-journeyman-replayed-at".into(), now.to_rfc3339()));
+        headers.push((headers::ATTEMPTS.to_string(), (d.attempts + 1).to_string()));
+        headers.push((headers::REPLAYED_AT.to_string(), now.to_rfc3339()));
         if opts.edit.is_some() {
             // The orchestrator records an edited replay, with its payload, in the
             // journey's history.
-            headers.push(("x-journeyman-edited-at".into(), now.to_rfc3339()));
+            headers.push((headers::EDITED_AT.to_string(), now.to_rfc3339()));
         }
         if message_id != d.id {
-            headers.push(("x-journeyman-replay-of".into(), d.id.clone()));
+            headers.push((headers::REPLAY_OF.to_string(), d.id.clone()));
         }
         let prop =
             |x: &Option<lapin::types::ShortString>| x.as_ref().map(|s| s.as_str().to_string());

@@ -5,6 +5,8 @@
 //!
 //! It owns the broker side of an agent; what a task does is the implementor's business.
 
+pub mod sim;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -19,9 +21,10 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
-use crate::auth::{self, Key, Keyring, Signer};
 use crate::broker::{self, BrokerError, Names, Outgoing, Publisher};
-use crate::protocol::{AgentRef, Decoder, Envelope, ErrorPayload, MessageType, TaskResponse};
+use crate::wire::auth::{self, Key, Keyring, Signer};
+use crate::wire::headers;
+use crate::wire::protocol::{AgentRef, Decoder, Envelope, ErrorPayload, MessageType, TaskResponse};
 
 /// A task error, saying whether trying again may help.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -461,7 +464,7 @@ async fn handle_delivery<A: Agent>(
     let request = match decoder.envelope(&d.data) {
         Ok(env) if env.message_type == MessageType::Request => env,
         Ok(env) => {
-            let e = crate::protocol::ProtocolError::UnexpectedMessageType(
+            let e = crate::wire::protocol::ProtocolError::UnexpectedMessageType(
                 env.message_type.as_str().into(),
             );
             dead_letter(
@@ -505,9 +508,9 @@ async fn handle_delivery<A: Agent>(
         .await;
         return;
     }
-    let trace = broker::header(&d.properties, crate::trace::HEADER)
+    let trace = broker::header(&d.properties, crate::wire::trace::HEADER)
         .as_deref()
-        .and_then(crate::trace::TraceParent::parse);
+        .and_then(crate::wire::trace::TraceParent::parse);
     let span = info_span!("task", intent = %request.intent, message_id = %request.message_id,
         correlation_id = request.correlation_id.as_deref().unwrap_or(""),
         trace_id = trace.as_ref().map(|t| t.trace_id.as_str()).unwrap_or(""));
@@ -598,7 +601,7 @@ async fn handle_delivery<A: Agent>(
             // The reply continues the request's trace.
             headers: trace
                 .as_ref()
-                .map(|t| vec![(crate::trace::HEADER.to_string(), t.child().header())])
+                .map(|t| vec![(crate::wire::trace::HEADER.to_string(), t.child().header())])
                 .unwrap_or_default(),
             body: reply.to_bytes(),
         };
@@ -664,20 +667,20 @@ async fn dead_letter(
         reply_to: None,
         message_type: "dead_letter".into(),
         headers: vec![
-            ("x-journeyman-reason".into(), reason.into()),
-            ("x-journeyman-reason-message".into(), message.into()),
+            (headers::REASON.to_string(), reason.into()),
+            (headers::REASON_MESSAGE.to_string(), message.into()),
             (
-                "x-journeyman-original-exchange".into(),
+                headers::ORIGINAL_EXCHANGE.to_string(),
                 d.exchange.to_string(),
             ),
             (
-                "x-journeyman-original-routing-key".into(),
+                headers::ORIGINAL_ROUTING_KEY.to_string(),
                 d.routing_key.to_string(),
             ),
-            ("x-journeyman-original-queue".into(), queue.into()),
-            ("x-journeyman-failed-at".into(), now.clone()),
-            ("x-journeyman-first-failed-at".into(), now),
-            ("x-journeyman-attempts".into(), "1".into()),
+            (headers::ORIGINAL_QUEUE.to_string(), queue.into()),
+            (headers::FAILED_AT.to_string(), now.clone()),
+            (headers::FIRST_FAILED_AT.to_string(), now),
+            (headers::ATTEMPTS.to_string(), "1".into()),
         ],
         body: d.data.clone(),
     };

@@ -23,11 +23,12 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::agent::sim::SimAgent;
 use crate::agent::{self, AgentConfig, AgentStats};
 use crate::broker::{self, Names, Outgoing, Publisher};
-use crate::playbook::Playbook;
-use crate::protocol::{AgentRef, ClientPayload, Command, Decoder, Envelope, MessageType};
-use crate::sim::SimAgent;
+use crate::domain::playbook::Playbook;
+use crate::wire::headers;
+use crate::wire::protocol::{AgentRef, ClientPayload, Command, Decoder, Envelope, MessageType};
 
 /// Restarts the broker once mid-run (a test's own node; never a shared broker).
 pub type BrokerRestart = Box<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
@@ -196,7 +197,7 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport> {
             agent_id: format!("chaos-agent-{i}"),
             intents: playbook.intents().into_iter().collect(),
             prefetch: 32,
-            max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_bytes: crate::wire::protocol::DEFAULT_MAX_MESSAGE_BYTES,
             keyring: None,
             signing_key: None,
             shutdown_timeout: crate::agent::DEFAULT_SHUTDOWN_TIMEOUT,
@@ -297,7 +298,7 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport> {
             let cmd = Command::Status(ClientPayload {
                 client_id: c.clone(),
             });
-            match crate::cli::request(&conn, &names, &cmd, Duration::from_secs(5)).await {
+            match crate::ops::request::request(&conn, &names, &cmd, Duration::from_secs(5)).await {
                 Ok(r) if r.payload["status"] == "live" => {
                     done.insert(c);
                 }
@@ -379,7 +380,7 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport> {
         else {
             break;
         };
-        let reason = broker::header(&d.properties, "x-journeyman-reason").unwrap_or_default();
+        let reason = broker::header(&d.properties, headers::REASON).unwrap_or_default();
         if !matches!(reason.as_str(), "malformed_json" | "schema_invalid") {
             unexpected.push(reason);
         }

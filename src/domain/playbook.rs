@@ -2,7 +2,7 @@
 //! maps the stages "sandbox", "pilot" and "production" to a [`StageWork`]: the unit of work
 //! (a DAG of [`TaskSpec`]s, each an intent served by an agent) and the [`RollbackWork`]
 //! that undoes it, plus the stage's exit criteria and rollback triggers ([`Criterion`]s,
-//! judged by [`crate::gate`]) and each task's mapping of its output to evidence. This module
+//! judged by [`crate::domain::gate`]) and each task's mapping of its output to evidence. This module
 //! owns parsing, validation, the content hash that versions a playbook, the input templates
 //! of tasks and the pure DAG queries a scheduler needs.
 //!
@@ -18,9 +18,9 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::backoff::BackoffPolicy;
-use crate::evidence;
-use crate::gate::{self, Criterion};
+use crate::domain::backoff::BackoffPolicy;
+use crate::domain::evidence;
+use crate::domain::gate::{self, Criterion};
 
 /// The stage keys a playbook may use, in journey order. Kept as strings here so this module
 /// does not depend on the journey state machine; the journey module maps its stages to these.
@@ -28,7 +28,7 @@ pub const STAGE_NAMES: [&str; 3] = ["sandbox", "pilot", "production"];
 
 /// The playbook shipped with the binary, so a fresh install can run journeys without
 /// configuration. `default_playbook_loads_and_validates` proves it parses.
-pub const DEFAULT_PLAYBOOK_YAML: &str = include_str!("../playbooks/default.yaml");
+pub const DEFAULT_PLAYBOOK_YAML: &str = include_str!("../../playbooks/default.yaml");
 
 /// A validated set of stage definitions. Construct it with [`Playbook::from_yaml`] (or call
 /// [`Playbook::validate`] after deserialising a stored copy): the DAG helpers assume the
@@ -277,7 +277,7 @@ impl Playbook {
     /// Every intent a namespace running this playbook has a queue for: the journey
     /// commands the orchestrator serves, then the playbook's task intents.
     pub fn namespace_intents(&self) -> Vec<String> {
-        crate::protocol::JOURNEY_INTENTS
+        super::command::JOURNEY_INTENTS
             .iter()
             .map(|s| s.to_string())
             .chain(self.intents())
@@ -830,7 +830,7 @@ fn descend<'v>(mut value: &'v Value, keys: &[&str]) -> Option<&'v Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gate::{Check, Op};
+    use crate::domain::gate::{Check, Op};
     use serde_json::json;
 
     fn set(ids: &[&str]) -> BTreeSet<String> {

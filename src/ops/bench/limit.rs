@@ -19,10 +19,10 @@ use super::{
     AbortOnDrop, BenchConfig, BenchError, PREFETCH, Progress, Row, TASKS_PER_JOURNEY, amqp,
     check_confirm, failed, fresh_names, new_histogram, per_1k, record, say,
 };
-use crate::auth::{Key, Signer};
 use crate::broker::{self, Names, Outgoing, Publisher};
-use crate::http::metrics::RoundTripSummary;
-use crate::protocol::{AgentRef, Envelope, MessageType};
+use crate::orchestrator::stats::RoundTripSummary;
+use crate::wire::auth::{Key, Signer};
+use crate::wire::protocol::{AgentRef, Envelope, MessageType};
 
 /// What the echo replies with and the requester sends: bodies the size of a real task
 /// request and reply (signed when auth is on), built once; the loop itself neither signs
@@ -45,7 +45,7 @@ fn sample_bodies(auth: bool) -> Result<(Vec<u8>, Vec<u8>), BenchError> {
         AgentRef::orchestrator(),
         MessageType::Response,
         "provision_sandbox_environment",
-        json!({"status": "completed", "output": crate::sim::simulated_output(
+        json!({"status": "completed", "output": crate::agent::sim::simulated_output(
             "provision_sandbox_environment", client, &json!({}))}),
         now,
     )

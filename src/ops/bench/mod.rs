@@ -37,12 +37,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::broker::{self, BrokerError, Names, Published, QueueType};
-use crate::playbook::PlaybookError;
+use crate::domain::playbook::PlaybookError;
 
 /// The chain variant's playbook: DES-002 §3.2's four tasks, A → B → C → D.
-pub const CHAIN_PLAYBOOK: &str = include_str!("../../playbooks/bench-chain.yaml");
+pub const CHAIN_PLAYBOOK: &str = include_str!("../../../playbooks/bench-chain.yaml");
 /// The parallel variant's playbook: A → {B, C} → D.
-pub const PARALLEL_PLAYBOOK: &str = include_str!("../../playbooks/bench-parallel.yaml");
+pub const PARALLEL_PLAYBOOK: &str = include_str!("../../../playbooks/bench-parallel.yaml");
 /// Tasks per journey in both variants, and round trips per chain in the broker limit.
 pub const TASKS_PER_JOURNEY: usize = 4;
 /// Unacknowledged messages per queue, for every consumer of both parts: the orchestrator's
@@ -64,7 +64,7 @@ pub enum BenchError {
     #[error("the bench playbook is invalid: {0}")]
     Playbook(#[from] PlaybookError),
     #[error(transparent)]
-    Key(#[from] crate::auth::KeyError),
+    Key(#[from] crate::wire::auth::KeyError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -472,7 +472,7 @@ fn per_1k(cpu_s: f64, tasks: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::playbook::Playbook;
+    use crate::domain::playbook::Playbook;
 
     #[test]
     fn journeys_lists_parse() {

@@ -25,7 +25,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::evidence::{Evidence, is_valid_name};
+use crate::domain::evidence::{Evidence, is_valid_name};
 
 /// One named condition on evidence, declared in a playbook's `exit_criteria` or
 /// `rollback_triggers`. In YAML it is a flat mapping: `name` plus the keys of one [`Check`]
@@ -602,7 +602,7 @@ impl From<Criterion> for RawCriterion {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::evidence::{EvidenceEvent, Observed};
+    use crate::domain::evidence::{EvidenceEvent, Observed};
     use chrono::TimeZone;
 
     const NOW: i64 = 1_800_000_000;
@@ -1345,13 +1345,13 @@ mod tests {
     /// Records what the simulated agents return for a stage's tasks, through the default
     /// playbook's evidence mappings, as the orchestrator will.
     fn run_sim_stage(
-        playbook: &crate::playbook::Playbook,
+        playbook: &crate::domain::playbook::Playbook,
         stage: &str,
         evidence: &mut Evidence,
         at: DateTime<Utc>,
     ) {
         for task in &playbook.stage(stage).unwrap().tasks {
-            let output = crate::sim::simulated_output(&task.intent, "client-1", &task.input);
+            let output = crate::agent::sim::simulated_output(&task.intent, "client-1", &task.input);
             let problems =
                 evidence.record_task_output(&task.evidence, &output, &task.task_id, None, at);
             assert!(problems.is_empty(), "{}: {problems:?}", task.task_id);
@@ -1367,9 +1367,9 @@ mod tests {
 
     #[test]
     fn default_playbook_gates_over_simulated_outputs() {
-        use crate::protocol::{EvidenceEvent as Reported, EvidencePayload};
+        use crate::domain::command::{EvidenceEvent as Reported, EvidencePayload};
 
-        let playbook = crate::playbook::Playbook::default_playbook();
+        let playbook = crate::domain::playbook::Playbook::default_playbook();
         let stage = |name: &str| playbook.stage(name).unwrap();
         let mut evidence = Evidence::default();
         let started = t(-HOUR);

@@ -5,34 +5,29 @@
 //! store. Errors say what went wrong and what to do next.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use chrono::Utc;
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Confirmation, Connection};
-use serde_json::{Map, Value, json};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
 
-use crate::auth::{Guard, Key, Keyring, Policy, Signer};
-use crate::broker::{self, Names};
-use crate::journey::Stage;
+use crate::broker::{self};
+use crate::domain::journey::Stage;
+use crate::domain::playbook::Playbook;
 use crate::orchestrator::{self, Stats};
-use crate::playbook::Playbook;
-use crate::protocol::{
-    AgentRef, CancelPayload, ClientPayload, Command, Decoder, Envelope, EvidenceEvent,
-    EvidencePayload, MessageType, RollbackPayload, StartPayload,
-};
 use crate::store::Store;
+use crate::wire::auth::{Guard, Key, Policy, Signer};
+use crate::wire::protocol::{
+    AgentRef, CancelPayload, ClientPayload, Command, EvidenceEvent, EvidencePayload,
+    RollbackPayload, StartPayload,
+};
 
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-/// RabbitMQ's direct reply-to pseudo-queue: replies without declaring a queue.
-const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+pub use super::request::{request, request_as};
+pub use super::settings::{DEFAULT_AMQP_URL, Global, LogFormat};
+use super::show::print_reply;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -47,87 +42,6 @@ pub struct Cli {
     pub command: Cmd,
 }
 
-#[derive(Debug, Args)]
-pub struct Global {
-    /// AMQP URL of the broker (amqps:// for TLS).
-    #[arg(long, env = "JOURNEYMAN_AMQP_URL", global = true, default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
-    pub amqp_url: String,
-    /// Prefix of every exchange and queue name, so tenants and tests never collide
-    /// [default: a2a; the demo uses a fresh one].
-    #[arg(long, env = "JOURNEYMAN_NAMESPACE", global = true)]
-    pub namespace: Option<String>,
-    /// Log format: readable text, or one JSON object per line for machines.
-    #[arg(long, value_enum, global = true, default_value = "text")]
-    pub log_format: LogFormat,
-    /// File of authentication keys, one `kid=base64secret` per line; the first signs.
-    /// Without it, keys come from JOURNEYMAN_AUTH_KEYS (same format, `;`-separated).
-    #[arg(long, env = crate::auth::KEYS_FILE_ENV, global = true)]
-    pub auth_keys_file: Option<PathBuf>,
-    /// Token put on journey commands (from `journeyman token issue`); without it, a
-    /// token is minted with the configured key.
-    #[arg(
-        long,
-        env = "JOURNEYMAN_AUTH_TOKEN",
-        global = true,
-        hide_env_values = true
-    )]
-    pub auth_token: Option<String>,
-    /// The orchestrator's HTTP address: where `orchestrator` serves health, metrics, the
-    /// JSON API and the dashboard, and where `journey list|history` and `report` read it.
-    #[arg(long, env = "JOURNEYMAN_HTTP_ADDR", global = true, default_value = crate::http::DEFAULT_ADDR)]
-    pub http_addr: SocketAddr,
-    /// Queue type every worker declares: quorum (replicated, delivery limit, at-least-once
-    /// dead-lettering) or classic. The orchestrator and its agents must agree.
-    #[arg(
-        long,
-        env = "JOURNEYMAN_QUEUE_TYPE",
-        global = true,
-        default_value = "quorum"
-    )]
-    pub queue_type: broker::QueueType,
-}
-
-impl Global {
-    pub fn names(&self) -> Names {
-        Names::new(self.namespace.clone().unwrap_or_else(|| "a2a".into()))
-            .with_queue_type(self.queue_type)
-    }
-
-    /// The configured keys: the key file if named, else JOURNEYMAN_AUTH_KEYS, else none.
-    pub fn keyring(&self) -> Result<Option<Keyring>> {
-        let inline = std::env::var(crate::auth::KEYS_ENV).ok();
-        Ok(Keyring::from_sources(
-            self.auth_keys_file.as_deref(),
-            inline.as_deref(),
-        )?)
-    }
-
-    /// Who the CLI speaks as on journey commands, and its token (if authentication is
-    /// configured): the given token's subject, else `journeyman-cli` as an operator.
-    fn command_identity(&self) -> Result<(AgentRef, Option<String>)> {
-        if let Some(token) = &self.auth_token {
-            let sub = crate::auth::unverified_subject(token).ok_or_else(|| {
-                anyhow!("--auth-token (JOURNEYMAN_AUTH_TOKEN) is not a journeyman token")
-            })?;
-            return Ok((AgentRef::new(sub, "operator"), Some(token.clone())));
-        }
-        let me = AgentRef::new("journeyman-cli", "operator");
-        let token = self.keyring()?.map(|ring| {
-            Signer::new(ring.signing_key().clone(), me.agent_id.clone())
-                .with_roles(vec![crate::auth::OPERATOR.into()])
-                .with_ttl(Duration::from_secs(300))
-                .token(Utc::now())
-        });
-        Ok((me, token))
-    }
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Run the orchestrator worker.
@@ -135,10 +49,10 @@ pub enum Cmd {
     /// Run simulated agents for every intent of the playbook.
     Agents(AgentsArgs),
     /// Run orchestrator and simulated agents in-process, start N journeys and watch them.
-    Demo(crate::demo::DemoArgs),
+    Demo(crate::ops::demo::DemoArgs),
     /// Measure the broker's request/reply limit and the orchestrator against it (tasks/s,
     /// round-trip p50/p99/p99.9, CPU per 1,000 tasks, peak RSS, store bytes per journey).
-    Bench(crate::bench::BenchArgs),
+    Bench(crate::ops::bench::BenchArgs),
     /// Start or inspect a journey (publishes protocol messages to the orchestrator).
     Journey {
         #[command(subcommand)]
@@ -147,7 +61,7 @@ pub enum Cmd {
     /// Dead letters: list, stats, show, replay, purge.
     Dlq {
         #[command(subcommand)]
-        command: crate::dlq::DlqCmd,
+        command: crate::ops::dlq::DlqCmd,
     },
     /// Chaos run: journeys while the orchestrator is killed repeatedly, agents fail and
     /// duplicate replies, poison is mixed in; checks nothing is lost or applied twice.
@@ -303,7 +217,7 @@ impl OrchestratorArgs {
             }
             bail!(
                 "{}; or pass --insecure-no-auth to run without authentication",
-                crate::auth::KeyError::NoKeys
+                crate::wire::auth::KeyError::NoKeys
             );
         };
         let policy = match &self.allow_list {
@@ -609,17 +523,26 @@ pub async fn run(cli: Cli) -> Result<()> {
             config.store_cache_bytes = a.store_cache_mb.saturating_mul(1 << 20);
             config.card_interval = a.status_card_interval;
             config.max_active_journeys = a.max_active_journeys;
-            config.webhook = a.webhook_url.map(|url| crate::webhook::WebhookConfig {
-                url,
-                token: a.webhook_token.map(crate::webhook::Secret::new),
-                timeout: Duration::from_secs(10),
-            });
-            config.http_addr = Some(g.http_addr);
+            config.webhook = a
+                .webhook_url
+                .map(|url| crate::orchestrator::webhook::WebhookConfig {
+                    url,
+                    token: a
+                        .webhook_token
+                        .map(crate::orchestrator::webhook::Secret::new),
+                    timeout: Duration::from_secs(10),
+                });
             config.auth = auth;
             config.shutdown_timeout = a.shutdown_timeout;
-            orchestrator::run(config, Arc::new(Stats::default()), shutdown_signal())
-                .await
-                .context("the orchestrator stopped")?;
+            crate::http::serve_orchestrator(
+                config,
+                Arc::new(Stats::default()),
+                g.http_addr,
+                &Default::default(),
+                shutdown_signal(),
+            )
+            .await
+            .context("the orchestrator stopped")?;
             Ok(())
         }
         Cmd::Agents(a) => {
@@ -635,7 +558,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     "authentication is off: no keys configured, task requests are not verified"
                 );
             }
-            let sim = crate::sim::SimAgent {
+            let sim = crate::agent::sim::SimAgent {
                 min_latency: Duration::from_millis(a.min_latency_ms),
                 max_latency: Duration::from_millis(a.max_latency_ms.max(a.min_latency_ms)),
                 failure_rate: a.failure_rate.clamp(0.0, 1.0),
@@ -647,7 +570,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 agent_id: a.agent_id,
                 intents,
                 prefetch: a.prefetch,
-                max_message_bytes: crate::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+                max_message_bytes: crate::wire::protocol::DEFAULT_MAX_MESSAGE_BYTES,
                 keyring: keyring.clone().map(Arc::new),
                 signing_key: keyring.map(|k| k.signing_key().clone()),
                 shutdown_timeout: a.shutdown_timeout,
@@ -657,11 +580,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .context("the agents stopped")?;
             Ok(())
         }
-        Cmd::Demo(a) => crate::demo::run(g, a).await,
+        Cmd::Demo(a) => crate::ops::demo::run(g, a).await,
         Cmd::Bench(a) => {
             let binary = std::env::current_exe().context("cannot find the journeyman binary")?;
             let mut cfg =
-                crate::bench::BenchConfig::from_args(&g.amqp_url, binary, g.queue_type, &a);
+                crate::ops::bench::BenchConfig::from_args(&g.amqp_url, binary, g.queue_type, &a);
             // Ctrl-C or a SIGTERM stops the part in progress, which deletes its namespace
             // and stops its orchestrator, instead of leaving them on the user's broker.
             let (interrupt, interrupted) = tokio::sync::watch::channel(false);
@@ -671,11 +594,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                 let _ = interrupt.send(true);
             });
             cfg.interrupt = interrupted;
-            let report = crate::bench::run(&cfg).await.context("the bench failed")?;
+            let report = crate::ops::bench::run(&cfg)
+                .await
+                .context("the bench failed")?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", crate::bench::render_text(&report));
+                print!("{}", crate::ops::bench::render_text(&report));
             }
             Ok(())
         }
@@ -686,7 +611,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
             let path = if ready { "/readyz" } else { "/healthz" };
-            let client = crate::http::client::Client::new(addr, Duration::from_secs(3));
+            let client = crate::ops::client::Client::new(addr, Duration::from_secs(3));
             let (status, _) = client.raw(path).await?;
             if !status.is_success() {
                 bail!("http://{addr}{path} answered {status}");
@@ -695,24 +620,25 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Chaos(a) => {
-            let restart: Option<crate::chaos::BrokerRestart> = a.broker_restart_cmd.map(|cmd| {
-                let f: crate::chaos::BrokerRestart = Box::new(move || {
-                    let cmd = cmd.clone();
-                    Box::pin(async move {
-                        eprintln!("chaos: restarting the broker: {cmd}");
-                        let status = tokio::process::Command::new("sh")
-                            .arg("-c")
-                            .arg(&cmd)
-                            .status()
-                            .await;
-                        if !matches!(status, Ok(s) if s.success()) {
-                            eprintln!("chaos: the broker restart command failed: {status:?}");
-                        }
-                    })
+            let restart: Option<crate::ops::chaos::BrokerRestart> =
+                a.broker_restart_cmd.map(|cmd| {
+                    let f: crate::ops::chaos::BrokerRestart = Box::new(move || {
+                        let cmd = cmd.clone();
+                        Box::pin(async move {
+                            eprintln!("chaos: restarting the broker: {cmd}");
+                            let status = tokio::process::Command::new("sh")
+                                .arg("-c")
+                                .arg(&cmd)
+                                .status()
+                                .await;
+                            if !matches!(status, Ok(s) if s.success()) {
+                                eprintln!("chaos: the broker restart command failed: {status:?}");
+                            }
+                        })
+                    });
+                    f
                 });
-                f
-            });
-            let report = crate::chaos::run(crate::chaos::ChaosConfig {
+            let report = crate::ops::chaos::run(crate::ops::chaos::ChaosConfig {
                 amqp_url: g.amqp_url.clone(),
                 binary: std::env::current_exe().context("cannot find the journeyman binary")?,
                 journeys: a.journeys,
@@ -734,8 +660,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Dlq { command } => Ok(crate::dlq::run(&g.amqp_url, g.names(), command).await?),
-        Cmd::Report { json } => crate::http::client::report(&http_client(g), json).await,
+        Cmd::Dlq { command } => Ok(crate::ops::dlq::run(&g.amqp_url, g.names(), command).await?),
+        Cmd::Report { json } => crate::ops::client::report(&http_client(g), json).await,
         Cmd::Store {
             command: StoreCmd::Stats { data_dir, json },
         } => {
@@ -743,7 +669,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let census = Store::open(&data_dir)
                 .and_then(|s| s.census())
                 .with_context(|| format!("cannot read the store in {}", data_dir.display()))?;
-            let on_disk = crate::bench::dir_size(&data_dir)
+            let on_disk = crate::ops::bench::dir_size(&data_dir)
                 .with_context(|| format!("cannot measure {}", data_dir.display()))?;
             if json {
                 println!(
@@ -851,7 +777,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 } => {
                     let stage = stage.map(|s| s.as_str());
                     let client = http_client(g);
-                    return crate::http::client::journey_list(
+                    return crate::ops::client::journey_list(
                         &client,
                         stage,
                         status.as_deref(),
@@ -861,7 +787,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
                 JourneyCmd::History { client_id, json } => {
                     let client = http_client(g);
-                    return crate::http::client::journey_history(&client, &client_id, json).await;
+                    return crate::ops::client::journey_history(&client, &client_id, json).await;
                 }
                 JourneyCmd::Start {
                     client_id,
@@ -886,8 +812,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     out,
                 } => {
                     let client = http_client(g);
-                    return crate::http::client::journey_status(&client, &client_id, out.json)
-                        .await;
+                    return crate::ops::client::journey_status(&client, &client_id, out.json).await;
                 }
                 JourneyCmd::Status { client_id, out, .. } => {
                     (Command::Status(ClientPayload { client_id }), out)
@@ -975,7 +900,7 @@ fn token(g: &Global, command: TokenCmd) -> Result<()> {
             ttl,
             kid,
         } => {
-            let ring = g.keyring()?.ok_or(crate::auth::KeyError::NoKeys)?;
+            let ring = g.keyring()?.ok_or(crate::wire::auth::KeyError::NoKeys)?;
             let key = match &kid {
                 None => ring.signing_key(),
                 Some(kid) => ring.get(kid).ok_or_else(|| {
@@ -987,221 +912,13 @@ fn token(g: &Global, command: TokenCmd) -> Result<()> {
             };
             println!(
                 "{}",
-                crate::auth::mint(key, &agent, &roles, Utc::now(), ttl)
+                crate::wire::auth::mint(key, &agent, &roles, Utc::now(), ttl)
             );
         }
     }
     Ok(())
 }
 
-fn http_client(g: &Global) -> crate::http::client::Client {
-    crate::http::client::Client::new(g.http_addr, Duration::from_secs(10))
-}
-
-/// Publishes a journey command and waits for the orchestrator's answer (direct reply-to).
-pub async fn request(
-    conn: &Connection,
-    names: &Names,
-    cmd: &Command,
-    timeout: Duration,
-) -> Result<Envelope> {
-    let me = AgentRef::new("journeyman-cli", "operator");
-    request_as(conn, names, cmd, timeout, me, None).await
-}
-
-/// [`request`] as `source`, carrying `token` when authentication is on.
-pub async fn request_as(
-    conn: &Connection,
-    names: &Names,
-    cmd: &Command,
-    timeout: Duration,
-    source: AgentRef,
-    token: Option<String>,
-) -> Result<Envelope> {
-    let ch = conn.create_channel().await?;
-    let mut replies = ch
-        .basic_consume(
-            DIRECT_REPLY_TO.into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .context("cannot listen for replies (direct reply-to)")?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let mut env = Envelope::new(
-        source,
-        AgentRef::orchestrator(),
-        MessageType::Request,
-        cmd.intent(),
-        cmd.payload(),
-        Utc::now(),
-    );
-    if let Some(token) = token {
-        env = env.with_auth_token(token);
-    }
-    let props = BasicProperties::default()
-        .with_content_type(ShortString::from(crate::protocol::CONTENT_TYPE))
-        .with_delivery_mode(2)
-        .with_message_id(ShortString::from(env.message_id.to_string()))
-        .with_correlation_id(ShortString::from(env.message_id.to_string()))
-        .with_reply_to(ShortString::from(DIRECT_REPLY_TO))
-        .with_type(ShortString::from("request"));
-    let confirm = ch
-        .basic_publish(
-            names.intents().as_str().into(),
-            cmd.intent().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            &env.to_bytes(),
-            props,
-        )
-        .await?
-        .await?;
-    match confirm {
-        Confirmation::Ack(None) => {}
-        Confirmation::Ack(Some(_)) => bail!(
-            "no queue serves {} in namespace '{}': start the orchestrator (journeyman orchestrator) or declare the topology (journeyman topology declare)",
-            cmd.intent(),
-            names.namespace
-        ),
-        other => bail!("the broker refused the command ({other:?}); check its logs"),
-    }
-    let decoder = Decoder::default();
-    let wait = async {
-        while let Some(d) = replies.next().await {
-            let d = d?;
-            let reply = decoder
-                .envelope(&d.data)
-                .map_err(|e| anyhow!("the orchestrator's reply is not valid: {e}"))?;
-            if reply.correlation_id.as_deref() == Some(&env.message_id.to_string()) {
-                return Ok(reply);
-            }
-        }
-        bail!("the reply consumer ended before an answer came")
-    };
-    tokio::time::timeout(timeout, wait).await.map_err(|_| {
-        anyhow!(
-            "no answer from the orchestrator within {timeout:?}: is it running in namespace '{}'? (the command stays queued and will be applied when it starts)",
-            names.namespace
-        )
-    })?
-}
-
-fn print_reply(reply: &Envelope, json: bool) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(&reply.payload)?);
-    } else if reply.message_type == MessageType::Error {
-        let code = reply.payload["code"].as_str().unwrap_or("error");
-        let msg = reply.payload["message"].as_str().unwrap_or("");
-        eprintln!("refused ({code}): {msg}");
-        if let Some(checks) = reply.payload["details"]["checks"].as_array() {
-            for c in checks {
-                let mark = if c["passed"] == true { "pass" } else { "FAIL" };
-                eprintln!(
-                    "  [{mark}] {:<28} {}",
-                    c["name"].as_str().unwrap_or(""),
-                    c["message"].as_str().unwrap_or("")
-                );
-            }
-        }
-    } else {
-        print_state(&reply.payload);
-    }
-    if reply.message_type == MessageType::Error {
-        std::process::exit(1);
-    }
-    Ok(())
-}
-
-/// A journey state, for people.
-pub fn print_state(p: &Value) {
-    let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
-    println!("client:      {}", s(&p["client_id"]));
-    println!(
-        "stage:       {} (since {})",
-        s(&p["stage"]),
-        s(&p["stage_started_at"])
-    );
-    let done: Vec<String> = p["completed_stages"]
-        .as_array()
-        .map(|a| a.iter().map(s).collect())
-        .unwrap_or_default();
-    println!(
-        "completed:   {}",
-        if done.is_empty() {
-            "-".into()
-        } else {
-            done.join(", ")
-        }
-    );
-    println!("started:     {}", s(&p["started_at"]));
-    println!("status:      {}", s(&p["status"]));
-    println!("playbook:    {}", s(&p["playbook"]));
-    if let Some(pz) = p["paused"].as_object() {
-        println!(
-            "paused at:   task {} after {} attempts: {}",
-            s(&pz["task_id"]),
-            pz["attempts"],
-            s(&pz["last_error"])
-        );
-    }
-    if let Some(r) = p["rollback"].as_object() {
-        println!(
-            "rollback:    {} -> {} ({}){}: {}",
-            s(&r["from"]),
-            s(&r["to"]),
-            if r["automatic"] == true {
-                "automatic"
-            } else {
-                "manual"
-            },
-            if r["failed"] == true {
-                ", FAILED: retry with journey rollback"
-            } else {
-                ""
-            },
-            s(&r["reason"])
-        );
-    }
-    if let Some(checks) = p["gate"]["checks"].as_array() {
-        println!(
-            "gate:        {}",
-            if p["gate"]["passed"] == true {
-                "passed"
-            } else {
-                "not passed"
-            }
-        );
-        for c in checks {
-            let mark = if c["passed"] == true { "pass" } else { "FAIL" };
-            println!("  [{mark}] {:<28} {}", s(&c["name"]), s(&c["message"]));
-        }
-    }
-    if let Some(w) = p["work"].as_object() {
-        let empty = Map::new();
-        let _ = &empty;
-        println!("work:        {} {}", s(&w["stage"]), s(&w["status"]));
-        if let Some(tasks) = w["tasks"].as_array() {
-            println!(
-                "  {:<24} {:<32} {:<14} {:>8}  last error",
-                "task", "intent", "status", "attempts"
-            );
-            for t in tasks {
-                println!(
-                    "  {:<24} {:<32} {:<14} {:>8}  {}",
-                    s(&t["task_id"]),
-                    s(&t["intent"]),
-                    s(&t["status"]),
-                    t["attempts"].as_u64().unwrap_or(0),
-                    t["last_error"].as_str().unwrap_or("")
-                );
-            }
-        }
-    }
+fn http_client(g: &Global) -> crate::ops::client::Client {
+    crate::ops::client::Client::new(g.http_addr, Duration::from_secs(10))
 }

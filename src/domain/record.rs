@@ -5,13 +5,13 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::evidence::Evidence;
-use crate::gate::ValidationResult;
-use crate::journey::{Journey, Stage};
-use crate::work::{TaskStatus, UnitOfWork, WorkKind, WorkStatus};
+use crate::domain::evidence::Evidence;
+use crate::domain::gate::ValidationResult;
+use crate::domain::journey::{Journey, Stage};
+use crate::domain::work::{TaskStatus, UnitOfWork, WorkKind, WorkStatus};
 
 /// Everything the store keeps about one journey, under its client id.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JourneyRecord {
     pub journey: Journey,
     /// Content hash of the playbook the journey is pinned to.
@@ -49,7 +49,7 @@ pub struct RollbackInfo {
 
 /// One line of a journey's history: every state change, evaluation, refusal and ignored
 /// reply, with its time and cause.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {
     pub at: DateTime<Utc>,
     pub kind: String,
@@ -59,7 +59,7 @@ pub struct HistoryEntry {
 }
 
 /// A copy of a journey taken when a rollback starts, kept for the retention period.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub at: DateTime<Utc>,
     pub reason: String,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use crate::agent::{Agent, TaskError};
-use crate::protocol::Envelope;
+use crate::wire::protocol::Envelope;
 
 /// An agent that answers every intent after a random latency, failing a fraction of
 /// attempts with a retryable error.

@@ -455,7 +455,7 @@ impl Outgoing {
 
     fn properties(&self) -> BasicProperties {
         let mut p = BasicProperties::default()
-            .with_content_type(ShortString::from(crate::protocol::CONTENT_TYPE))
+            .with_content_type(ShortString::from(crate::wire::protocol::CONTENT_TYPE))
             .with_delivery_mode(2)
             .with_message_id(ShortString::from(self.message_id.as_str()))
             .with_type(ShortString::from(self.message_type.as_str()));

@@ -11,28 +11,19 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
-use crate::journey::Stage;
+pub use crate::domain::command::{
+    CancelPayload, ClientPayload, Command, ErrorPayload, EvidenceEvent, EvidencePayload,
+    JOURNEY_INTENTS, RollbackPayload, StartPayload, TaskOutcome, TaskResponse,
+};
 
 /// Content type of every message; anything else is refused before parsing.
 pub const CONTENT_TYPE: &str = "application/json";
 /// Default size cap: large enough for any task output we define, small enough that one
 /// hostile message cannot make a worker allocate without bound.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
-
-/// The journey commands the orchestrator serves; everything else on its queues is refused.
-pub const JOURNEY_INTENTS: [&str; 8] = [
-    "journey.start",
-    "journey.promote",
-    "journey.rollback",
-    "journey.cancel",
-    "journey.complete",
-    "journey.evidence",
-    "journey.status",
-    "journey.resume",
-];
 
 /// Identity of an agent, carried as `source_agent` and `target_agent`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,7 +70,7 @@ impl MessageType {
 
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Security {
-    /// A signed token naming the sender (`crate::auth`); empty when unsigned.
+    /// A signed token naming the sender (`crate::wire::auth`); empty when unsigned.
     pub auth_token: String,
 }
 
@@ -157,154 +148,6 @@ impl Envelope {
     }
 }
 
-/// `journey.start`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StartPayload {
-    pub client_id: String,
-    /// Free-form journey context (data sources, connectors, ...) that task inputs map from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub context: Option<Map<String, Value>>,
-}
-
-/// Commands whose payload is only the client.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClientPayload {
-    pub client_id: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RollbackPayload {
-    pub client_id: String,
-    pub reason: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rollback_to: Option<Stage>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CancelPayload {
-    pub client_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-/// `journey.evidence` (preliminary: the gates work refines it).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EvidencePayload {
-    pub client_id: String,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub metrics: BTreeMap<String, f64>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub flags: BTreeMap<String, bool>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub events: Vec<EvidenceEvent>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EvidenceEvent {
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub severity: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-}
-
-/// A journey command, parsed from an envelope's intent and payload.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Command {
-    Start(StartPayload),
-    Promote(ClientPayload),
-    Rollback(RollbackPayload),
-    Cancel(CancelPayload),
-    Complete(ClientPayload),
-    Evidence(EvidencePayload),
-    Status(ClientPayload),
-    Resume(ClientPayload),
-}
-
-impl Command {
-    pub fn client_id(&self) -> &str {
-        match self {
-            Command::Start(p) => &p.client_id,
-            Command::Promote(p)
-            | Command::Complete(p)
-            | Command::Status(p)
-            | Command::Resume(p) => &p.client_id,
-            Command::Rollback(p) => &p.client_id,
-            Command::Cancel(p) => &p.client_id,
-            Command::Evidence(p) => &p.client_id,
-        }
-    }
-
-    pub fn intent(&self) -> &'static str {
-        match self {
-            Command::Start(_) => "journey.start",
-            Command::Promote(_) => "journey.promote",
-            Command::Rollback(_) => "journey.rollback",
-            Command::Cancel(_) => "journey.cancel",
-            Command::Complete(_) => "journey.complete",
-            Command::Evidence(_) => "journey.evidence",
-            Command::Status(_) => "journey.status",
-            Command::Resume(_) => "journey.resume",
-        }
-    }
-
-    /// The payload as JSON, for publishing a command (the CLI is an upstream agent).
-    pub fn payload(&self) -> Value {
-        let v = match self {
-            Command::Start(p) => serde_json::to_value(p),
-            Command::Promote(p)
-            | Command::Complete(p)
-            | Command::Status(p)
-            | Command::Resume(p) => serde_json::to_value(p),
-            Command::Rollback(p) => serde_json::to_value(p),
-            Command::Cancel(p) => serde_json::to_value(p),
-            Command::Evidence(p) => serde_json::to_value(p),
-        };
-        v.unwrap_or(Value::Null)
-    }
-}
-
-/// Payload of an agent's `response`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskResponse {
-    pub status: String,
-    pub output: Map<String, Value>,
-}
-
-impl TaskResponse {
-    pub fn completed(output: Map<String, Value>) -> Self {
-        Self {
-            status: "completed".into(),
-            output,
-        }
-    }
-}
-
-/// Payload of every `error`: an agent's task error or the orchestrator's refusal.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ErrorPayload {
-    pub code: String,
-    pub message: String,
-    pub retryable: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub details: Option<Value>,
-}
-
-/// What an agent said about one task attempt.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TaskOutcome {
-    Completed(Map<String, Value>),
-    Failed(ErrorPayload),
-}
-
 /// Why a message was refused. Each variant has a stable code that lands in the
 /// dead-letter headers; operators filter and replay by it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -344,44 +187,44 @@ impl ProtocolError {
 
 /// The schema files, embedded so the binary validates without a checkout.
 pub mod schemas {
-    pub const ENVELOPE: &str = include_str!("../schemas/envelope.schema.json");
-    pub const TASK_RESPONSE: &str = include_str!("../schemas/task-response.schema.json");
-    pub const ERROR: &str = include_str!("../schemas/error.schema.json");
-    pub const JOURNEY_STATE: &str = include_str!("../schemas/journey-state.schema.json");
-    pub const JOURNEY_EVENT: &str = include_str!("../schemas/journey-event.schema.json");
+    pub const ENVELOPE: &str = include_str!("../../schemas/envelope.schema.json");
+    pub const TASK_RESPONSE: &str = include_str!("../../schemas/task-response.schema.json");
+    pub const ERROR: &str = include_str!("../../schemas/error.schema.json");
+    pub const JOURNEY_STATE: &str = include_str!("../../schemas/journey-state.schema.json");
+    pub const JOURNEY_EVENT: &str = include_str!("../../schemas/journey-event.schema.json");
     /// (intent, schema) for every journey command.
     pub const COMMANDS: [(&str, &str); 8] = [
         (
             "journey.start",
-            include_str!("../schemas/journey.start.schema.json"),
+            include_str!("../../schemas/journey.start.schema.json"),
         ),
         (
             "journey.promote",
-            include_str!("../schemas/journey.promote.schema.json"),
+            include_str!("../../schemas/journey.promote.schema.json"),
         ),
         (
             "journey.rollback",
-            include_str!("../schemas/journey.rollback.schema.json"),
+            include_str!("../../schemas/journey.rollback.schema.json"),
         ),
         (
             "journey.cancel",
-            include_str!("../schemas/journey.cancel.schema.json"),
+            include_str!("../../schemas/journey.cancel.schema.json"),
         ),
         (
             "journey.complete",
-            include_str!("../schemas/journey.complete.schema.json"),
+            include_str!("../../schemas/journey.complete.schema.json"),
         ),
         (
             "journey.evidence",
-            include_str!("../schemas/journey.evidence.schema.json"),
+            include_str!("../../schemas/journey.evidence.schema.json"),
         ),
         (
             "journey.status",
-            include_str!("../schemas/journey.status.schema.json"),
+            include_str!("../../schemas/journey.status.schema.json"),
         ),
         (
             "journey.resume",
-            include_str!("../schemas/journey.resume.schema.json"),
+            include_str!("../../schemas/journey.resume.schema.json"),
         ),
     ];
 }

@@ -9,7 +9,7 @@ use super::{
     BenchConfig, Shape, TARGET_P99_FACTOR, TARGET_RATIO, TARGET_RSS_MIB, TARGET_SCALE_THROUGHPUT,
 };
 use crate::broker::QueueType;
-use crate::http::metrics::RoundTripSummary;
+use crate::orchestrator::stats::RoundTripSummary;
 
 /// One measured part.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -375,7 +375,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::bench::{Part, Variant};
+    use crate::ops::bench::{Part, Variant};
 
     fn row(part: &str, journeys: usize, tasks_per_s: f64, p99: f64, rss: f64) -> Row {
         Row {

@@ -17,9 +17,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 
-use super::JourneySummary;
-use crate::orchestrator::HistoryEntry;
-use crate::report::{self, Report};
+use crate::domain::record::HistoryEntry;
+use crate::domain::report::{self, Report};
+use crate::http::JourneySummary;
 
 pub struct Client {
     addr: SocketAddr,
@@ -160,7 +160,7 @@ pub async fn journey_status(client: &Client, client_id: &str, json: bool) -> Res
     if json {
         println!("{}", serde_json::to_string_pretty(&state)?);
     } else {
-        crate::cli::print_state(&state);
+        super::show::print_state(&state);
     }
     Ok(())
 }
@@ -185,7 +185,7 @@ pub fn render_history(h: &[HistoryEntry]) -> String {
             "{}  {:<24} {}{}\n",
             e.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             e.kind,
-            super::dashboard::summary(&e.kind, &e.detail),
+            crate::http::dashboard::summary(&e.kind, &e.detail),
             e.cause
                 .as_deref()
                 .map(|c| format!("  [cause {c}]"))

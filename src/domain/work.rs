@@ -12,10 +12,10 @@ use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::backoff::retry_delay;
-use crate::journey::Stage;
-use crate::playbook::{InputContext, StageWork, TaskSpec, resolve_input};
-use crate::protocol::ErrorPayload;
+use crate::domain::backoff::retry_delay;
+use crate::domain::command::ErrorPayload;
+use crate::domain::journey::Stage;
+use crate::domain::playbook::{InputContext, StageWork, TaskSpec, resolve_input};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -514,7 +514,7 @@ fn to_chrono(d: std::time::Duration) -> ChronoDuration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::playbook::Playbook;
+    use crate::domain::playbook::Playbook;
     use serde_json::json;
 
     fn sandbox() -> StageWork {
@@ -533,7 +533,7 @@ mod tests {
     }
 
     fn outputs_for(intent: &str) -> Value {
-        crate::sim::simulated_output(intent, "acme", &json!({}))
+        crate::agent::sim::simulated_output(intent, "acme", &json!({}))
     }
 
     #[test]

@@ -1,0 +1,119 @@
+//! Journeys and replies as people read them in a terminal.
+
+use anyhow::Result;
+use serde_json::{Map, Value};
+
+use crate::wire::protocol::{Envelope, MessageType};
+
+pub(crate) fn print_reply(reply: &Envelope, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply.payload)?);
+    } else if reply.message_type == MessageType::Error {
+        let code = reply.payload["code"].as_str().unwrap_or("error");
+        let msg = reply.payload["message"].as_str().unwrap_or("");
+        eprintln!("refused ({code}): {msg}");
+        if let Some(checks) = reply.payload["details"]["checks"].as_array() {
+            for c in checks {
+                let mark = if c["passed"] == true { "pass" } else { "FAIL" };
+                eprintln!(
+                    "  [{mark}] {:<28} {}",
+                    c["name"].as_str().unwrap_or(""),
+                    c["message"].as_str().unwrap_or("")
+                );
+            }
+        }
+    } else {
+        print_state(&reply.payload);
+    }
+    if reply.message_type == MessageType::Error {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// A journey state, for people.
+pub fn print_state(p: &Value) {
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    println!("client:      {}", s(&p["client_id"]));
+    println!(
+        "stage:       {} (since {})",
+        s(&p["stage"]),
+        s(&p["stage_started_at"])
+    );
+    let done: Vec<String> = p["completed_stages"]
+        .as_array()
+        .map(|a| a.iter().map(s).collect())
+        .unwrap_or_default();
+    println!(
+        "completed:   {}",
+        if done.is_empty() {
+            "-".into()
+        } else {
+            done.join(", ")
+        }
+    );
+    println!("started:     {}", s(&p["started_at"]));
+    println!("status:      {}", s(&p["status"]));
+    println!("playbook:    {}", s(&p["playbook"]));
+    if let Some(pz) = p["paused"].as_object() {
+        println!(
+            "paused at:   task {} after {} attempts: {}",
+            s(&pz["task_id"]),
+            pz["attempts"],
+            s(&pz["last_error"])
+        );
+    }
+    if let Some(r) = p["rollback"].as_object() {
+        println!(
+            "rollback:    {} -> {} ({}){}: {}",
+            s(&r["from"]),
+            s(&r["to"]),
+            if r["automatic"] == true {
+                "automatic"
+            } else {
+                "manual"
+            },
+            if r["failed"] == true {
+                ", FAILED: retry with journey rollback"
+            } else {
+                ""
+            },
+            s(&r["reason"])
+        );
+    }
+    if let Some(checks) = p["gate"]["checks"].as_array() {
+        println!(
+            "gate:        {}",
+            if p["gate"]["passed"] == true {
+                "passed"
+            } else {
+                "not passed"
+            }
+        );
+        for c in checks {
+            let mark = if c["passed"] == true { "pass" } else { "FAIL" };
+            println!("  [{mark}] {:<28} {}", s(&c["name"]), s(&c["message"]));
+        }
+    }
+    if let Some(w) = p["work"].as_object() {
+        let empty = Map::new();
+        let _ = &empty;
+        println!("work:        {} {}", s(&w["stage"]), s(&w["status"]));
+        if let Some(tasks) = w["tasks"].as_array() {
+            println!(
+                "  {:<24} {:<32} {:<14} {:>8}  last error",
+                "task", "intent", "status", "attempts"
+            );
+            for t in tasks {
+                println!(
+                    "  {:<24} {:<32} {:<14} {:>8}  {}",
+                    s(&t["task_id"]),
+                    s(&t["intent"]),
+                    s(&t["status"]),
+                    t["attempts"].as_u64().unwrap_or(0),
+                    t["last_error"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! The protocol as bytes on the wire, pure: envelopes and their decoder, tokens, trace
+//! context. Knows the domain's types; knows nothing of sled or lapin.
+
+pub mod auth;
+pub mod headers;
+pub mod protocol;
+pub mod trace;
