@@ -18,7 +18,11 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
+
+pub use crate::wire::names::{Names, QueueType};
+pub use crate::wire::outgoing::Outgoing;
 
 /// How many times the broker may redeliver a message before dead-lettering it: a
 /// message that crashes its consumer every time ends in the dead-letter queue, not a loop.
@@ -82,93 +86,6 @@ fn amqp(op: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
     let op = op.into();
     move |source| BrokerError::Amqp { op, source }
 }
-
-/// The kind of queue every worker declares. Orchestrator, agents and tools sharing a
-/// namespace must agree (`--queue-type` / `JOURNEYMAN_QUEUE_TYPE`): a queue redeclared as
-/// another type is a 406.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueType {
-    /// Replicated, always on disk, with a delivery limit and at-least-once dead-lettering:
-    /// what production runs.
-    #[default]
-    Quorum,
-    /// Durable classic queues with the dead-letter exchange but none of the quorum-only
-    /// arguments (no delivery limit, at-most-once dead-lettering): for brokers without
-    /// quorum queues, and for comparing in `journeyman bench`.
-    Classic,
-}
-
-impl QueueType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueType::Quorum => "quorum",
-            QueueType::Classic => "classic",
-        }
-    }
-}
-
-impl std::fmt::Display for QueueType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for QueueType {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "quorum" => Ok(QueueType::Quorum),
-            "classic" => Ok(QueueType::Classic),
-            other => Err(format!(
-                "unknown queue type '{other}' (expected quorum or classic)"
-            )),
-        }
-    }
-}
-
-/// Every exchange and queue name, derived from one namespace so tenants and tests never
-/// collide; and the type of queue they are declared as.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Names {
-    pub namespace: String,
-    pub queue_type: QueueType,
-}
-
-impl Names {
-    pub fn new(namespace: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            queue_type: QueueType::default(),
-        }
-    }
-    pub fn with_queue_type(mut self, queue_type: QueueType) -> Self {
-        self.queue_type = queue_type;
-        self
-    }
-    pub fn intents(&self) -> String {
-        format!("{}.intents", self.namespace)
-    }
-    pub fn events(&self) -> String {
-        format!("{}.events", self.namespace)
-    }
-    pub fn dlx(&self) -> String {
-        format!("{}.dlx", self.namespace)
-    }
-    pub fn dead_letter(&self) -> String {
-        format!("{}.dead-letter", self.namespace)
-    }
-    pub fn intent_queue(&self, intent: &str) -> String {
-        format!("{}.intent.{}", self.namespace, intent)
-    }
-    pub fn replies(&self, orchestrator_id: &str) -> String {
-        format!(
-            "{}.orchestrator.{}.replies",
-            self.namespace, orchestrator_id
-        )
-    }
-}
-
 /// Connects with heartbeats on (lapin's default of 60 s applies) and a name that shows up
 /// in the management UI.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
@@ -422,37 +339,7 @@ pub async fn consume(
     Ok((ch, consumer))
 }
 
-/// A message to publish, independent of lapin's types.
-#[derive(Debug, Clone)]
-pub struct Outgoing {
-    pub exchange: String,
-    pub routing_key: String,
-    pub mandatory: bool,
-    pub message_id: String,
-    pub correlation_id: Option<String>,
-    pub reply_to: Option<String>,
-    pub message_type: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Outgoing {
-    /// A journey command (a request to `<ns>.intents`, routed by its intent) as an
-    /// upstream agent sends it: mandatory, so a missing orchestrator queue is noticed.
-    pub fn command(names: &Names, intent: &str, message_id: String, body: Vec<u8>) -> Self {
-        Self {
-            exchange: names.intents(),
-            routing_key: intent.to_string(),
-            mandatory: true,
-            message_id,
-            correlation_id: None,
-            reply_to: None,
-            message_type: "request".into(),
-            headers: Vec::new(),
-            body,
-        }
-    }
-
+impl Properties for Outgoing {
     fn properties(&self) -> BasicProperties {
         let mut p = BasicProperties::default()
             .with_content_type(ShortString::from(crate::wire::protocol::CONTENT_TYPE))
@@ -479,6 +366,11 @@ impl Outgoing {
     }
 }
 
+/// lapin's properties of a message, from the wire's description of it.
+trait Properties {
+    fn properties(&self) -> BasicProperties;
+}
+
 /// What the broker said about one publish.
 #[derive(Debug)]
 pub enum Published {
@@ -497,7 +389,7 @@ type Reply = oneshot::Sender<Result<Published, BrokerError>>;
 /// confirms, so throughput does not pay one round trip per message.
 #[derive(Clone)]
 pub struct Publisher {
-    tx: mpsc::Sender<(Outgoing, Reply)>,
+    tx: mpsc::Sender<(Arc<Outgoing>, Reply)>,
     /// The publishing task's channel, so a graceful stop can close it before its
     /// connection (closing a connection under an open channel makes lapin log an error).
     ch: Channel,
@@ -530,7 +422,7 @@ impl Publisher {
     }
 
     /// Publishes and waits for the confirm.
-    pub async fn publish(&self, msg: Outgoing) -> Result<Published, BrokerError> {
+    pub async fn publish(&self, msg: impl Into<Arc<Outgoing>>) -> Result<Published, BrokerError> {
         self.enqueue(msg)
             .await?
             .await
@@ -540,18 +432,18 @@ impl Publisher {
     /// Queues a publish and returns a receiver for its outcome, so callers can pipeline.
     pub async fn enqueue(
         &self,
-        msg: Outgoing,
+        msg: impl Into<Arc<Outgoing>>,
     ) -> Result<oneshot::Receiver<Result<Published, BrokerError>>, BrokerError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send((msg, tx))
+            .send((msg.into(), tx))
             .await
             .map_err(|_| BrokerError::PublisherGone)?;
         Ok(rx)
     }
 }
 
-async fn publish_loop(ch: Channel, mut rx: mpsc::Receiver<(Outgoing, Reply)>) {
+async fn publish_loop(ch: Channel, mut rx: mpsc::Receiver<(Arc<Outgoing>, Reply)>) {
     let mut pending = FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -570,7 +462,7 @@ async fn publish_loop(ch: Channel, mut rx: mpsc::Receiver<(Outgoing, Reply)>) {
                     .await;
                 match res {
                     Ok(confirm) => {
-                        let id = msg.message_id;
+                        let id = msg.message_id.clone();
                         pending.push(async move {
                             let outcome = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
                                 Err(_) => Err(BrokerError::ConfirmTimeout { message_id: id, timeout: CONFIRM_TIMEOUT }),

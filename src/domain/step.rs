@@ -451,6 +451,59 @@ impl DeadLetter {
     }
 }
 
+/// The task requests a journey has in flight, to publish again after a restart: the
+/// store keeps no copy of them (the record says what is in flight), and their message ids
+/// follow from their correlation ids, so agents see the same message twice, not two.
+pub fn in_flight(rec: &JourneyRecord, playbooks: Playbooks<'_>) -> Vec<Message> {
+    let Some(work) = &rec.work else {
+        return Vec::new();
+    };
+    let spec = Stepper::spec_of(playbooks.of(rec), work);
+    let view = JourneyView {
+        client_id: &rec.journey.client_id,
+        context: &rec.context,
+    };
+    work.in_flight(&spec, &view)
+        .into_iter()
+        .map(|d| task_message(rec, &spec, d))
+        .collect()
+}
+
+fn task_message(rec: &JourneyRecord, spec: &StageWork, d: super::work::Dispatch) -> Message {
+    let agent = spec
+        .task(&d.task_id)
+        .and_then(|t| t.agent_id.clone())
+        .unwrap_or_else(|| d.intent.clone());
+    Message::Task {
+        message_id: request_id(&d.correlation_id),
+        client_id: rec.journey.client_id.clone(),
+        task_id: d.task_id,
+        intent: d.intent,
+        agent,
+        correlation_id: d.correlation_id,
+        attempt: d.attempt,
+        input: d.input,
+        trace_id: rec.trace_id.clone(),
+    }
+}
+
+/// A task request's message id: the UUID of its correlation id (`<client>/<uuid>`), so a
+/// request published again after a restart carries the id it had the first time.
+pub fn request_id(correlation_id: &str) -> Uuid {
+    let tail = correlation_id
+        .rsplit_once('/')
+        .map_or(correlation_id, |(_, u)| u);
+    Uuid::parse_str(tail).unwrap_or_else(|_| {
+        // Ids from before correlation ids named their journey: a stable digest instead.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in correlation_id.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let bytes = ((u128::from(splitmix(h)) << 64) | u128::from(h)).to_be_bytes();
+        uuid::Builder::from_random_bytes(bytes).into_uuid()
+    })
+}
+
 /// The journey a correlation id names (`<client>/<uuid>`; client ids never hold '/').
 pub fn client_of_correlation(correlation_id: &str) -> Option<&str> {
     correlation_id.split_once('/').map(|(c, _)| c)
@@ -1030,22 +1083,8 @@ impl<'a> Stepper<'a, '_> {
                 intent: d.intent.clone(),
                 retry: d.attempt > 1,
             });
-            let agent = spec
-                .task(&d.task_id)
-                .and_then(|t| t.agent_id.clone())
-                .unwrap_or_else(|| d.intent.clone());
-            let message_id = self.ctx.ids.next_uuid();
-            self.effects.push(Effect::Publish(Message::Task {
-                message_id,
-                client_id: rec.journey.client_id.clone(),
-                task_id: d.task_id,
-                intent: d.intent,
-                agent,
-                correlation_id: d.correlation_id,
-                attempt: d.attempt,
-                input: d.input,
-                trace_id: rec.trace_id.clone(),
-            }));
+            let msg = task_message(rec, &spec, d);
+            self.effects.push(Effect::Publish(msg));
         }
         if !was_running {
             return;

@@ -240,6 +240,43 @@ impl UnitOfWork {
         out
     }
 
+    /// The attempts in flight (dispatched, not answered yet) as they were dispatched: the
+    /// runtime publishes them again after a restart, since the outbox does not copy task
+    /// requests. Inputs are rebuilt from the same spec, context and outputs, so they are the
+    /// same bytes of meaning as the first time.
+    pub fn in_flight(&self, spec: &StageWork, journey: &JourneyView) -> Vec<Dispatch> {
+        if self.status != WorkStatus::Running {
+            return Vec::new();
+        }
+        let outputs: BTreeMap<String, Value> = self
+            .tasks
+            .iter()
+            .filter_map(|t| t.output.clone().map(|o| (t.task_id.clone(), o)))
+            .collect();
+        let ctx = InputContext {
+            client_id: journey.client_id,
+            stage: self.stage.as_str(),
+            context: journey.context,
+            outputs: &outputs,
+        };
+        self.tasks
+            .iter()
+            .filter(|t| t.status == TaskStatus::Dispatched)
+            .filter_map(|t| {
+                let t_spec = spec.task(&t.task_id)?;
+                let input = resolve_input(&t_spec.input, &ctx).ok()?;
+                Some(Dispatch {
+                    task_id: t.task_id.clone(),
+                    intent: t.intent.clone(),
+                    correlation_id: t.correlation_id.clone()?,
+                    attempt: t.attempts,
+                    input,
+                    deadline: t.deadline?,
+                })
+            })
+            .collect()
+    }
+
     fn start_attempt(
         &mut self,
         spec: &TaskSpec,

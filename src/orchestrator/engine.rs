@@ -25,6 +25,7 @@ use crate::domain::step::{
 use crate::domain::work::UnitOfWork;
 use crate::store::{Change, OutboxEntry, Purpose, Store};
 use crate::wire::headers;
+use crate::wire::outgoing::Outgoing;
 use crate::wire::protocol::{AgentRef, Decoder, Envelope, MessageType, ProtocolError};
 use crate::wire::trace::{self, TraceParent};
 
@@ -279,6 +280,54 @@ impl Core {
             correlations,
             compacted,
         })
+    }
+
+    /// Everything the outbox holds, ready to publish: task requests it names by reference
+    /// are rebuilt from their journey's record (with the message id they had). A reference
+    /// whose attempt is no longer in flight (answered, timed out, cancelled) is cleared.
+    pub fn outbox(&mut self) -> Result<Vec<OutboxEntry>, OrchestratorError> {
+        let now = Utc::now();
+        let mut out = Vec::new();
+        let mut stale = Vec::new();
+        for e in self.store.outbox()? {
+            if !e.is_reference() {
+                out.push(e);
+                continue;
+            }
+            let Purpose::TaskRequest {
+                client_id,
+                correlation_id,
+            } = &e.purpose
+            else {
+                continue;
+            };
+            let rec: Option<JourneyRecord> = self.store.journey(client_id)?;
+            let msg = match &rec {
+                Some(rec) => {
+                    let current = self.playbook(&self.current_playbook.clone())?;
+                    let pinned = self.playbook(&rec.playbook)?;
+                    let playbooks = Playbooks {
+                        current: &current,
+                        current_hash: &self.current_playbook,
+                        pinned: Some(&pinned),
+                    };
+                    step::in_flight(rec, playbooks).into_iter().find(|m| {
+                        matches!(m, Message::Task { correlation_id: c, .. } if c == correlation_id)
+                    })
+                }
+                None => None,
+            };
+            match msg {
+                Some(msg) => {
+                    let mut rebuilt = self.encode(msg, now, None, None);
+                    rebuilt.id = e.id;
+                    out.push(rebuilt);
+                }
+                None => stale.push(e.id),
+            }
+        }
+        self.store.clear_outbox(&stale)?;
+        Ok(out)
     }
 
     /// A context for one step: the clock read once, ids and jitter from the OS generator.
@@ -542,30 +591,32 @@ impl Core {
                 .with_correlation(correlation_id.clone());
                 env.message_id = message_id;
                 let env = self.sign(env, now);
-                OutboxEntry {
-                    id: 0,
-                    exchange: self.names.intents(),
-                    routing_key: intent,
-                    mandatory: true,
-                    message_id: message_id.to_string(),
-                    correlation_id: Some(correlation_id.clone()),
-                    reply_to: Some(self.reply_queue.clone()),
-                    message_type: "request".into(),
-                    headers: vec![
-                        (headers::CLIENT_ID.to_string(), client_id.clone()),
-                        (headers::TASK_ID.to_string(), task_id),
-                        (headers::ATTEMPT.to_string(), attempt.to_string()),
-                        (
-                            trace::HEADER.into(),
-                            traceparent(trace_id.as_deref()).header(),
-                        ),
-                    ],
-                    purpose: Purpose::TaskRequest {
-                        client_id,
-                        correlation_id,
+                let purpose = Purpose::TaskRequest {
+                    client_id: client_id.clone(),
+                    correlation_id: correlation_id.clone(),
+                };
+                OutboxEntry::new(
+                    purpose,
+                    Outgoing {
+                        exchange: self.names.intents(),
+                        routing_key: intent,
+                        mandatory: true,
+                        message_id: message_id.to_string(),
+                        correlation_id: Some(correlation_id.clone()),
+                        reply_to: Some(self.reply_queue.clone()),
+                        message_type: "request".into(),
+                        headers: vec![
+                            (headers::CLIENT_ID.to_string(), client_id.clone()),
+                            (headers::TASK_ID.to_string(), task_id),
+                            (headers::ATTEMPT.to_string(), attempt.to_string()),
+                            (
+                                trace::HEADER.into(),
+                                traceparent(trace_id.as_deref()).header(),
+                            ),
+                        ],
+                        body: env.to_bytes(),
                     },
-                    body: env.to_bytes(),
-                }
+                )
             }
             Message::Event {
                 message_id,
@@ -583,22 +634,23 @@ impl Core {
                 );
                 env.message_id = message_id;
                 let env = self.sign(env, now);
-                OutboxEntry {
-                    id: 0,
-                    exchange: self.names.events(),
-                    routing_key: name,
-                    mandatory: false,
-                    message_id: message_id.to_string(),
-                    correlation_id: None,
-                    reply_to: None,
-                    message_type: "event".into(),
-                    headers: vec![(
-                        trace::HEADER.into(),
-                        traceparent(trace_id.as_deref()).header(),
-                    )],
-                    purpose: Purpose::Event,
-                    body: env.to_bytes(),
-                }
+                OutboxEntry::new(
+                    Purpose::Event,
+                    Outgoing {
+                        exchange: self.names.events(),
+                        routing_key: name,
+                        mandatory: false,
+                        message_id: message_id.to_string(),
+                        correlation_id: None,
+                        reply_to: None,
+                        message_type: "event".into(),
+                        headers: vec![(
+                            trace::HEADER.into(),
+                            traceparent(trace_id.as_deref()).header(),
+                        )],
+                        body: env.to_bytes(),
+                    },
+                )
             }
             Message::Reply {
                 message_id,
@@ -625,19 +677,20 @@ impl Core {
                 .with_correlation(correlation_id);
                 env.message_id = message_id;
                 let env = self.sign(env, now);
-                OutboxEntry {
-                    id: 0,
-                    exchange: String::new(),
-                    routing_key: to,
-                    mandatory: false,
-                    message_id: message_id.to_string(),
-                    correlation_id: env.correlation_id.clone(),
-                    reply_to: None,
-                    message_type: message_type.as_str().into(),
-                    headers: Vec::new(),
-                    purpose: Purpose::Reply,
-                    body: env.to_bytes(),
-                }
+                OutboxEntry::new(
+                    Purpose::Reply,
+                    Outgoing {
+                        exchange: String::new(),
+                        routing_key: to,
+                        mandatory: false,
+                        message_id: message_id.to_string(),
+                        correlation_id: env.correlation_id.clone(),
+                        reply_to: None,
+                        message_type: message_type.as_str().into(),
+                        headers: Vec::new(),
+                        body: env.to_bytes(),
+                    },
+                )
             }
             Message::DeadLetter(mut dl) => {
                 // A refused command is kept as it came, with where it came from.
@@ -680,19 +733,20 @@ impl Core {
         if let Some(t) = dl.task_id {
             h.push((headers::TASK_ID.to_string(), t));
         }
-        OutboxEntry {
-            id: 0,
-            exchange: self.names.dlx(),
-            routing_key: dl.routing_key,
-            mandatory: false,
-            message_id: dl.message_id,
-            correlation_id: dl.correlation_id,
-            reply_to: None,
-            message_type: "dead_letter".into(),
-            headers: h,
-            purpose: Purpose::DeadLetter,
-            body: dl.body,
-        }
+        OutboxEntry::new(
+            Purpose::DeadLetter,
+            Outgoing {
+                exchange: self.names.dlx(),
+                routing_key: dl.routing_key,
+                mandatory: false,
+                message_id: dl.message_id,
+                correlation_id: dl.correlation_id,
+                reply_to: None,
+                message_type: "dead_letter".into(),
+                headers: h,
+                body: dl.body,
+            },
+        )
     }
 
     /// A message id already applied, with another body: never applied, kept for a person.
@@ -919,7 +973,7 @@ mod tests {
             if !matches!(e.purpose, Purpose::TaskRequest { .. }) {
                 continue;
             }
-            let req: Envelope = serde_json::from_slice(&e.body).unwrap();
+            let req: Envelope = serde_json::from_slice(&e.message.body).unwrap();
             let mut reply = Envelope::new(
                 AgentRef::new("sim", "journeyman"),
                 req.source_agent.clone(),

@@ -33,7 +33,7 @@ use lapin::options::BasicAckOptions;
 use tokio::sync::mpsc;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::broker::{self, BrokerError, Names, Outgoing, Published, Publisher};
+use crate::broker::{self, BrokerError, Names, Published, Publisher};
 use crate::domain::playbook::Playbook;
 use crate::store::{OutboxEntry, Purpose, Store, StoreError};
 use crate::wire::headers;
@@ -389,7 +389,7 @@ async fn session_on(
     let publisher = setup("confirm.select", Publisher::start(publish_conn)).await?;
     let pump = OutboxPump::start(publisher, core.store.clone(), tx.clone());
     // Whatever a previous session or process left unpublished goes first.
-    pump.send(core.store.outbox()?);
+    pump.send(core.outbox()?);
 
     let mut queues: Vec<(String, Source)> = JOURNEY_INTENTS
         .iter()
@@ -840,18 +840,7 @@ impl OutboxPump {
                                 }
                             };
                             for e in batch {
-                                let out = Outgoing {
-                                    exchange: e.exchange.clone(),
-                                    routing_key: e.routing_key.clone(),
-                                    mandatory: e.mandatory,
-                                    message_id: e.message_id.clone(),
-                                    correlation_id: e.correlation_id.clone(),
-                                    reply_to: e.reply_to.clone(),
-                                    message_type: e.message_type.clone(),
-                                    headers: e.headers.clone(),
-                                    body: e.body.clone(),
-                                };
-                                match publisher.enqueue(out).await {
+                                match publisher.enqueue(e.message.clone()).await {
                                     Ok(rx) => inflight.push(async move { (e, rx.await) }),
                                     Err(err) => {
                                         let _ = core.send(Input::Failed(err)).await;
@@ -868,7 +857,7 @@ impl OutboxPump {
                                 }
                                 Ok(Ok(Published::Unroutable)) => match &e.purpose {
                                     Purpose::TaskRequest { client_id, correlation_id } => {
-                                        warn!(intent = %e.routing_key, client_id, "task request unroutable: no agent serves this intent");
+                                        warn!(intent = %e.message.routing_key, client_id, "task request unroutable: no agent serves this intent");
                                         let _ = core.send(Input::Unroutable {
                                             outbox_id: e.id,
                                             client_id: client_id.clone(),
@@ -876,7 +865,7 @@ impl OutboxPump {
                                         }).await;
                                     }
                                     _ => {
-                                        warn!(exchange = %e.exchange, routing_key = %e.routing_key, "message unroutable; dropped");
+                                        warn!(exchange = %e.message.exchange, routing_key = %e.message.routing_key, "message unroutable; dropped");
                                         confirmed.push(e.id);
                                     }
                                 },

@@ -13,8 +13,11 @@
 //! and makes no decisions.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::wire::outgoing::Outgoing;
 
 const JOURNEY: &[u8] = b"j/";
 const INFLIGHT: &[u8] = b"i/";
@@ -74,24 +77,17 @@ impl StoreError {
 
 /// A message waiting to be published: recorded with the state change that caused it,
 /// removed once the broker confirmed it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Task requests are stored by reference only (client and correlation id): the journey's
+/// record already says what the attempt is, and the runtime rebuilds the request from it
+/// after a restart (same message id), so the outbox need not copy its body.
+#[derive(Debug, Clone, PartialEq)]
 pub struct OutboxEntry {
-    /// Position in the outbox; assigned by the store on write.
-    #[serde(default)]
+    /// Position in the outbox, assigned by the store on write.
     pub id: u64,
-    pub exchange: String,
-    pub routing_key: String,
-    /// Set for task requests so an intent no agent serves comes back to us.
-    pub mandatory: bool,
-    pub message_id: String,
-    pub correlation_id: Option<String>,
-    pub reply_to: Option<String>,
-    pub message_type: String,
-    pub headers: Vec<(String, String)>,
     pub purpose: Purpose,
-    /// Raw bytes: dead letters may carry bodies that are not UTF-8.
-    #[serde(skip)]
-    pub body: Vec<u8>,
+    /// Shared with the publisher: handing it over copies nothing.
+    pub message: Arc<Outgoing>,
 }
 
 /// Why an outbox entry exists, so a returned (unroutable) publish can be handled.
@@ -107,13 +103,70 @@ pub enum Purpose {
     DeadLetter,
 }
 
+/// Marks an outbox value that names a task request instead of holding it: an impossible
+/// properties length in the place where full entries keep theirs.
+const TASK_REF: [u8; 4] = [0xff; 4];
+
+/// How an outbox entry is stored: its properties as JSON (the layout every format of the
+/// store has used), then the raw body.
+#[derive(Serialize, Deserialize)]
+struct StoredMeta {
+    exchange: String,
+    routing_key: String,
+    mandatory: bool,
+    message_id: String,
+    correlation_id: Option<String>,
+    reply_to: Option<String>,
+    message_type: String,
+    headers: Vec<(String, String)>,
+    purpose: Purpose,
+}
+
 impl OutboxEntry {
+    pub fn new(purpose: Purpose, message: Outgoing) -> Self {
+        Self {
+            id: 0,
+            purpose,
+            message: Arc::new(message),
+        }
+    }
+
+    /// Whether this entry is a task request the store knows by reference only, still to
+    /// be rebuilt from its journey's record (see [`OutboxEntry`]).
+    pub fn is_reference(&self) -> bool {
+        matches!(self.purpose, Purpose::TaskRequest { .. }) && self.message.body.is_empty()
+    }
+
     fn encode(&self) -> Vec<u8> {
-        let meta = serde_json::to_vec(self).unwrap_or_default();
-        let mut out = Vec::with_capacity(4 + meta.len() + self.body.len());
+        if let Purpose::TaskRequest {
+            client_id,
+            correlation_id,
+        } = &self.purpose
+        {
+            let mut out = Vec::with_capacity(5 + client_id.len() + correlation_id.len());
+            out.extend_from_slice(&TASK_REF);
+            out.extend_from_slice(client_id.as_bytes());
+            out.push(0);
+            out.extend_from_slice(correlation_id.as_bytes());
+            return out;
+        }
+        let m = &self.message;
+        let meta = StoredMeta {
+            exchange: m.exchange.clone(),
+            routing_key: m.routing_key.clone(),
+            mandatory: m.mandatory,
+            message_id: m.message_id.clone(),
+            correlation_id: m.correlation_id.clone(),
+            reply_to: m.reply_to.clone(),
+            message_type: m.message_type.clone(),
+            headers: m.headers.clone(),
+            purpose: self.purpose.clone(),
+        };
+        let meta = serde_json::to_vec(&meta).unwrap_or_default();
+        let mut out = Vec::with_capacity(4 + meta.len() + m.body.len());
         out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
         out.extend_from_slice(&meta);
-        out.extend_from_slice(&self.body);
+        out.extend_from_slice(&m.body);
         out
     }
 
@@ -125,15 +178,40 @@ impl OutboxEntry {
         if raw.len() < 4 {
             return Err(corrupt("entry shorter than its header".into()));
         }
+        if raw[..4] == TASK_REF {
+            let rest = String::from_utf8_lossy(&raw[4..]);
+            let (client_id, correlation_id) = rest
+                .split_once('\0')
+                .ok_or_else(|| corrupt("task reference without its correlation id".into()))?;
+            return Ok(Self {
+                id,
+                purpose: Purpose::TaskRequest {
+                    client_id: client_id.to_string(),
+                    correlation_id: correlation_id.to_string(),
+                },
+                message: Arc::new(Outgoing::default()),
+            });
+        }
         let n = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize;
         let meta = raw
             .get(4..4 + n)
             .ok_or_else(|| corrupt("truncated entry".into()))?;
-        let mut e: OutboxEntry =
-            serde_json::from_slice(meta).map_err(|e| corrupt(e.to_string()))?;
-        e.id = id;
-        e.body = raw[4 + n..].to_vec();
-        Ok(e)
+        let m: StoredMeta = serde_json::from_slice(meta).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Self {
+            id,
+            purpose: m.purpose,
+            message: Arc::new(Outgoing {
+                exchange: m.exchange,
+                routing_key: m.routing_key,
+                mandatory: m.mandatory,
+                message_id: m.message_id,
+                correlation_id: m.correlation_id,
+                reply_to: m.reply_to,
+                message_type: m.message_type,
+                headers: m.headers,
+                body: raw[4 + n..].to_vec(),
+            }),
+        })
     }
 }
 
@@ -749,19 +827,20 @@ mod tests {
     use super::*;
 
     fn entry(body: &[u8]) -> OutboxEntry {
-        OutboxEntry {
-            id: 0,
-            exchange: "x".into(),
-            routing_key: "k".into(),
-            mandatory: true,
-            message_id: "m".into(),
-            correlation_id: Some("c".into()),
-            reply_to: None,
-            message_type: "request".into(),
-            headers: vec![("a".into(), "b".into())],
-            purpose: Purpose::Event,
-            body: body.to_vec(),
-        }
+        OutboxEntry::new(
+            Purpose::Event,
+            Outgoing {
+                exchange: "x".into(),
+                routing_key: "k".into(),
+                mandatory: true,
+                message_id: "m".into(),
+                correlation_id: Some("c".into()),
+                reply_to: None,
+                message_type: "request".into(),
+                headers: vec![("a".into(), "b".into())],
+                body: body.to_vec(),
+            },
+        )
     }
 
     #[tokio::test]
@@ -779,7 +858,7 @@ mod tests {
         assert!(published[0].id < published[1].id);
         let back = store.outbox().unwrap();
         assert_eq!(back, published);
-        assert_eq!(back[0].body, vec![0xff, 0x00, b'x']);
+        assert_eq!(back[0].message.body, vec![0xff, 0x00, b'x']);
         store.clear_outbox(&[published[0].id]).unwrap();
         assert_eq!(store.outbox_len(), 1);
         assert_eq!(store.dedup::<u32>("m1").unwrap(), Some(1));

@@ -3,5 +3,7 @@
 
 pub mod auth;
 pub mod headers;
+pub mod names;
+pub mod outgoing;
 pub mod protocol;
 pub mod trace;
