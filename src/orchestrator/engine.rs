@@ -118,6 +118,10 @@ pub struct Core {
     cards_due: bool,
     /// Journeys whose work is running, for admission of new ones.
     active: HashSet<String>,
+    /// The records of the journeys whose work runs, as last committed (the store is
+    /// written through): the hot path reads them without decoding. Only running journeys,
+    /// so it is bounded by admission, not by how many journeys the store holds.
+    cache: HashMap<String, JourneyRecord>,
     admission: Arc<super::admission::Admission>,
 }
 
@@ -152,6 +156,7 @@ impl Core {
             // Marks left by an earlier process are picked up by the first round.
             cards_due: true,
             active: HashSet::new(),
+            cache: HashMap::new(),
             admission: Arc::new(super::admission::Admission::new(0)),
         };
         core.load_timers()?;
@@ -330,6 +335,15 @@ impl Core {
         Ok(out)
     }
 
+    /// A journey's record, from the cache when its work runs (taken out: the step's
+    /// outcome puts it back), else from the store.
+    fn journey(&mut self, client_id: &str) -> Result<Option<JourneyRecord>, OrchestratorError> {
+        match self.cache.remove(client_id) {
+            Some(rec) => Ok(Some(rec)),
+            None => Ok(self.store.journey(client_id)?),
+        }
+    }
+
     /// A context for one step: the clock read once, ids and jitter from the OS generator.
     fn ctx(now: DateTime<Utc>) -> Ctx {
         Ctx::new(now, rand::random::<u64>(), rand::random::<f64>())
@@ -377,7 +391,7 @@ impl Core {
                     }
                     change.put_dedup(&mid, &Seen::of(m.data, now));
                 }
-                let rec: Option<JourneyRecord> = self.store.journey(cmd.client_id())?;
+                let rec = self.journey(cmd.client_id())?;
                 let correlation = env.reply_correlation();
                 let from = Sender {
                     message_id: &mid,
@@ -393,7 +407,7 @@ impl Core {
                     payload: &env.payload,
                     replay: m.replay.as_ref(),
                 };
-                self.run_step(change, rec.as_ref(), input, now, Some(m))
+                self.run_step(change, rec, input, now, Some(m))
             }
             Source::Reply => {
                 let outcome = match self.decoder.task_reply(&env) {
@@ -411,8 +425,8 @@ impl Core {
                     // Dispatched by an earlier version, which kept a lookup entry.
                     None => self.store.inflight(&corr)?,
                 };
-                let rec: Option<JourneyRecord> = match &client {
-                    Some(c) => self.store.journey(c)?,
+                let rec = match &client {
+                    Some(c) => self.journey(c)?,
                     None => None,
                 };
                 if rec.is_none() {
@@ -424,7 +438,7 @@ impl Core {
                     outcome,
                     message_id: &mid,
                 };
-                self.run_step(Change::new(), rec.as_ref(), input, now, Some(m))
+                self.run_step(Change::new(), rec, input, now, Some(m))
             }
         }
     }
@@ -433,13 +447,13 @@ impl Core {
     fn run_step(
         &mut self,
         mut change: Change,
-        rec: Option<&JourneyRecord>,
+        rec: Option<JourneyRecord>,
         input: Input<'_>,
         now: DateTime<Utc>,
         inbound: Option<&Inbound<'_>>,
     ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
         let current = self.playbook(&self.current_playbook.clone())?;
-        let pinned = match rec {
+        let pinned = match &rec {
             Some(r) if r.playbook != self.current_playbook => Some(self.playbook(&r.playbook)?),
             _ => None,
         };
@@ -449,12 +463,19 @@ impl Core {
             pinned: pinned.as_deref(),
         };
         let mut ctx = Self::ctx(now);
-        let client_id = match (&input, rec) {
+        let client_id = match (&input, &rec) {
             (_, Some(r)) => Some(r.journey.client_id.clone()),
             (Input::Command { cmd, .. }, None) => Some(cmd.client_id().to_string()),
             _ => None,
         };
-        let out = step::step(rec, input, playbooks, &self.policy, &mut ctx);
+        let out = step::step(rec.as_ref(), input, playbooks, &self.policy, &mut ctx);
+        // Unchanged, a running journey's record goes back to the cache as it was.
+        if out.record.is_none()
+            && let Some(rec) = rec
+            && rec.is_active()
+        {
+            self.cache.insert(rec.journey.client_id.clone(), rec);
+        }
         self.apply(&mut change, client_id.as_deref(), out, now, inbound)?;
         Ok(self.commit(change)?)
     }
@@ -468,8 +489,7 @@ impl Core {
         now: DateTime<Utc>,
         inbound: Option<&Inbound<'_>>,
     ) -> Result<(), OrchestratorError> {
-        let trace_of = |rec: Option<&JourneyRecord>| rec.and_then(|r| r.trace_id.clone());
-        let trace_id = trace_of(out.record.as_ref());
+        let trace_id = out.record.as_ref().and_then(|r| r.trace_id.clone());
         for e in out.effects {
             match e {
                 Effect::Publish(msg) => {
@@ -507,7 +527,7 @@ impl Core {
                 Effect::Count(t) => self.count(t),
             }
         }
-        if let Some(rec) = &out.record {
+        if let Some(rec) = out.record {
             self.save(change, rec, now)?;
         }
         Ok(())
@@ -825,9 +845,9 @@ impl Core {
         let now = Utc::now();
         let mut change = Change::new();
         change.remove_outbox(outbox_id);
-        let rec: Option<JourneyRecord> = self.store.journey(client_id)?;
+        let rec = self.journey(client_id)?;
         let input = Input::Unroutable { correlation_id };
-        self.run_step(change, rec.as_ref(), input, now, None)
+        self.run_step(change, rec, input, now, None)
     }
 
     /// Handles every journey with a due deadline or retry.
@@ -846,10 +866,10 @@ impl Core {
         }
         let mut out = Vec::new();
         for client_id in due {
-            let Some(rec) = self.store.journey::<JourneyRecord>(&client_id)? else {
+            let Some(rec) = self.journey(&client_id)? else {
                 continue;
             };
-            out.extend(self.run_step(Change::new(), Some(&rec), Input::Timers, now, None)?);
+            out.extend(self.run_step(Change::new(), Some(rec), Input::Timers, now, None)?);
         }
         Ok(out)
     }
@@ -861,11 +881,11 @@ impl Core {
     fn save(
         &mut self,
         change: &mut Change,
-        rec: &JourneyRecord,
+        rec: JourneyRecord,
         now: DateTime<Utc>,
     ) -> Result<(), OrchestratorError> {
         let client = rec.journey.client_id.as_str();
-        change.put_journey(client, rec);
+        change.put_journey(client, &rec);
         change.mark_card_due(client);
         self.cards_due = true;
         let changed = if rec.is_active() {
@@ -882,7 +902,10 @@ impl Core {
             let skip = recent.len().saturating_sub(RECENT_ACTIVITIES);
             let recent: Vec<Value> = recent.into_iter().skip(skip).collect();
             let card_id = self.store.next_id()?;
-            change.push_card(card_id, &status_card(rec, &recent, card_id, now));
+            change.push_card(card_id, &status_card(&rec, &recent, card_id, now));
+        }
+        if rec.is_active() {
+            self.cache.insert(rec.journey.client_id.clone(), rec);
         }
         Ok(())
     }

@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::wire::outgoing::Outgoing;
 
+mod codec;
+
 const JOURNEY: &[u8] = b"j/";
 const INFLIGHT: &[u8] = b"i/";
 const DEDUP: &[u8] = b"d/";
@@ -37,7 +39,10 @@ const FORMAT_KEY: &[u8] = b"meta/format";
 /// Ids (history order, outbox order, cards) continue from here after a compaction, which
 /// starts a fresh sled database whose own counter starts again at zero.
 const ID_BASE_KEY: &[u8] = b"meta/id-base";
-const FORMAT: &[u8] = b"journeyman-store-1";
+/// Format 2: journey records and snapshots packed (see `codec`), task requests in the
+/// outbox by reference. Format 1 stores are migrated when opened.
+const FORMAT: &[u8] = b"journeyman-store-2";
+const FORMAT_1: &[u8] = b"journeyman-store-1";
 
 /// sled's page cache unless configured: enough for the hot journeys of a busy
 /// orchestrator, small enough for a 256 MiB container.
@@ -239,7 +244,7 @@ impl Change {
     pub fn put_journey<T: Serialize>(&mut self, client_id: &str, record: &T) {
         self.empty = false;
         self.batch
-            .insert(key(JOURNEY, client_id.as_bytes()), to_json(record));
+            .insert(key(JOURNEY, client_id.as_bytes()), codec::packed(record));
     }
 
     pub fn put_inflight(&mut self, correlation_id: &str, client_id: &str) {
@@ -318,7 +323,7 @@ impl Change {
         let mut k = key(SNAPSHOT, client_id.as_bytes());
         k.push(0);
         k.extend_from_slice(&seq.to_be_bytes());
-        self.batch.insert(k, to_json(snapshot));
+        self.batch.insert(k, codec::packed(snapshot));
     }
 
     pub fn put_playbook<T: Serialize>(&mut self, hash: &str, playbook: &T) {
@@ -336,7 +341,37 @@ fn key(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
 }
 
 fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
+    codec::json(v)
+}
+
+/// Rewrites a format 1 store in place: journey records and snapshots packed, then the new
+/// marker, in batches and flushed. Readers take both layouts, so a migration cut short by
+/// a crash leaves a readable store, and runs again (marker still 1) on the next open.
+fn migrate_from_1(tree: &sled::Tree) -> Result<u64, StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut n = 0u64;
+    for prefix in [JOURNEY, SNAPSHOT] {
+        for r in tree.scan_prefix(prefix) {
+            let (k, v) = r?;
+            if codec::is_packed(&v) {
+                continue;
+            }
+            let value: serde_json::Value =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    what: "format 1 record",
+                    detail: e.to_string(),
+                })?;
+            batch.insert(k, codec::packed(&value));
+            n += 1;
+            if n.is_multiple_of(10_000) {
+                tree.apply_batch(std::mem::take(&mut batch))?;
+            }
+        }
+    }
+    batch.insert(FORMAT_KEY, FORMAT);
+    tree.apply_batch(batch)?;
+    tree.flush()?;
+    Ok(n)
 }
 
 /// What [`Store::compact`] did.
@@ -470,13 +505,18 @@ impl Store {
         let tree = db.open_tree("journeyman")?;
         match tree.get(FORMAT_KEY)? {
             Some(v) if v.as_ref() == FORMAT => {}
+            Some(v) if v.as_ref() == FORMAT_1 => {
+                let n = migrate_from_1(&tree)?;
+                tracing::info!(path = %shown, records = n, "store migrated from format 1 to format 2");
+            }
             Some(v) => {
                 return Err(StoreError::Corrupted {
                     path: shown,
                     detail: format!(
-                        "unknown store format {:?} (this build reads {:?})",
+                        "unknown store format {:?} (this build reads {:?} and migrates {:?}); was it written by a newer journeyman? Run that version, or restore a backup",
                         String::from_utf8_lossy(&v),
-                        String::from_utf8_lossy(FORMAT)
+                        String::from_utf8_lossy(FORMAT),
+                        String::from_utf8_lossy(FORMAT_1),
                     ),
                 });
             }
@@ -582,9 +622,9 @@ impl Store {
     ) -> impl Iterator<Item = Result<T, StoreError>> + '_ {
         self.tree.scan_prefix(JOURNEY).map(|r| {
             let (_, v) = r?;
-            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+            codec::decode(&v).map_err(|detail| StoreError::Corrupt {
                 what: "journey",
-                detail: e.to_string(),
+                detail,
             })
         })
     }
@@ -717,10 +757,7 @@ impl Store {
             .scan_prefix(p)
             .map(|r| {
                 let (_, v) = r?;
-                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                    what,
-                    detail: e.to_string(),
-                })
+                codec::decode(&v).map_err(|detail| StoreError::Corrupt { what, detail })
             })
             .collect()
     }
@@ -734,7 +771,7 @@ impl Store {
         let mut n = 0;
         for r in self.tree.scan_prefix(prefix) {
             let (k, v) = r?;
-            if let Ok(t) = serde_json::from_slice::<T>(&v)
+            if let Ok(t) = codec::decode::<T>(&v)
                 && is_old(&t)
             {
                 b.remove(k);
@@ -756,7 +793,7 @@ impl Store {
         let mut out = Vec::with_capacity(n);
         for r in self.tree.scan_prefix(p).rev().take(n) {
             let (_, v) = r?;
-            if let Ok(v) = serde_json::from_slice(&v) {
+            if let Ok(v) = codec::decode(&v) {
                 out.push(v);
             }
         }
@@ -812,12 +849,9 @@ impl Store {
     ) -> Result<Option<T>, StoreError> {
         match self.tree.get(k)? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
+            Some(v) => codec::decode(&v)
                 .map(Some)
-                .map_err(|e| StoreError::Corrupt {
-                    what,
-                    detail: e.to_string(),
-                }),
+                .map_err(|detail| StoreError::Corrupt { what, detail }),
         }
     }
 }
