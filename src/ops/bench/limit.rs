@@ -254,6 +254,8 @@ async fn broker_limit_on(
         store_flushed: None,
         live_bytes_per_journey: None,
         kept_dir: None,
+        soak: Vec::new(),
+        soak_live_bytes: None,
     })
 }
 

@@ -192,6 +192,10 @@ pub struct BenchArgs {
     /// Give up on a part when no journey finished for this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,
+    /// After the chain part, keep its journeys and stream evidence updates at them for this
+    /// long, sampling the data directory: shows whether the disk levels off (e.g. 60s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub soak: Option<Duration>,
 }
 
 /// `--journeys`: one or more positive counts, comma-separated; `_` separators and a `k`
@@ -233,6 +237,8 @@ pub struct BenchConfig {
     pub keep: bool,
     pub timeout: Duration,
     pub stall_timeout: Duration,
+    /// Evidence updates after the chain part, for this long (`--soak`).
+    pub soak: Option<Duration>,
     /// A progress line on stderr every few seconds.
     pub progress: bool,
     /// Turns true on SIGINT/SIGTERM: the part in progress stops and cleans up.
@@ -262,6 +268,7 @@ impl BenchConfig {
             keep: a.keep,
             timeout: a.timeout,
             stall_timeout: a.stall_timeout,
+            soak: a.soak,
             progress: true,
             interrupt: never_interrupted(),
         }

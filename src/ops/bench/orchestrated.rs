@@ -352,6 +352,21 @@ async fn orchestrator_on(
     let peak_rss = peak_rss_kib(&orch.pid.to_string()).unwrap_or(0) as f64 / 1024.0;
     let stats: StatsView = http.get("/api/stats").await?;
     let tasks = stats.counters.get("tasks_completed").copied().unwrap_or(0);
+    let soak = match cfg.soak {
+        Some(d) if shape == Shape::Chain => {
+            soak_run(
+                cfg,
+                names,
+                &publisher,
+                upstream.as_ref(),
+                journeys,
+                d,
+                &store_dir,
+            )
+            .await?
+        }
+        _ => Vec::new(),
+    };
 
     // Stop the orchestrator (it flushes its store on the way out), then the agents.
     // SAFETY: kill(2) on our own child's pid; no memory is involved.
@@ -400,7 +415,73 @@ async fn orchestrator_on(
         store_flushed: Some(flushed),
         live_bytes_per_journey: live_bytes.map(|b| b as f64 / journeys as f64),
         kept_dir: None,
+        soak_live_bytes: if soak.is_empty() { None } else { live_bytes },
+        soak,
     })
+}
+
+/// Streams evidence updates at the finished journeys for `duration`, 256 unconfirmed at
+/// most, and samples the data directory ten times: a store that keeps disk bounded grows
+/// only by what it keeps (a history line per update), not by superseded records.
+async fn soak_run(
+    cfg: &BenchConfig,
+    names: &Names,
+    publisher: &Publisher,
+    upstream: Option<&Signer>,
+    journeys: usize,
+    duration: Duration,
+    store_dir: &Path,
+) -> Result<Vec<super::report::SoakSample>, BenchError> {
+    const WINDOW: usize = 256;
+    say(
+        cfg,
+        format!("soak: evidence updates at {journeys} journeys for {duration:?}"),
+    );
+    let every = duration / 10;
+    let start = Instant::now();
+    let mut next_sample = every;
+    let mut samples = Vec::new();
+    let mut confirms = FuturesUnordered::new();
+    let (mut sent, mut confirmed) = (0u64, 0u64);
+    while start.elapsed() < duration || !confirms.is_empty() {
+        if start.elapsed() < duration && confirms.len() < WINDOW {
+            let client = client_name(sent as usize % journeys);
+            let mut env = Envelope::new(
+                AgentRef::new("journeyman-bench", "bench"),
+                AgentRef::orchestrator(),
+                MessageType::Request,
+                "journey.evidence",
+                json!({"client_id": client, "metrics": {"soak.update": sent as f64}}),
+                Utc::now(),
+            );
+            if let Some(s) = upstream {
+                env = s.sign(env, Utc::now());
+            }
+            let out = Outgoing::command(
+                names,
+                "journey.evidence",
+                env.message_id.to_string(),
+                env.to_bytes(),
+            );
+            confirms.push(publisher.enqueue(out).await?);
+            sent += 1;
+            continue;
+        }
+        if let Some(c) = confirms.next().await {
+            check_confirm("soak", c)?;
+            confirmed += 1;
+        }
+        if start.elapsed() >= next_sample {
+            next_sample += every;
+            samples.push(super::report::SoakSample {
+                at_s: start.elapsed().as_secs_f64(),
+                updates: confirmed,
+                store_bytes: dir_size(store_dir)
+                    .map_err(io("cannot measure the data directory"))?,
+            });
+        }
+    }
+    Ok(samples)
 }
 
 fn spawn_orchestrator(

@@ -48,6 +48,22 @@ pub struct Row {
     pub live_bytes_per_journey: Option<f64>,
     /// Where the data directory was kept (--keep).
     pub kept_dir: Option<String>,
+    /// The soak after the run (`--soak`): the data directory sampled while evidence
+    /// updates stream at the finished journeys.
+    #[serde(default)]
+    pub soak: Vec<SoakSample>,
+    /// Live record bytes after the soak (the census), when there was one.
+    #[serde(default)]
+    pub soak_live_bytes: Option<u64>,
+}
+
+/// One sample of the soak.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SoakSample {
+    pub at_s: f64,
+    /// Evidence updates confirmed by the broker so far.
+    pub updates: u64,
+    pub store_bytes: u64,
 }
 
 /// A target of the issue and whether this run met it.
@@ -293,6 +309,44 @@ pub fn render_text(r: &BenchReport) -> String {
             );
         }
     }
+    for row in r.rows.iter().filter(|x| !x.soak.is_empty()) {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let samples: Vec<String> = row
+            .soak
+            .iter()
+            .map(|s| {
+                format!(
+                    "{:.0}s {} upd {:.1} MiB",
+                    s.at_s,
+                    s.updates,
+                    mib(s.store_bytes)
+                )
+            })
+            .collect();
+        let _ = writeln!(o, "soak ({}): {}", row.part, samples.join(" | "));
+        if let (Some(first), Some(last)) = (row.soak.first(), row.soak.last()) {
+            let half = &row.soak[row.soak.len() / 2];
+            let per_update = |a: &SoakSample, b: &SoakSample| {
+                (b.store_bytes as f64 - a.store_bytes as f64)
+                    / (b.updates - a.updates).max(1) as f64
+            };
+            let _ = writeln!(
+                o,
+                "soak disk growth per update: {:.0} bytes over the whole soak, {:.0} over its second half{}",
+                per_update(first, last),
+                per_update(half, last),
+                match row.soak_live_bytes {
+                    Some(live) => format!(
+                        "; live records after it {:.1} MiB, on disk {:.1} MiB ({:.1}x)",
+                        mib(live),
+                        mib(last.store_bytes),
+                        last.store_bytes as f64 / live.max(1) as f64
+                    ),
+                    None => String::new(),
+                }
+            );
+        }
+    }
     if let Some(ratio) = r.ratios.get("chain") {
         let _ = writeln!(o, "ratio: {ratio:.2}");
     }
@@ -405,6 +459,8 @@ mod tests {
             store_flushed: (part != "broker limit").then_some(true),
             live_bytes_per_journey: (part != "broker limit").then_some(4_000.0),
             kept_dir: None,
+            soak: Vec::new(),
+            soak_live_bytes: None,
         }
     }
 
@@ -421,6 +477,7 @@ mod tests {
             keep: false,
             timeout: Duration::from_secs(60),
             stall_timeout: Duration::from_secs(60),
+            soak: None,
             progress: false,
             interrupt: super::super::never_interrupted(),
         }
