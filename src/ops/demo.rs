@@ -55,7 +55,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 2)]
     pub agent_replicas: usize,
     /// Give up after this long.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = crate::ops::settings::duration)]
     pub timeout: Duration,
     /// Store directory; a temporary one when absent.
     #[arg(long)]
