@@ -314,7 +314,12 @@ pub(super) fn live(d: &PageData, client: Option<&str>, now: DateTime<Utc>) -> St
 
 fn counters(o: &mut String, d: &PageData) {
     let c = |k: &str| d.stats.counters.get(k).copied().unwrap_or(0);
-    let now = |status: &str| d.cards.iter().filter(|j| j.summary.status == status).count();
+    let now = |status: &str| {
+        d.cards
+            .iter()
+            .filter(|j| j.summary.status == status)
+            .count()
+    };
     o.push_str("<h2>Fleet</h2><div class=\"counters\" id=\"counters\">");
     // Now, from the store: what the journeys are doing at this moment.
     for (label, id, v, class) in [
@@ -326,8 +331,18 @@ fn counters(o: &mut String, d: &PageData) {
             now("rollback_failed"),
             "bad",
         ),
-        ("awaiting gate now", "awaiting-now", now("awaiting_gate"), "warn"),
-        ("rolling back now", "rolling-back-now", now("rolling_back"), "warn"),
+        (
+            "awaiting gate now",
+            "awaiting-now",
+            now("awaiting_gate"),
+            "warn",
+        ),
+        (
+            "rolling back now",
+            "rolling-back-now",
+            now("rolling_back"),
+            "warn",
+        ),
     ] {
         let class = if v > 0 { class } else { "" };
         let _ = write!(
@@ -345,11 +360,7 @@ fn counters(o: &mut String, d: &PageData) {
         ("pauses", "pauses"),
         ("dead-lettered", "dead_letters"),
     ] {
-        let _ = write!(
-            o,
-            "<div id=\"count-{key}\"><b>{}</b>{label}</div>",
-            c(key)
-        );
+        let _ = write!(o, "<div id=\"count-{key}\"><b>{}</b>{label}</div>", c(key));
     }
     o.push_str("</div>");
 }
@@ -367,7 +378,7 @@ fn bars(o: &mut String, id: &str, rows: &[(String, f64, &str, String)]) {
         w = label_w + bar_w + 90.0
     );
     if rows.is_empty() {
-        o.push_str("<text x=\"0\" y=\"14\" font-size=\"11\" fill=\"#5f6775\">nothing yet</text>");
+        o.push_str("<text x=\"0\" y=\"14\" font-size=\"11\" fill=\"#5f6775\">none so far</text>");
     }
     for (i, (label, v, colour, text)) in rows.iter().enumerate() {
         let y = 4.0 + i as f64 * (h + 4.0);
@@ -436,24 +447,33 @@ fn charts(o: &mut String, d: &PageData) {
     let mut rows = Vec::new();
     for intent in intents {
         let s = d.stats.by_intent.get(intent).cloned().unwrap_or_default();
-        rows.push((
-            format!("{intent} retries"),
-            s.retried as f64,
-            "rgb(230,170,40)",
-            format!("{} of {} dispatched", s.retried, s.dispatched),
-        ));
         let dead = match queue_by_intent {
             Some(q) => q.get(intent).copied().unwrap_or(0) as u64,
             None => s.failed,
         };
+        // Only the intents with something to look at: a row of zeros per intent would
+        // bury the one that matters.
+        if s.retried == 0 && dead == 0 {
+            continue;
+        }
+        let name = if intent.is_empty() {
+            "(intent not recorded)"
+        } else {
+            intent.as_str()
+        };
         rows.push((
-            format!("{intent} dead letters"),
+            format!("{name} retries"),
+            s.retried as f64,
+            "rgb(230,170,40)",
+            format!("{} of {} dispatched", s.retried, s.dispatched),
+        ));
+        rows.push((
+            format!("{name} dead letters"),
             dead as f64,
             "rgb(220,90,90)",
             dead.to_string(),
         ));
     }
-    rows.retain(|r| r.1 > 0.0 || !r.0.ends_with("dead letters"));
     o.push_str("<div class=\"chart\"><h3>Retries and dead letters per intent</h3>");
     bars(o, "intent-chart", &rows);
     let _ = write!(
@@ -897,6 +917,8 @@ fn timeline(o: &mut String, history: &[HistoryEntry]) {
     );
     for e in history.iter().rev() {
         let cause = match e.cause.as_deref() {
+            // Not a message id: the orchestrator's own cause (e.g. a timer), readable as is.
+            Some(c) if uuid::Uuid::parse_str(c).is_err() => esc(c),
             Some(c) => {
                 let what = first
                     .get(c)

@@ -6,6 +6,7 @@ mod auth;
 mod bench;
 mod broker_faults;
 mod broker_node;
+mod cdp;
 mod chaos;
 mod crash;
 mod dlq;
