@@ -8,6 +8,7 @@ mod broker_faults;
 mod broker_node;
 mod cdp;
 mod chaos;
+mod cli;
 mod crash;
 mod dlq;
 mod gates;
