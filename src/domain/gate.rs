@@ -902,7 +902,7 @@ mod tests {
         let any = crit("{name: vulns, event: security.vulnerability, within: 1d, max: 3}");
         assert_eq!(
             check(&any, &evidence).message,
-            "4 security.vulnerability events in the last 1day, allowed at most 3"
+            "4 security.vulnerability events in the last 1 day, allowed at most 3"
         );
     }
 
