@@ -163,15 +163,20 @@ impl Browser {
         r["result"]["value"].clone()
     }
 
-    /// Waits until `expr` is true in the page, checking a few times a second.
+    /// Waits until `expr` is true in the page, checking a few times a second. While the
+    /// page is still loading (`document.body` is null on a busy machine) it counts as false.
     pub async fn wait_for(&mut self, what: &str, expr: &str, within: Duration) {
+        let guarded =
+            format!("(() => {{ try {{ return !!({expr}); }} catch (e) {{ return false; }} }})()");
         let wait = async {
-            while self.eval(expr).await != Value::Bool(true) {
+            while self.eval(&guarded).await != Value::Bool(true) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         };
         if tokio::time::timeout(within, wait).await.is_err() {
-            let body = self.eval("document.body.innerText").await;
+            let body = self
+                .eval("document.body ? document.body.innerText : document.readyState")
+                .await;
             panic!("the page did not show {what} within {within:?}; it shows:\n{body}");
         }
     }
