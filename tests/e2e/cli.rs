@@ -208,3 +208,47 @@ fn help_shows_only_the_options_a_command_reads_and_the_broker_default() {
         assert!(top.contains(flag), "{flag} in journeyman --help");
     }
 }
+
+#[test]
+fn the_demo_reads_well_in_a_log() {
+    // stderr is a pipe: plain progress lines, no cursor codes, the final line once; the
+    // demo runs in a namespace of its own and deletes it.
+    let o = journeyman(
+        &[
+            "demo",
+            "--journeys",
+            "5",
+            "--failure-rate",
+            "0",
+            "--timeout",
+            "2m",
+        ],
+        &[("JOURNEYMAN_AMQP_URL", &amqp_url())],
+    );
+    let (out, err) = (stdout(&o), stderr(&o));
+    println!("$ journeyman demo --journeys 5 --failure-rate 0 2>&1 | cat\n{err}{out}");
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains('\x1b'), "no escape codes in a log: {err:?}");
+    let progress: Vec<&str> = err.lines().filter(|l| l.starts_with('[')).collect();
+    assert!(!progress.is_empty(), "{err}");
+    assert!(
+        progress
+            .iter()
+            .all(|l| l.contains("sandbox ") && l.contains("| tasks ")),
+        "{err}"
+    );
+    assert_eq!(
+        progress.iter().filter(|l| l.contains("done: ")).count(),
+        1,
+        "the final line once: {err}"
+    );
+    let last = progress.last().unwrap();
+    assert!(
+        last.contains("done: ") && last.contains("production 0 in, 5/5 rolled out"),
+        "{last}"
+    );
+    assert!(
+        out.contains("== journeyman demo summary ==") && out.contains("dead letters:        0"),
+        "{out}"
+    );
+}
