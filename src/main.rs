@@ -1,7 +1,5 @@
 //! The `journeyman` binary: parses arguments and hands over to the library.
 
-use clap::Parser;
-
 /// Every message allocates and frees many small buffers (JSON, envelopes, sled batches);
 /// glibc's allocator took about 15 % of the orchestrator's CPU in the profile.
 #[global_allocator]
@@ -14,19 +12,17 @@ async fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = journeyman::ops::cli::Cli::parse();
+    let cli = journeyman::ops::cli::Cli::parse_per_command();
     // The demo's progress display is its output; workers log what they do.
     let default = match cli.command {
-        // lapin logs routine connection closes at error level; the demo and the chaos run
-        // report broker trouble themselves.
         journeyman::ops::cli::Cmd::Demo(_)
         | journeyman::ops::cli::Cmd::Chaos(_)
-        | journeyman::ops::cli::Cmd::Bench(_) => "warn,lapin=off",
+        | journeyman::ops::cli::Cmd::Bench(_) => "warn",
         _ => "info",
     };
     journeyman::ops::cli::init_tracing(cli.global.log_format, default);
     if let Err(e) = journeyman::ops::cli::run(cli).await {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", journeyman::ops::errors::render(&e));
         std::process::exit(1);
     }
 }

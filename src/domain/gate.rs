@@ -367,7 +367,7 @@ fn judge(
                     .unwrap_or_default()
             );
             let when = match described {
-                Some(within) => format!("in the last {}", humantime::format_duration(within)),
+                Some(within) => format!("in the last {}", short(within)),
                 None => "since the stage started".to_owned(),
             };
             let over = count > *max as usize;
@@ -407,8 +407,8 @@ fn judge(
         Check::MinTimeInStage { min_time_in_stage } => {
             // A stage "started in the future" (clock skew) has lasted zero.
             let elapsed = (now - stage_started_at).to_std().unwrap_or(Duration::ZERO);
-            let shown = humantime::format_duration(Duration::from_secs(elapsed.as_secs()));
-            let min = humantime::format_duration(*min_time_in_stage);
+            let shown = short(Duration::from_secs(elapsed.as_secs()));
+            let min = short(*min_time_in_stage);
             let message = match reading {
                 Reading::Exit => format!("{shown} in stage, needs at least {min}"),
                 Reading::Trigger => format!("{shown} in stage, fires at {min}"),
@@ -419,6 +419,20 @@ fn judge(
 }
 
 /// `None` for a window too long for chrono: it then reaches back without bound.
+/// A duration in a check's message, as humantime writes it but with a space before "days"
+/// ("7 days 2h", not "7days 2h").
+fn short(d: Duration) -> String {
+    humantime::format_duration(d)
+        .to_string()
+        .split(' ')
+        .map(|part| match part.find("day") {
+            Some(i) if i > 0 => format!("{} {}", &part[..i], &part[i..]),
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn chrono_duration(d: Duration) -> Option<TimeDelta> {
     TimeDelta::from_std(d).ok()
 }
@@ -799,13 +813,13 @@ mod tests {
             (
                 &[],
                 true,
-                "0 bug.critical events in the last 7days, allowed at most 0",
+                "0 bug.critical events in the last 7 days, allowed at most 0",
             ),
             (&[-week - 1], true, "0 bug.critical events"),
             (
                 &[-week],
                 false,
-                "1 bug.critical event in the last 7days, allowed at most 0",
+                "1 bug.critical event in the last 7 days, allowed at most 0",
             ),
             (&[0], false, "1 bug.critical event "),
             (&[-HOUR, -2 * DAY], false, "2 bug.critical events"),
@@ -888,7 +902,7 @@ mod tests {
         let any = crit("{name: vulns, event: security.vulnerability, within: 1d, max: 3}");
         assert_eq!(
             check(&any, &evidence).message,
-            "4 security.vulnerability events in the last 1day, allowed at most 3"
+            "4 security.vulnerability events in the last 1 day, allowed at most 3"
         );
     }
 
@@ -1085,7 +1099,7 @@ mod tests {
             timeout,
             [(
                 "stage_timeout".to_owned(),
-                "2days in stage, fires at 2days".to_owned()
+                "2 days in stage, fires at 2 days".to_owned()
             )]
         );
         assert!(fire(&Evidence::default(), t(-2 * DAY + 1)).is_empty());
@@ -1108,7 +1122,7 @@ mod tests {
             triggered(bugs, &evidence, old_stage, now()),
             [TriggerHit {
                 name: "critical_bug".to_owned(),
-                message: "1 bug.critical event in the last 7days, fires when more than 0"
+                message: "1 bug.critical event in the last 7 days, fires when more than 0"
                     .to_owned(),
             }]
         );
@@ -1428,7 +1442,7 @@ mod tests {
             [
                 "search.precision = 0.91, needs > 0.85",
                 "user.satisfaction = 4.4, needs > 4",
-                "0 bug.critical events in the last 7days, allowed at most 0",
+                "0 bug.critical events in the last 7 days, allowed at most 0",
                 "latency.p95_ms = 310, needs < 500",
             ]
         );
@@ -1458,7 +1472,7 @@ mod tests {
             failing(&result),
             [(
                 "no_critical_bugs",
-                "1 bug.critical event in the last 7days, allowed at most 0"
+                "1 bug.critical event in the last 7 days, allowed at most 0"
             )]
         );
         assert_eq!(

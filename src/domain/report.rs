@@ -284,12 +284,17 @@ pub fn human(secs: f64) -> String {
     }
     let s = secs.round() as u64;
     let (d, h, m, s) = (s / 86400, s % 86400 / 3600, s % 3600 / 60, s % 60);
+    // The smaller unit only when it says something: "7d", not "7d0h".
+    let two = |big: u64, a: &str, small: u64, b: &str| match small {
+        0 => format!("{big}{a}"),
+        _ => format!("{big}{a}{small}{b}"),
+    };
     if d > 0 {
-        format!("{d}d{h}h")
+        two(d, "d", h, "h")
     } else if h > 0 {
-        format!("{h}h{m}m")
+        two(h, "h", m, "m")
     } else {
-        format!("{m}m{s}s")
+        two(m, "m", s, "s")
     }
 }
 
@@ -452,5 +457,7 @@ mod tests {
         assert_eq!(human(0.25), "250ms");
         assert_eq!(human(75.0), "1m15s");
         assert_eq!(human(90000.0), "1d1h");
+        assert_eq!(human(7.0 * 86400.0), "7d");
+        assert_eq!(human(3600.0), "1h");
     }
 }

@@ -131,13 +131,12 @@ impl AppState {
 /// The running server; dropping it stops it (so a restarted orchestrator can bind again).
 pub struct ServerHandle {
     pub addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Drop for ServerHandle {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// Dropped with the handle: the server stops accepting, frees the port, and closes its
+    /// open connections once their request is answered. Aborting the server's task alone
+    /// would leave the connections' own tasks serving on browsers' keep-alive connections,
+    /// so a stopped orchestrator's dashboard would go on answering "ready".
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _task: JoinHandle<()>,
 }
 
 /// Runs an orchestrator with its HTTP surface on `addr`. The port is bound before the data
@@ -193,12 +192,23 @@ fn serve(
     bound.set(addr);
     info!(%addr, "serving HTTP: /healthz /readyz /metrics /api/journeys /");
     let app = router(state);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let stopped = async move {
+            let _ = stopped.await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
             warn!(error = %e, "the HTTP server stopped");
         }
     });
-    Ok(ServerHandle { addr, task })
+    Ok(ServerHandle {
+        addr,
+        _stop: stop,
+        _task: task,
+    })
 }
 
 pub fn router(state: AppState) -> Router {
@@ -452,6 +462,47 @@ pub struct StatsView {
     /// Task round trips (dispatch to reply applied) over all intents: p50/p99/p99.9/max.
     #[serde(default)]
     pub round_trip: metrics::RoundTripSummary,
+    /// Task outcomes and mean round trip per intent, for the dashboard's charts.
+    #[serde(default)]
+    pub by_intent: BTreeMap<String, IntentStats>,
+}
+
+/// One intent's tasks since the orchestrator started.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntentStats {
+    pub dispatched: u64,
+    pub completed: u64,
+    /// Attempts after the first.
+    pub retried: u64,
+    /// Tasks that failed for good (retries exhausted or not retryable): each pauses its
+    /// journey and is dead-lettered with reason `task_failed`.
+    pub failed: u64,
+    pub round_trip_mean_ms: Option<f64>,
+}
+
+fn by_intent(m: &Metrics) -> BTreeMap<String, IntentStats> {
+    let mut out: BTreeMap<String, IntentStats> = BTreeMap::new();
+    for (labels, n) in m.tasks.snapshot() {
+        let (Some(intent), Some(outcome)) = (labels.first(), labels.get(1)) else {
+            continue;
+        };
+        let e = out.entry(intent.clone()).or_default();
+        match outcome.as_str() {
+            "dispatched" => e.dispatched = n,
+            "completed" => e.completed = n,
+            "retried" => e.retried = n,
+            "failed" => e.failed = n,
+            _ => {}
+        }
+    }
+    let hs = m.round_trip.lock().unwrap_or_else(|e| e.into_inner());
+    for (intent, h) in hs.iter() {
+        if h.count > 0 {
+            out.entry(intent.clone()).or_default().round_trip_mean_ms =
+                Some(h.sum / h.count as f64 * 1000.0);
+        }
+    }
+    out
 }
 
 fn stats_view(state: &AppState) -> StatsView {
@@ -485,6 +536,7 @@ fn stats_view(state: &AppState) -> StatsView {
         counters,
         dead_letters_by_reason: state.metrics.dead_letters_by_reason(),
         round_trip: state.metrics.round_trip_summary(),
+        by_intent: by_intent(&state.metrics),
     }
 }
 
@@ -569,16 +621,31 @@ async fn page_data(
     client: Option<String>,
 ) -> Result<dashboard::PageData, ApiError> {
     let store = state.store.clone();
-    let (journeys, selected) = blocking(move || {
-        let journeys = summaries(&store, &ListQuery::default())?;
+    let (cards, selected) = blocking(move || {
+        let mut cards = Vec::new();
+        for rec in store.journeys::<JourneyRecord>() {
+            cards.push(dashboard::Card::of(&rec?));
+        }
         let selected = match client {
             Some(c) => match store.journey::<JourneyRecord>(&c)? {
-                Some(rec) => Some((rec, store.history::<HistoryEntry>(&c)?)),
+                Some(rec) => {
+                    let history = store.history::<HistoryEntry>(&c)?;
+                    // The pinned version, for what its gate's checks ask for.
+                    let playbook = store
+                        .playbook::<crate::domain::playbook::Playbook>(&rec.playbook)
+                        .ok()
+                        .flatten();
+                    Some(dashboard::Selected {
+                        rec,
+                        history,
+                        playbook,
+                    })
+                }
                 None => None,
             },
             None => None,
         };
-        Ok((journeys, selected))
+        Ok((cards, selected))
     })
     .await?;
     // The queue itself, when a broker is configured; the page says when it could not.
@@ -588,8 +655,9 @@ async fn page_data(
     };
     Ok(dashboard::PageData {
         dead_letter_queue: queue,
+        readiness: readiness(state),
         stats: stats_view(state),
-        journeys,
+        cards,
         selected,
     })
 }

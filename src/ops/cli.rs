@@ -42,6 +42,92 @@ pub struct Cli {
     pub command: Cmd,
 }
 
+impl Cli {
+    /// Parses the command line; each command's `--help` lists only the shared options it
+    /// reads (see [`shared_options_used`]).
+    pub fn parse_per_command() -> Self {
+        let matches = Self::command_per_command().get_matches();
+        <Self as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+
+    /// The clap command with the shared options hidden where they do nothing. They stay
+    /// global (accepted before or after the command name, as scripts and deploy files pass
+    /// them), so they are only hidden from the help, not refused.
+    pub fn command_per_command() -> clap::Command {
+        let mut cmd = <Self as clap::CommandFactory>::command();
+        // Propagates the global options into every subcommand, where they can be hidden.
+        cmd.build();
+        for sc in cmd.get_subcommands_mut() {
+            hide_unused(sc, sc.get_name().to_string());
+        }
+        cmd
+    }
+}
+
+/// The shared (global) options, by their clap id.
+const SHARED_OPTIONS: [&str; 6] = [
+    "amqp_url",
+    "namespace",
+    "auth_keys_file",
+    "auth_token",
+    "http_addr",
+    "queue_type",
+];
+
+/// Which shared options the command at `path` (e.g. `journey list`) reads; a command
+/// with subcommands shows those its subcommands read. `--log-format` is used by all.
+fn shared_options_used(path: &str) -> &'static [&'static str] {
+    const BROKER: [&str; 2] = ["amqp_url", "namespace"];
+    match path {
+        "orchestrator" => &[
+            "amqp_url",
+            "namespace",
+            "auth_keys_file",
+            "http_addr",
+            "queue_type",
+        ],
+        "agents" => &["amqp_url", "namespace", "auth_keys_file", "queue_type"],
+        "demo" | "topology declare" => &["amqp_url", "namespace", "queue_type"],
+        "bench" => &["amqp_url", "queue_type"],
+        "chaos" => &["amqp_url"],
+        "journey list" | "journey history" | "report" | "health" => &["http_addr"],
+        "journey status" => &[
+            "amqp_url",
+            "namespace",
+            "auth_keys_file",
+            "auth_token",
+            "http_addr",
+        ],
+        p if p.starts_with("journey ") => {
+            &["amqp_url", "namespace", "auth_keys_file", "auth_token"]
+        }
+        p if p.starts_with("dlq ") => &BROKER,
+        "token issue" => &["auth_keys_file"],
+        _ => &[],
+    }
+}
+
+/// Hides the shared options `cmd` (at `path`) does not read; returns those it reads.
+fn hide_unused(cmd: &mut clap::Command, path: String) -> Vec<&'static str> {
+    let mut used: Vec<&'static str> = shared_options_used(&path).to_vec();
+    for sc in cmd.get_subcommands_mut() {
+        if sc.get_name() != "help" {
+            used.extend(hide_unused(sc, format!("{path} {}", sc.get_name())));
+        }
+    }
+    // `mut_args` keeps the arguments in place: the command is built, and its index of
+    // arguments by name must stay valid (`mut_arg` would move the argument to the end).
+    let unused = |id: &str| SHARED_OPTIONS.contains(&id) && !used.contains(&id);
+    *cmd = std::mem::take(cmd).mut_args(|a| {
+        if unused(a.get_id().as_str()) {
+            a.hide(true)
+        } else {
+            a
+        }
+    });
+    used
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Run the orchestrator worker.
@@ -108,7 +194,7 @@ pub enum TokenCmd {
         #[arg(long = "role")]
         roles: Vec<String>,
         /// How long the token is valid.
-        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = super::settings::duration)]
         ttl: Duration,
         /// Sign with this key id (default: the first key).
         #[arg(long)]
@@ -175,14 +261,14 @@ pub struct OrchestratorArgs {
     #[arg(long)]
     pub insecure_no_auth: bool,
     /// How long message ids are remembered, so a redelivered duplicate is dropped.
-    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "7d", value_parser = super::settings::duration)]
     pub dedup_retention: Duration,
     /// How long a finished journey keeps its last unit of work in full (task outputs,
     /// correlation ids). The journey and its history are kept for good.
-    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "7d", value_parser = super::settings::duration)]
     pub finished_retention: Duration,
     /// How often expired records are pruned (also once at start-up).
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = super::settings::duration)]
     pub housekeeping_every: Duration,
     /// sled's page cache in MiB: most of the orchestrator's memory. Hot journeys stay in
     /// it; finished ones are read from disk when asked for.
@@ -190,7 +276,7 @@ pub struct OrchestratorArgs {
     pub store_cache_mb: u64,
     /// Pause between rounds of `journey.status_card` events: each changed journey
     /// publishes one card per round, however many times it changed.
-    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "250ms", value_parser = super::settings::duration)]
     pub status_card_interval: Duration,
     /// Journeys with work running at once. Further `journey.start` commands wait in
     /// their durable queue until running journeys finish or pause, so a burst of starts
@@ -200,7 +286,7 @@ pub struct OrchestratorArgs {
     /// Bound on a graceful stop (SIGTERM/SIGINT): cancel the consumers, store and ack what
     /// was delivered, wait for publisher confirms, flush. Keep it below the pod's grace
     /// period (Kubernetes' default is 30s).
-    #[arg(long, env = "JOURNEYMAN_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "JOURNEYMAN_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = super::settings::duration)]
     pub shutdown_timeout: Duration,
 }
 
@@ -257,7 +343,7 @@ pub struct AgentsArgs {
     pub agent_id: String,
     /// Bound on a graceful stop (SIGTERM/SIGINT): cancel the consumers, finish and ack the
     /// requests in flight. Past it the connection closes and the broker requeues the rest.
-    #[arg(long, env = "JOURNEYMAN_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "JOURNEYMAN_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = super::settings::duration)]
     pub shutdown_timeout: Duration,
 }
 
@@ -282,7 +368,7 @@ pub struct ChaosArgs {
     /// jm-chaos@localhost start_app`), never a shared one.
     #[arg(long)]
     pub broker_restart_cmd: Option<String>,
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = super::settings::duration)]
     pub timeout: Duration,
     /// Print the report as JSON.
     #[arg(long)]
@@ -405,7 +491,7 @@ pub struct ReplyArgs {
     #[arg(long)]
     pub json: bool,
     /// How long to wait for the orchestrator's answer.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = super::settings::duration)]
     pub timeout: Duration,
 }
 
@@ -442,8 +528,21 @@ pub enum TopologyCmd {
     },
 }
 
+/// A data directory that is a file: said as such, before sled reports it as an unreadable
+/// (corrupt-looking) store.
+fn ensure_not_a_file(dir: &std::path::Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!(
+            "the data directory {} is not a directory (it is a file); pass a directory with --data-dir or JOURNEYMAN_DATA_DIR",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// A store command on a directory that holds no store would create an empty one.
 fn ensure_store_dir(dir: &std::path::Path) -> Result<()> {
+    ensure_not_a_file(dir)?;
     if !dir.join("db").exists() && !dir.join("conf").exists() {
         bail!(
             "{} holds no journeyman store; pass the orchestrator's --data-dir (or JOURNEYMAN_DATA_DIR)",
@@ -454,17 +553,18 @@ fn ensure_store_dir(dir: &std::path::Path) -> Result<()> {
 }
 
 /// Logs to stderr; `RUST_LOG` overrides `default` (e.g. `info`, `journeyman=debug`).
+///
+/// lapin's own log lines are off: it logs a refused login three times at ERROR, and
+/// routine connection closes too, while our errors already say what went wrong (once, and
+/// with the setting to change). `RUST_LOG=lapin=debug` brings them back when needed.
+/// Colours only on a terminal: in a file or a CI log the escape codes are noise.
 pub fn init_tracing(format: LogFormat, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        let lapin = if default.contains("lapin") {
-            String::new()
-        } else {
-            ",lapin=warn,lapin::returned_messages=error".to_string()
-        };
-        tracing_subscriber::EnvFilter::new(format!("{default}{lapin}"))
-    });
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},lapin=off")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -507,6 +607,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let g = &cli.global;
     match cli.command {
         Cmd::Orchestrator(a) => {
+            ensure_not_a_file(&a.data_dir)?;
             let auth = a.auth(g)?;
             let mut config =
                 orchestrator::Config::new(&g.amqp_url, &g.names().namespace, a.data_dir);

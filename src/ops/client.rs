@@ -148,7 +148,10 @@ pub fn render_list(list: &[JourneySummary], now: chrono::DateTime<chrono::Utc>) 
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         ));
     }
-    o.push_str(&format!("{} journeys\n", list.len()));
+    o.push_str(&match list.len() {
+        1 => "1 journey\n".to_string(),
+        n => format!("{n} journeys\n"),
+    });
     o
 }
 

@@ -3,6 +3,12 @@
 //!
 //! It runs in a namespace and data directory of its own (unless told otherwise) and
 //! removes its queues afterwards, so it can run beside anything on a shared broker.
+//!
+//! Progress goes to stderr: on a terminal, a block of lines redrawn in place (journeys in
+//! each stage and those past it, then the task totals), drawn a last time when the run
+//! ends; elsewhere (a CI log, a file) a plain line every few seconds and a final one, with
+//! no cursor codes. The summary goes to stdout and names the journeys that paused or were
+//! dead-lettered, why, and how to look at them.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -15,7 +21,6 @@ use anyhow::{Context, Result, bail};
 use chrono::Utc;
 use clap::Args;
 use futures_util::StreamExt;
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -55,12 +60,13 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 2)]
     pub agent_replicas: usize,
     /// Give up after this long.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = crate::ops::settings::duration)]
     pub timeout: Duration,
     /// Store directory; a temporary one when absent.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Keep the demo's queues and exchanges afterwards.
+    /// Keep the demo's namespace (queues, exchanges, dead letters) and its store
+    /// afterwards, to look at what happened with `dlq list` or an orchestrator on the store.
     #[arg(long)]
     pub keep: bool,
     /// Print the summary as JSON.
@@ -85,6 +91,210 @@ struct Counts {
     rollbacks_completed: u64,
     rollbacks_failed: u64,
     pauses: u64,
+    /// Every pause, in order: (client, stage, failed task, why).
+    paused: Vec<(String, String, String, String)>,
+}
+
+/// The stages the progress display follows, in journey order.
+const STAGES: [&str; 3] = ["sandbox", "pilot", "production"];
+
+/// What the progress display shows at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Snapshot {
+    elapsed: Duration,
+    journeys: usize,
+    /// Journeys in sandbox, pilot and production now (production: rollout not done yet).
+    in_stage: [usize; 3],
+    /// Journeys past each stage now: in a later stage, or (production) rolled out.
+    passed: [usize; 3],
+    rolling_back: usize,
+    tasks: u64,
+    retries: u64,
+    rollbacks: u64,
+    pauses: u64,
+}
+
+impl Snapshot {
+    fn of(track: &HashMap<String, Track>, journeys: usize) -> Self {
+        let mut s = Snapshot {
+            journeys,
+            ..Default::default()
+        };
+        for t in track.values() {
+            let rank = match t.stage.as_str() {
+                "sandbox" => Some(0),
+                "pilot" => Some(1),
+                "production" => Some(2),
+                _ => None,
+            };
+            if t.stage == "rollback" {
+                s.rolling_back += 1;
+            }
+            match rank {
+                // Rolled out: past every stage.
+                Some(2) if t.production_done => s.passed.iter_mut().for_each(|p| *p += 1),
+                Some(r) => {
+                    s.in_stage[r] += 1;
+                    for p in s.passed.iter_mut().take(r) {
+                        *p += 1;
+                    }
+                }
+                None => {}
+            }
+        }
+        s
+    }
+
+    /// The lines drawn on a terminal: a bar per stage (`=` past it, `-` in it), then the
+    /// totals on a line of their own.
+    fn frame(&self) -> Vec<String> {
+        const WIDTH: usize = 30;
+        let n = self.journeys.max(1);
+        let mut lines = Vec::new();
+        for (i, stage) in STAGES.iter().enumerate() {
+            let passed = self.passed[i] * WIDTH / n;
+            let inside = (self.in_stage[i] * WIDTH / n).min(WIDTH - passed);
+            let past = if i == 2 { "rolled out" } else { "passed" };
+            lines.push(format!(
+                "{stage:>10} [{}{}{}] in it {:>4}   {past:>10} {:>4}/{}",
+                "=".repeat(passed),
+                "-".repeat(inside),
+                " ".repeat(WIDTH - passed - inside),
+                self.in_stage[i],
+                self.passed[i],
+                self.journeys
+            ));
+        }
+        lines.push(format!("{:>10}  {}", "", self.totals()));
+        lines
+    }
+
+    fn totals(&self) -> String {
+        let mut t = format!(
+            "tasks {} dispatched, {} retries · {} rollbacks",
+            self.tasks, self.retries, self.rollbacks
+        );
+        if self.rolling_back > 0 {
+            let _ = std::fmt::Write::write_fmt(
+                &mut t,
+                format_args!(" ({} rolling back now)", self.rolling_back),
+            );
+        }
+        let _ = std::fmt::Write::write_fmt(
+            &mut t,
+            format_args!(
+                " · {} paused · {:.1}s",
+                self.pauses,
+                self.elapsed.as_secs_f64()
+            ),
+        );
+        t
+    }
+
+    /// One plain line, for logs.
+    fn line(&self) -> String {
+        let stages: Vec<String> = STAGES
+            .iter()
+            .enumerate()
+            .map(|(i, stage)| {
+                let past = if i == 2 { "rolled out" } else { "passed" };
+                format!(
+                    "{stage} {} in, {}/{} {past}",
+                    self.in_stage[i], self.passed[i], self.journeys
+                )
+            })
+            .collect();
+        format!("{} | {}", stages.join(" | "), self.totals())
+    }
+}
+
+fn snapshot(
+    track: &HashMap<String, Track>,
+    stats: &Stats,
+    counts: &Counts,
+    started: Instant,
+    journeys: usize,
+) -> Snapshot {
+    Snapshot {
+        elapsed: started.elapsed(),
+        tasks: Stats::get(&stats.tasks_dispatched),
+        retries: Stats::get(&stats.retries),
+        rollbacks: counts.rollbacks_started,
+        pauses: counts.pauses,
+        ..Snapshot::of(track, journeys)
+    }
+}
+
+/// Draws snapshots on stderr: redrawn in place on a terminal, plain lines otherwise.
+struct Display {
+    tty: bool,
+    /// Lines of the last frame drawn on the terminal, to move back over.
+    drawn: usize,
+    last: Option<Instant>,
+}
+
+impl Display {
+    /// How often a log gets a line; a terminal is redrawn up to ten times a second.
+    const LOG_EVERY: Duration = Duration::from_secs(2);
+    const TTY_EVERY: Duration = Duration::from_millis(100);
+
+    fn new(tty: bool) -> Self {
+        Self {
+            tty,
+            drawn: 0,
+            last: None,
+        }
+    }
+
+    fn due(&self) -> bool {
+        let every = if self.tty {
+            Self::TTY_EVERY
+        } else {
+            Self::LOG_EVERY
+        };
+        self.last.is_none_or(|t| t.elapsed() >= every)
+    }
+
+    fn show(&mut self, s: &Snapshot) {
+        if self.due() {
+            self.draw(s, false);
+        }
+    }
+
+    /// The last frame: drawn once, whatever was drawn before.
+    fn finish(&mut self, s: &Snapshot) {
+        self.draw(s, true);
+    }
+
+    fn draw(&mut self, s: &Snapshot, last: bool) {
+        use std::io::Write as _;
+        self.last = Some(Instant::now());
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let mut out = String::new();
+            if self.drawn > 0 {
+                // Up over the previous frame; each line is cleared as it is redrawn.
+                out.push_str(&format!("\x1b[{}A", self.drawn));
+            }
+            let lines = s.frame();
+            for l in &lines {
+                out.push_str("\r\x1b[2K");
+                out.push_str(l);
+                out.push('\n');
+            }
+            self.drawn = lines.len();
+            let _ = err.write_all(out.as_bytes());
+        } else {
+            let _ = writeln!(
+                err,
+                "[{:>6.1}s] {}{}",
+                s.elapsed.as_secs_f64(),
+                if last { "done: " } else { "" },
+                s.line()
+            );
+        }
+        let _ = err.flush();
+    }
 }
 
 /// Which journeys play which part: a share fails the sandbox gate first, another is
@@ -251,29 +461,10 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
     }
 
     // Watch progress.
-    let tty = std::io::stderr().is_terminal();
-    let multi = MultiProgress::new();
-    let style =
-        ProgressStyle::with_template("{prefix:>11} [{bar:40.cyan/blue}] {pos:>3}/{len:3} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-    let n = a.journeys as u64;
-    let bars: Vec<ProgressBar> = ["sandbox", "pilot", "production"]
-        .iter()
-        .map(|s| {
-            let b = multi.add(ProgressBar::new(n));
-            b.set_style(style.clone());
-            b.set_prefix(s.to_string());
-            if !tty {
-                b.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
-            b
-        })
-        .collect();
+    let mut display = Display::new(std::io::stderr().is_terminal());
     let decoder = Decoder::default();
     let mut track: HashMap<String, Track> = HashMap::new();
     let mut counts = Counts::default();
-    let mut last_line = Instant::now();
     let deadline = tokio::time::Instant::now() + a.timeout;
     let mut timed_out = false;
     loop {
@@ -344,6 +535,15 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
                 }
                 "journey.paused" => {
                     counts.pauses += 1;
+                    counts.paused.push((
+                        client.clone(),
+                        t.stage.clone(),
+                        p["detail"]["task_id"].as_str().unwrap_or("-").to_string(),
+                        p["detail"]["failure"]
+                            .as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| p["detail"]["failure"].to_string()),
+                    ));
                     reply = Some(("journey.resume", json!({"client_id": client})));
                 }
                 "work.completed" if t.stage == "production" => t.production_done = true,
@@ -361,44 +561,9 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
                 });
             }
         }
-        let reached = |s: &str| {
-            track
-                .values()
-                .filter(|t| match s {
-                    "sandbox" => !t.stage.is_empty(),
-                    "pilot" => t.stage == "pilot" || t.stage == "production",
-                    _ => t.stage == "production",
-                })
-                .count() as u64
-        };
-        let retries = Stats::get(&stats.retries);
-        for (b, s) in bars.iter().zip(["sandbox", "pilot", "production"]) {
-            b.set_position(reached(s));
-        }
-        let rollout = track.values().filter(|t| t.production_done).count();
-        bars[2].set_message(format!("rollout done: {rollout}"));
-        bars[0].set_message(format!(
-            "tasks: {} dispatched, {} retries",
-            Stats::get(&stats.tasks_dispatched),
-            retries
-        ));
-        if !tty && last_line.elapsed() >= Duration::from_secs(1) {
-            last_line = Instant::now();
-            eprintln!(
-                "[{:>5.1}s] entered sandbox {:>3}/{n}  pilot {:>3}/{n}  production {:>3}/{n}  rollout done {:>3}/{n}  tasks {} (retries {})",
-                started.elapsed().as_secs_f64(),
-                reached("sandbox"),
-                reached("pilot"),
-                reached("production"),
-                rollout,
-                Stats::get(&stats.tasks_dispatched),
-                retries
-            );
-        }
+        display.show(&snapshot(&track, &stats, &counts, started, a.journeys));
     }
-    for b in &bars {
-        b.finish();
-    }
+    display.finish(&snapshot(&track, &stats, &counts, started, a.journeys));
     let elapsed = started.elapsed();
 
     let mut per_stage: std::collections::BTreeMap<String, usize> = Default::default();
@@ -410,10 +575,15 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         };
         *per_stage.entry(key).or_default() += 1;
     }
-    // Give the outbox a moment to publish its last dead letters before counting them.
-    let dead_letters = broker::queue_len(&conn, &names.dead_letter())
+    // Read (without consuming) what was dead-lettered, to name the clients and reasons.
+    let dead: Vec<crate::ops::dlq::DeadLetter> = crate::ops::dlq::Dlq::new(&conn, names.clone())
+        .list(&Default::default())
         .await
-        .unwrap_or(0);
+        .unwrap_or_else(|e| {
+            eprintln!("journeyman demo: cannot read the dead-letter queue: {e}");
+            Vec::new()
+        });
+    let dead_letters = dead.len();
     let in_production = track.values().filter(|t| t.production_done).count();
     // First-attempt success: rollbacks whose unit of work did not fail after its retries.
     let rollback_rate = if counts.rollbacks_started == 0 {
@@ -442,7 +612,14 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         "rollbacks_failed_then_retried": counts.rollbacks_failed,
         "rollback_success_rate": rollback_rate,
         "pauses_resumed": counts.pauses,
+        "paused": counts.paused.iter().map(|(c, stage, task, why)| json!({
+            "client_id": c, "stage": stage, "task_id": task, "why": why,
+        })).collect::<Vec<_>>(),
         "dead_letters": dead_letters,
+        "dead_lettered": dead.iter().map(|d| json!({
+            "client_id": d.client_id, "reason": d.reason, "why": d.reason_message,
+            "intent": d.intent(), "task_id": d.task_id, "id": d.id,
+        })).collect::<Vec<_>>(),
         "duplicates_absorbed": Stats::get(&stats.duplicates),
         "store_flushes": Stats::get(&stats.flushes),
         "inputs": Stats::get(&stats.inputs),
@@ -459,6 +636,8 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
     if own_namespace && !a.keep {
         broker::delete_namespace(&conn, &names, &queues).await;
     }
+    // --keep keeps the store too, also when it is the run's temporary directory.
+    let kept_store = (a.keep && a.data_dir.is_none()).then(|| tmp.keep());
     orch_result?;
 
     if a.json {
@@ -495,7 +674,48 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
             );
         }
         println!("pauses (resumed):    {}", summary["pauses_resumed"]);
+        print_list(
+            // `why` names the task already ("task deploy-pilot failed: ...").
+            counts
+                .paused
+                .iter()
+                .map(|(c, stage, _, why)| format!("{c:<12} paused in {stage}: {why}")),
+        );
         println!("dead letters:        {}", summary["dead_letters"]);
+        print_list(dead.iter().map(|d| {
+            format!(
+                "{:<12} {}: {}",
+                d.client_id.as_deref().unwrap_or("-"),
+                d.reason,
+                d.reason_message
+            )
+        }));
+        if !counts.paused.is_empty() || !dead.is_empty() {
+            let ns = &names.namespace;
+            let store = kept_store.as_deref().unwrap_or(&data_dir).display();
+            let example = counts
+                .paused
+                .first()
+                .map(|p| p.0.clone())
+                .or_else(|| dead.iter().find_map(|d| d.client_id.clone()))
+                .unwrap_or_else(|| "client-001".into());
+            if a.keep {
+                println!(
+                    "look at them:        the namespace '{ns}' and the store {store} were kept (--keep):"
+                );
+            } else {
+                println!(
+                    "look at them:        run again with --keep, which keeps the namespace and the store; then:"
+                );
+            }
+            println!("  journeyman --namespace {ns} dlq list");
+            println!(
+                "  journeyman --namespace {ns} orchestrator --insecure-no-auth --data-dir {store} &"
+            );
+            println!(
+                "  journeyman journey history {example}   # or the dashboard: http://127.0.0.1:8080/?client={example}"
+            );
+        }
         println!("duplicates absorbed: {}", summary["duplicates_absorbed"]);
         println!(
             "store flushes:       {} for {} inputs (group commit)",
@@ -505,6 +725,13 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
             "elapsed:             {:.2}s ({} tasks/s)",
             elapsed.as_secs_f64(),
             summary["tasks_per_s"]
+        );
+    }
+    if a.keep && !a.json {
+        eprintln!(
+            "kept: namespace '{}' (delete its queues in RabbitMQ's UI or with rabbitmqctl) and the store {}",
+            names.namespace,
+            kept_store.as_deref().unwrap_or(&data_dir).display()
         );
     }
     if timed_out {
@@ -521,4 +748,66 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Up to ten lines, indented under a summary line, and how many more there are.
+fn print_list(lines: impl Iterator<Item = String>) {
+    let lines: Vec<String> = lines.collect();
+    for l in lines.iter().take(10) {
+        println!("  {l}");
+    }
+    if lines.len() > 10 {
+        println!(
+            "  ... and {} more (--json lists them all)",
+            lines.len() - 10
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn track(stage: &str, done: bool) -> Track {
+        Track {
+            stage: stage.into(),
+            production_done: done,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn progress_counts_journeys_in_each_stage_and_past_it() {
+        let mut t = HashMap::new();
+        t.insert("a".to_string(), track("sandbox", false));
+        t.insert("b".to_string(), track("pilot", false));
+        t.insert("c".to_string(), track("production", false));
+        t.insert("d".to_string(), track("production", true));
+        t.insert("e".to_string(), track("rollback", false));
+        let s = Snapshot {
+            tasks: 40,
+            retries: 3,
+            ..Snapshot::of(&t, 6)
+        };
+        assert_eq!(s.in_stage, [1, 1, 1]);
+        assert_eq!(s.passed, [3, 2, 1]);
+        assert_eq!(s.rolling_back, 1);
+        let frame = s.frame();
+        assert_eq!(frame.len(), 4, "three stages and the totals: {frame:#?}");
+        assert_eq!(
+            frame[0],
+            "   sandbox [===============-----          ] in it    1       passed    3/6"
+        );
+        assert!(frame[2].contains("rolled out    1/6"), "{}", frame[2]);
+        assert!(
+            frame[3].contains("tasks 40 dispatched, 3 retries") && !frame[0].contains("tasks"),
+            "totals on a line of their own"
+        );
+        let line = s.line();
+        assert!(
+            line.starts_with("sandbox 1 in, 3/6 passed | pilot 1 in, 2/6 passed | production 1 in, 1/6 rolled out | tasks 40"),
+            "{line}"
+        );
+        assert!(!line.contains('\x1b'), "no escape codes in a log line");
+    }
 }

@@ -1007,7 +1007,7 @@ pub struct PurgeArgs {
     #[arg(long)]
     pub reason: Option<String>,
     /// Every dead letter dead-lettered longer ago than this (e.g. 7d, 12h).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = crate::ops::settings::duration)]
     pub older_than: Option<Duration>,
     /// Do not ask for confirmation.
     #[arg(long, short)]

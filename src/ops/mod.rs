@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client;
 pub mod demo;
 pub mod dlq;
+pub mod errors;
 pub mod request;
 pub mod settings;
 pub mod show;

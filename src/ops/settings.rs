@@ -16,7 +16,9 @@ use crate::wire::protocol::AgentRef;
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 #[derive(Debug, Args)]
 pub struct Global {
-    /// AMQP URL of the broker (amqps:// for TLS).
+    /// AMQP URL of the broker (amqps:// for TLS); the user and password go in it
+    /// [default: amqp://guest:***@127.0.0.1:5672/%2f, RabbitMQ's own guest login].
+    // The default is written out above with its password hidden, as every URL is shown.
     #[arg(long, env = "JOURNEYMAN_AMQP_URL", global = true, default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
     pub amqp_url: String,
     /// Prefix of every exchange and queue name, so tenants and tests never collide
@@ -41,7 +43,8 @@ pub struct Global {
     pub auth_token: Option<String>,
     /// The orchestrator's HTTP address: where `orchestrator` serves health, metrics, the
     /// JSON API and the dashboard, and where `journey list|history` and `report` read it.
-    #[arg(long, env = "JOURNEYMAN_HTTP_ADDR", global = true, default_value = crate::http::DEFAULT_ADDR)]
+    /// A host name is resolved (localhost:8080 is 127.0.0.1:8080).
+    #[arg(long, env = "JOURNEYMAN_HTTP_ADDR", global = true, default_value = crate::http::DEFAULT_ADDR, value_parser = socket_addr)]
     pub http_addr: SocketAddr,
     /// Queue type every worker declares: quorum (replicated, delivery limit, at-least-once
     /// dead-lettering) or classic. The orchestrator and its agents must agree.
@@ -89,8 +92,69 @@ impl Global {
     }
 }
 
+/// `--http-addr`: an `ip:port`, or a `host:port` resolved once at start. IPv4 is preferred
+/// when a name has both (`localhost`), so a server and its clients given the same name
+/// meet on the same address.
+pub fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let hint = "expected host:port or ip:port, e.g. 127.0.0.1:8080, localhost:8080 or [::1]:8080";
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve '{s}': {e} ({hint})"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("'{s}' resolves to no address ({hint})"))
+}
+
+/// Every duration option: humantime's forms, with an error that lists them (humantime's
+/// own says only "expected number at 0").
+pub fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| {
+        format!(
+            "'{s}' is not a duration ({e}); use a number and a unit: 500ms, 30s, 15m, 24h, 7d, or combined: 1h30m"
+        )
+    })
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_resolve_host_names_and_prefer_ipv4() {
+        assert_eq!(
+            socket_addr("127.0.0.1:8080"),
+            Ok(([127, 0, 0, 1], 8080).into())
+        );
+        assert_eq!(
+            socket_addr("localhost:8080"),
+            Ok(([127, 0, 0, 1], 8080).into())
+        );
+        assert!(socket_addr("[::1]:8080").unwrap().is_ipv6());
+        let e = socket_addr("localhost").unwrap_err();
+        assert!(e.contains("expected host:port"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_duration_says_which_forms_are_valid() {
+        assert_eq!(duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        let e = duration("forever").unwrap_err();
+        assert!(
+            e.contains("'forever' is not a duration") && e.contains("30s, 15m, 24h, 7d"),
+            "{e}"
+        );
+    }
 }

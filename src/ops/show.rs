@@ -38,7 +38,7 @@ pub fn print_state(p: &Value) {
     println!(
         "stage:       {} (since {})",
         s(&p["stage"]),
-        s(&p["stage_started_at"])
+        when(&p["stage_started_at"], chrono::Utc::now())
     );
     let done: Vec<String> = p["completed_stages"]
         .as_array()
@@ -52,7 +52,10 @@ pub fn print_state(p: &Value) {
             done.join(", ")
         }
     );
-    println!("started:     {}", s(&p["started_at"]));
+    println!(
+        "started:     {}",
+        when(&p["started_at"], chrono::Utc::now())
+    );
     println!("status:      {}", s(&p["status"]));
     println!("playbook:    {}", s(&p["playbook"]));
     if let Some(pz) = p["paused"].as_object() {
@@ -115,5 +118,40 @@ pub fn print_state(p: &Value) {
                 );
             }
         }
+    }
+}
+
+/// A timestamp of the protocol (RFC 3339, nanoseconds) as people read it: to the second,
+/// and how long ago.
+fn when(v: &Value, now: chrono::DateTime<chrono::Utc>) -> String {
+    let Some(text) = v.as_str() else {
+        return "-".into();
+    };
+    match chrono::DateTime::parse_from_rfc3339(text) {
+        Ok(t) => {
+            let t = t.with_timezone(&chrono::Utc);
+            let ago = (now - t).num_milliseconds().max(0) as f64 / 1e3;
+            format!(
+                "{} UTC, {} ago",
+                t.format("%Y-%m-%d %H:%M:%S"),
+                crate::domain::report::human(ago)
+            )
+        }
+        Err(_) => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_read_to_the_second_with_their_age() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-01T10:05:30Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let v = Value::from("2026-12-01T10:00:00.123456789Z");
+        assert_eq!(when(&v, now), "2026-12-01 10:00:00 UTC, 5m30s ago");
+        assert_eq!(when(&Value::Null, now), "-");
     }
 }

@@ -265,7 +265,7 @@ async fn journey_list_history_and_report_commands_read_the_http_api() {
         .find(|l| l.starts_with("acme "))
         .expect("acme listed");
     assert!(row.contains("production") && row.contains("live"), "{row}");
-    assert!(out.contains("1 journeys"));
+    assert!(out.lines().any(|l| l == "1 journey"), "{out}");
 
     let (ok, out, err) = cli(&addr, &["journey", "list", "--stage", "pilot", "--json"]).await;
     assert!(ok, "{err}");
@@ -330,60 +330,40 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
 }
 
-fn chromium() -> Option<PathBuf> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
-
-async fn run_chromium(
-    bin: &PathBuf,
-    profile: &std::path::Path,
-    extra: &[String],
-    url: &str,
-) -> String {
-    let out = tokio::time::timeout(
-        Duration::from_secs(90),
-        tokio::process::Command::new(bin)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .args(extra)
-            .arg(url)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("chromium finishes within 90 s")
-    .expect("chromium runs");
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// The colour the page's CSS gives each status, as the browser computes it.
+fn expected_colour(status: &str) -> &'static str {
+    match status {
+        "live" | "completed" => "rgb(205, 236, 207)", // green
+        "awaiting_gate" | "rolling_back" => "rgb(248, 217, 139)", // amber
+        "paused" | "rollback_failed" => "rgb(246, 196, 196)", // red
+        "cancelled" => "rgb(226, 228, 232)",          // grey
+        _ => "rgb(219, 232, 251)",                    // running: blue
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_shows_journeys_by_stage_in_a_headless_browser() {
+async fn the_dashboard_refreshes_colours_counts_and_shows_an_unreachable_orchestrator_in_a_browser()
+{
     let mut app = TestApp::spawn().await;
     let addr = app.http_addr().await;
-    app.start_agent_for_all(Arc::new(SimAgent::default())).await;
+    // The first sandbox attempt fails for good: hooli pauses (and is dead-lettered); every
+    // later journey runs normally.
+    app.start_agent_for_all(Arc::new(crate::Flaky::new(
+        "provision_sandbox_environment",
+        1,
+        false,
+    )))
+    .await;
+    app.start_journey("hooli").await;
+    app.wait_event("hooli paused", |p| {
+        p["client_id"] == "hooli" && p["event"] == "journey.paused"
+    })
+    .await;
     app.start_journey("acme").await;
     app.start_journey("globex").await;
     app.wait_in_production("acme").await;
     app.wait_in_production("globex").await;
-    // A third journey cancelled in sandbox, so two stages have journeys.
+    // Cancelled in sandbox.
     app.start_journey("initech").await;
     let cancel =
         journeyman::wire::protocol::Command::Cancel(journeyman::wire::protocol::CancelPayload {
@@ -391,6 +371,26 @@ async fn the_dashboard_shows_journeys_by_stage_in_a_headless_browser() {
             reason: Some("client withdrew".into()),
         });
     app.request(&cancel).await;
+    // Sandbox evidence below the gate: umbrella waits at the sandbox gate.
+    let start = TestApp::command(
+        "journey.start",
+        serde_json::json!({"client_id": "umbrella", "context": {"data_sources": ["drive"], "connectors": ["gdrive"]}}),
+    );
+    app.send(&start).await;
+    app.wait_event("umbrella started", |p| {
+        p["client_id"] == "umbrella" && p["event"] == "journey.started"
+    })
+    .await;
+    app.evidence(
+        "umbrella",
+        &[("search.precision", 0.5)],
+        &[("demo.approved", true)],
+    )
+    .await;
+    app.wait_event("umbrella refused at the gate", |p| {
+        p["client_id"] == "umbrella" && p["event"] == "gate.failed"
+    })
+    .await;
 
     // Server-rendered: the page is complete without a browser.
     let c = client(addr);
@@ -400,78 +400,184 @@ async fn the_dashboard_shows_journeys_by_stage_in_a_headless_browser() {
     let (_, detail) = text(&c, "/?client=acme").await;
     assert!(detail.contains("id=\"timeline\"") && detail.contains("sandbox → pilot"));
     assert!(detail.contains("id=\"gate\"") && detail.contains("pilot gate"));
+    let (_, fragment) = text(&c, "/?client=acme&fragment=1").await;
+    assert!(
+        fragment.starts_with("<h1>") && !fragment.contains("<script>"),
+        "the refresh fetches only the live part"
+    );
 
-    let Some(bin) = chromium() else {
+    let Some(bin) = crate::cdp::chromium() else {
         println!(
             "SKIPPED the browser part of the dashboard test: no chromium at /usr/bin/chromium \
-             (scripts/test installs it when run as root: apt-get install -y chromium)"
+             (scripts/test installs it when run as root)"
         );
         return;
     };
-    let profile = tempfile::tempdir().unwrap();
-    let url = format!("http://{addr}/?client=acme");
-    let dom = run_chromium(
-        &bin,
-        profile.path(),
-        // Long enough for the page's script to refresh the board once from the API.
-        &["--virtual-time-budget=8000".into(), "--dump-dom".into()],
-        &url,
-    )
-    .await;
-    assert!(
-        !dom.contains("id=\"updated\">never<"),
-        "the script refreshed the board from /api/journeys"
-    );
-    for want in [
-        "id=\"stage-sandbox\"",
-        "id=\"stage-production\"",
-        "id=\"stage-cancelled\"",
-        ">acme</a>",
-        ">globex</a>",
-        ">initech</a>",
-        "Journey acme",
-        "sandbox → pilot",
-        "pilot → production",
-        "Gate checks",
-        "Dead letters by reason",
-    ] {
-        assert!(
-            dom.contains(want),
-            "the dashboard shows {want}; DOM:\n{dom}"
-        );
-    }
-    // acme and globex are in the production column, initech in the cancelled one.
-    let col = |id: &str| {
-        let start = dom.find(&format!("id=\"stage-{id}\"")).unwrap();
-        let rest = &dom[start..];
-        rest[..rest.find("class=\"col\"").unwrap_or(rest.len())].to_string()
-    };
-    assert!(col("production").contains(">acme</a>") && col("production").contains(">globex</a>"));
-    assert!(col("cancelled").contains(">initech</a>"));
-    assert!(!col("sandbox").contains("</a>"), "nothing left in sandbox");
-
     let artifacts = target_dir().join("artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
-    let shot = artifacts.join("dashboard.png");
-    let _ = std::fs::remove_file(&shot);
-    run_chromium(
-        &bin,
-        profile.path(),
-        &[
-            format!("--screenshot={}", shot.display()),
-            "--window-size=1280,900".into(),
-            "--virtual-time-budget=3000".into(),
-        ],
-        &url,
+    let mut b = crate::cdp::Browser::launch(&bin, &format!("http://{addr}/?client=umbrella")).await;
+    b.wait_for(
+        "two refreshes",
+        "+document.body.dataset.refreshesOk >= 2",
+        Duration::from_secs(30),
     )
     .await;
-    let png = std::fs::read(&shot).expect("chromium wrote the screenshot");
+
+    // Colours and counts, as the browser renders them after its refreshes, against the API.
+    let journeys: Vec<JourneySummary> = c.get("/api/journeys").await.unwrap();
+    assert_eq!(journeys.len(), 5);
+    let shown = b
+        .eval(
+            r##"JSON.stringify({
+                cards: [...document.querySelectorAll("#board .card")].map(c => ({
+                    client: c.dataset.client,
+                    stage: c.closest(".col").dataset.stage,
+                    status: c.querySelector(".status").textContent,
+                    colour: getComputedStyle(c.querySelector(".status")).backgroundColor,
+                    text: c.innerText,
+                })),
+                columns: Object.fromEntries([...document.querySelectorAll("#board .col")]
+                    .map(c => [c.dataset.stage, +c.querySelector(".count").textContent])),
+                pausedNow: +document.querySelector("#count-paused-now b").textContent,
+                awaitingNow: +document.querySelector("#count-awaiting-now b").textContent,
+                journeys: +document.querySelector("#count-journeys b").textContent,
+                readiness: document.getElementById("readiness").textContent,
+                page: document.getElementById("live").innerText,
+            })"##,
+        )
+        .await;
+    let shown: Value = serde_json::from_str(shown.as_str().unwrap()).unwrap();
+    println!("the browser shows: {shown:#}");
+    for j in &journeys {
+        let card = shown["cards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["client"] == j.client_id.as_str())
+            .unwrap_or_else(|| panic!("{} on the board: {shown}", j.client_id));
+        assert_eq!(card["stage"], j.stage.as_str(), "{}'s column", j.client_id);
+        assert_eq!(
+            card["status"],
+            j.status.as_str(),
+            "{}'s status",
+            j.client_id
+        );
+        assert_eq!(
+            card["colour"],
+            expected_colour(&j.status),
+            "{} is {}",
+            j.client_id,
+            j.status
+        );
+        assert!(
+            card["text"].as_str().unwrap().contains("in stage"),
+            "{card}"
+        );
+    }
+    let status_of = |c: &str| {
+        journeys
+            .iter()
+            .find(|j| j.client_id == c)
+            .unwrap()
+            .status
+            .clone()
+    };
+    assert_eq!(status_of("hooli"), "paused");
+    assert_eq!(status_of("umbrella"), "awaiting_gate");
+    assert_eq!(status_of("initech"), "cancelled");
+    assert_eq!(status_of("acme"), "live");
+    for stage in [
+        "sandbox",
+        "pilot",
+        "production",
+        "rollback",
+        "completed",
+        "cancelled",
+    ] {
+        let n = journeys.iter().filter(|j| j.stage == stage).count();
+        assert_eq!(shown["columns"][stage], n, "the {stage} column's count");
+    }
+    let count = |status: &str| journeys.iter().filter(|j| j.status == status).count();
+    assert_eq!(shown["pausedNow"], count("paused"));
+    assert_eq!(shown["awaitingNow"], count("awaiting_gate"));
+    assert_eq!(shown["journeys"], journeys.len());
+    assert_eq!(shown["readiness"], "ready");
+    let card = |c: &str| {
+        shown["cards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["client"] == c)
+            .unwrap()["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     assert!(
-        png.starts_with(b"\x89PNG") && png.len() > 10_000,
-        "a real PNG"
+        card("hooli").contains("journeyman journey resume hooli"),
+        "{}",
+        card("hooli")
     );
-    println!("dashboard screenshot: {}", shot.display());
+    assert!(
+        card("umbrella").contains("search"),
+        "failing check on the card: {}",
+        card("umbrella")
+    );
+    // The journey's page: what blocks it, the command to run, evidence, newest first.
+    let page = shown["page"].as_str().unwrap();
+    for want in [
+        "Blocked by the sandbox gate",
+        "journeyman journey evidence umbrella --metric search.precision=<value>",
+        "Evidence",
+        "search.precision",
+        "Timeline",
+        "evidence from journeyman-cli",
+        "Dead letters",
+        "in the dead-letter queue now",
+        "Task round trip",
+        "Retries and dead letters per intent",
+    ] {
+        assert!(page.contains(want), "the page shows {want:?}:\n{page}");
+    }
+    let first_row = b
+        .eval("document.querySelector('#timeline tr:nth-child(2) td:nth-child(2)').textContent")
+        .await;
+    assert_eq!(first_row, "gate evaluation", "newest first");
+    assert_eq!(
+        b.eval("document.querySelectorAll('#stages-chart polyline').length")
+            .await,
+        6,
+        "one line per stage once the page has sampled twice"
+    );
+    let board = artifacts.join("dashboard.png");
+    b.screenshot(&board).await;
+    println!("dashboard screenshot: {}", board.display());
+
+    // The orchestrator stops: within one refresh the page says so.
     app.stop_orchestrator().await.unwrap();
+    b.wait_for(
+        "\"unreachable\"",
+        "document.getElementById('readiness').textContent === 'unreachable' \
+         && !document.getElementById('fetch-error').hidden",
+        Duration::from_secs(15),
+    )
+    .await;
+    let banner = b
+        .eval("document.getElementById('fetch-error').textContent")
+        .await;
+    assert!(
+        banner
+            .as_str()
+            .unwrap()
+            .contains("Everything below is as of"),
+        "{banner}"
+    );
+    let down = artifacts.join("dashboard-unreachable.png");
+    b.screenshot(&down).await;
+    println!(
+        "dashboard screenshot, orchestrator stopped: {}",
+        down.display()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -555,8 +661,9 @@ async fn a_paused_journey_shows_in_metrics_the_api_and_the_report() {
     let (_, page) = text(&c, "/?client=acme").await;
     assert!(
         page.contains(">paused</span>")
-            && page.contains("1 dead-lettered")
-            && page.contains("In the dead-letter queue now: 1")
+            && page.contains("<b>1</b> dead-lettered")
+            && page.contains("<b>1</b> in the dead-letter queue now")
+            && page.contains("journeyman journey resume acme")
             && page.contains("<td>task_failed</td><td>1</td>"),
         "{page}"
     );

@@ -187,10 +187,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub keep: bool,
     /// Give up on a part after this long.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = crate::ops::settings::duration)]
     pub timeout: Duration,
     /// Give up on a part when no journey finished for this long.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = crate::ops::settings::duration)]
     pub stall_timeout: Duration,
     /// After the chain part, keep its journeys and stream evidence updates at them for this
     /// long, sampling the data directory: shows whether the disk levels off (e.g. 60s).
