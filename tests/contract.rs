@@ -204,6 +204,9 @@ fn what_the_rust_side_builds_validates() {
         gate: None,
         rollback: None,
         trace_id: None,
+        hold: None,
+        generation: 1,
+        past: Vec::new(),
     };
     let state = state_view(&rec);
     assert!(

@@ -227,15 +227,20 @@ impl Core {
 
     fn load_timers(&mut self) -> Result<(), OrchestratorError> {
         let mut timers = BTreeSet::new();
-        for rec in self.store.journeys::<JourneyRecord>() {
-            let rec = rec?;
+        let now = Utc::now();
+        let records: Vec<JourneyRecord> = self
+            .store
+            .journeys::<JourneyRecord>()
+            .collect::<Result<_, _>>()?;
+        for rec in records {
             if rec.is_active() {
                 self.active.insert(rec.journey.client_id.clone());
             }
-            if let Some(w) = &rec.work {
-                for (at, _, _) in w.timers() {
-                    timers.insert((at, rec.journey.client_id.clone()));
-                }
+            // Deadlines, retries and time-based gate criteria: armed again from the store,
+            // which is what makes them survive a restart.
+            let playbook = self.playbook(&rec.playbook)?;
+            for at in step::wakeups(&rec, &playbook, &self.policy, now) {
+                timers.insert((at, rec.journey.client_id.clone()));
             }
         }
         self.timers = timers;
