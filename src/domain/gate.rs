@@ -10,8 +10,8 @@
 //! refusal and rollback are the orchestrator's effects.
 //!
 //! Which evidence a criterion reads (its `since`, default `stage`):
-//! - **Metrics and flags** (`metric`, `flag`, `all_flags`) count only when observed at or
-//!   after `stage_started_at`, the moment the stage was (re)entered. A gate judges what was
+//! - **Metrics and flags** (`metric`, `flag`, `all_flags`) count only when observed after
+//!   `stage_started_at`, the moment the stage was (re)entered. A gate judges what was
 //!   seen in this stage: a journey rolled back to sandbox must earn sandbox's gate again
 //!   with fresh evidence instead of passing at once on the values it had before (the
 //!   "bounce straight back" of issue 14). A trigger likewise reacts to what happened in
@@ -374,7 +374,9 @@ fn judge(
 ) -> (bool, String) {
     // Metrics and flags: this stage's observations unless the criterion says otherwise.
     let fresh_since = (criterion.since == Since::Stage).then_some(stage_started_at);
-    let fresh = |at: DateTime<Utc>| fresh_since.is_none_or(|since| at >= since);
+    // Strictly after: a value observed in the very step that entered the stage (the
+    // report that fired a rollback which landed at once) belongs to the stage it left.
+    let fresh = |at: DateTime<Utc>| fresh_since.is_none_or(|since| at > since);
     // Event windows: an exit criterion looks back its whole window (stricter, never
     // laxer); a trigger counts this stage's events.
     let since = (reading == Reading::Trigger && criterion.since == Since::Stage)
@@ -470,7 +472,10 @@ fn judge(
                 .map(|(name, _)| *name)
                 .collect();
             if matching.is_empty() {
-                let stale = evidence.flags.keys().any(|n| n.starts_with(prefix.as_str()));
+                let stale = evidence
+                    .flags
+                    .keys()
+                    .any(|n| n.starts_with(prefix.as_str()));
                 (false, missing(&format!("any {prefix}* flag"), stale))
             } else if false_ones.is_empty() {
                 (true, format!("all {} {prefix}* flags true", matching.len()))
@@ -1225,11 +1230,21 @@ mod tests {
         let exit = [crit("{name: no_bugs, event: bug.critical, within: 7d}")];
         assert!(!evaluate("pilot", &exit, &evidence, started, now()).passed);
 
-        // Observed exactly at the stage start counts.
+        // A metric observed exactly at the stage start belongs to the step that entered
+        // it (the one before); an event dated exactly at the stage start counts.
         evidence
             .metrics
             .insert("user.satisfaction".to_owned(), observed(3.0, started));
         evidence.events.push(event("bug.critical", started, None));
+        let names: Vec<String> = triggered(&triggers, &evidence, started, now())
+            .into_iter()
+            .map(|hit| hit.name)
+            .collect();
+        assert_eq!(names, ["critical_bug"]);
+        evidence.metrics.insert(
+            "user.satisfaction".to_owned(),
+            observed(3.0, started + TimeDelta::milliseconds(1)),
+        );
         let names: Vec<String> = triggered(&triggers, &evidence, started, now())
             .into_iter()
             .map(|hit| hit.name)
@@ -1580,8 +1595,9 @@ mod tests {
             events: vec![],
         };
         evidence.record_report(&survey, "feedback-agent", "m4", now());
+        // Observed after the stage started (a value from the entering instant is not).
         assert_eq!(
-            triggered(&production.rollback_triggers, &evidence, now(), now()),
+            triggered(&production.rollback_triggers, &evidence, t(-1), now()),
             [TriggerHit {
                 name: "low_satisfaction".to_owned(),
                 message: "user.satisfaction = 3.9, fires when < 4".to_owned(),

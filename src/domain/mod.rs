@@ -14,3 +14,6 @@ pub mod record;
 pub mod report;
 pub mod step;
 pub mod work;
+
+#[cfg(test)]
+mod semantics_tests;

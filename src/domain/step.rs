@@ -1465,9 +1465,7 @@ impl<'a> Stepper<'a, '_> {
         self.advance(&mut rec);
         // A time-based criterion may have changed its verdict: judge triggers and gate
         // again, as new evidence would (unless the stage was just left).
-        if rec.journey.stage == stage_before
-            && gate_due(&rec, playbook, self.policy, now)
-        {
+        if rec.journey.stage == stage_before && gate_due(&rec, playbook, self.policy, now) {
             self.after_evidence(&mut rec, "timer");
         }
         if effects.is_empty() && self.effects.len() == before {
