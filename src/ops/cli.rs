@@ -440,6 +440,15 @@ pub enum TopologyCmd {
         #[command(flatten)]
         playbook: PlaybookArg,
     },
+    /// Delete a namespace: its exchanges, the playbook's intent queues, the dead-letter
+    /// queue and the orchestrator's reply queue, with the messages in them. Asks first.
+    Delete {
+        #[command(flatten)]
+        playbook: PlaybookArg,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// A store command on a directory that holds no store would create an empty one.
@@ -742,6 +751,41 @@ pub async fn run(cli: Cli) -> Result<()> {
                     }
                 );
             }
+            Ok(())
+        }
+        Cmd::Topology {
+            command: TopologyCmd::Delete { playbook, yes },
+        } => {
+            let playbook = playbook.load()?;
+            let names = g.names();
+            let mut queues: Vec<String> = playbook
+                .namespace_intents()
+                .iter()
+                .map(|i| names.intent_queue(i))
+                .collect();
+            queues.push(names.dead_letter());
+            queues.push(names.replies("0"));
+            if !yes {
+                use std::io::{BufRead, Write};
+                eprintln!(
+                    "this deletes namespace '{}': exchanges {}, {}, {} and {} queues, with every message in them (dead letters included).",
+                    names.namespace,
+                    names.intents(),
+                    names.events(),
+                    names.dlx(),
+                    queues.len()
+                );
+                eprint!("type the namespace to confirm: ");
+                std::io::stderr().flush()?;
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line)?;
+                if line.trim() != names.namespace {
+                    bail!("not confirmed; nothing deleted");
+                }
+            }
+            let conn = broker::connect(&g.amqp_url, "journeyman-cli").await?;
+            broker::delete_namespace(&conn, &names, &queues).await;
+            println!("deleted namespace '{}'", names.namespace);
             Ok(())
         }
         Cmd::Topology {

@@ -726,11 +726,16 @@ impl Core {
             now,
         )
         .continuing(m.replay.as_ref());
+        let mut dl = dl;
+        dl.client_id = env.payload["client_id"].as_str().map(str::to_string);
         change.push_outbox(self.dead_letter(dl));
         Ok(self.commit(change)?)
     }
 
-    /// Dead-letters an input that failed decoding, with its reason, and marks it seen.
+    /// Refuses an input that failed decoding or authentication, and marks it seen. With a
+    /// `reply_to` the sender is told why and what to do (an `error` reply; its auth token is
+    /// never echoed) and that is the end of it; without one nobody can be told, so it is
+    /// dead-lettered for the on-call engineer.
     fn refuse_input(
         &mut self,
         m: &Inbound,
@@ -738,7 +743,6 @@ impl Core {
         e: &ProtocolError,
         now: DateTime<Utc>,
     ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
-        warn!(queue = m.queue, reason = e.reason_code(), error = %e, "refused message; dead-lettering it");
         let mut change = Change::new();
         let mid = env
             .map(|e| e.message_id.to_string())
@@ -749,20 +753,68 @@ impl Core {
             }
             change.put_dedup(mid, &Seen::of(m.data, now));
         }
-        let dl = DeadLetter::of_input(
-            e.reason_code(),
-            e.to_string(),
-            m.origin(),
-            mid.unwrap_or_else(|| Uuid::new_v4().to_string()),
-            m.correlation_id.clone(),
-            m.data.to_vec(),
-            now,
-        )
-        .continuing(m.replay.as_ref());
-        change.push_outbox(self.dead_letter(dl));
-        self.count(Tally::DeadLetter {
-            reason: e.reason_code().to_string(),
+        // The journey it is about, when the message says: a command's client, or the
+        // journey a reply's correlation id names.
+        let client_id = env.and_then(|env| match m.source {
+            Source::Command => env.payload["client_id"].as_str().map(str::to_string),
+            Source::Reply => env
+                .correlation_id
+                .as_deref()
+                .and_then(step::client_of_correlation)
+                .map(str::to_string),
         });
+        Stats::inc(&self.stats.refusals);
+        match (m.source, m.reply_to.as_deref()) {
+            (Source::Command, Some(to)) => {
+                debug!(queue = m.queue, reason = e.reason_code(), error = %e, "refused message; answered");
+                let correlation = env
+                    .map(Envelope::reply_correlation)
+                    .or_else(|| m.correlation_id.clone())
+                    .or_else(|| mid.clone())
+                    .unwrap_or_default();
+                let target = env
+                    .map(|e| (e.source_agent.agent_id.clone(), e.source_agent.domain.clone()))
+                    .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+                let intent = env
+                    .map(|e| e.intent.clone())
+                    .unwrap_or_else(|| m.routing_key.to_string());
+                let payload = serde_json::to_value(crate::domain::command::ErrorPayload {
+                    code: e.reason_code().into(),
+                    message: e.reply_message(),
+                    retryable: false,
+                    details: None,
+                })
+                .unwrap_or(Value::Null);
+                let reply = Message::Reply {
+                    message_id: Uuid::new_v4(),
+                    to: to.to_string(),
+                    intent,
+                    target,
+                    correlation_id: correlation,
+                    error: true,
+                    payload,
+                };
+                change.push_outbox(self.encode(reply, now, None, None));
+            }
+            _ => {
+                warn!(queue = m.queue, reason = e.reason_code(), error = %e, "refused message; dead-lettering it");
+                let mut dl = DeadLetter::of_input(
+                    e.reason_code(),
+                    e.to_string(),
+                    m.origin(),
+                    mid.unwrap_or_else(|| Uuid::new_v4().to_string()),
+                    m.correlation_id.clone(),
+                    m.data.to_vec(),
+                    now,
+                )
+                .continuing(m.replay.as_ref());
+                dl.client_id = client_id;
+                change.push_outbox(self.dead_letter(dl));
+                self.count(Tally::DeadLetter {
+                    reason: e.reason_code().to_string(),
+                });
+            }
+        }
         Ok(self.commit(change)?)
     }
 
