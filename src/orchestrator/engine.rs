@@ -773,7 +773,12 @@ impl Core {
                     .or_else(|| mid.clone())
                     .unwrap_or_default();
                 let target = env
-                    .map(|e| (e.source_agent.agent_id.clone(), e.source_agent.domain.clone()))
+                    .map(|e| {
+                        (
+                            e.source_agent.agent_id.clone(),
+                            e.source_agent.domain.clone(),
+                        )
+                    })
                     .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
                 let intent = env
                     .map(|e| e.intent.clone())

@@ -12,6 +12,7 @@ mod dlq;
 mod gates;
 mod helpers;
 mod http;
+mod refusals;
 mod shutdown;
 mod trace;
 mod webhook;
@@ -169,7 +170,13 @@ async fn commands_are_refused_with_reasons() {
     let again = app.request(&start).await;
     assert_eq!(again.message_type, MessageType::Error);
     assert_eq!(again.payload["code"], "already_exists");
+    // Without reply_to nobody can be told: only then is a refusal a dead letter.
+    let unanswerable = TestApp::command("journey.start", json!({"client_id": "acme"}));
+    app.send(&unanswerable).await;
     let dl = app.dead_letters(1).await;
+    // The first dead letter is this one: the answered refusals before it left none.
+    let body: Value = serde_json::from_slice(&dl[0].body).unwrap();
+    assert_eq!(body["message_id"], unanswerable.message_id.to_string());
     assert_eq!(dl[0].reason(), "already_exists");
     assert_eq!(dl[0].headers["x-journeyman-client-id"], "acme");
 
