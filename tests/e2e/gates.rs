@@ -470,3 +470,51 @@ async fn cancel_works_during_a_rollback() {
     let again = app.request(&rollback("acme", "again", None)).await;
     assert_eq!(again.payload["code"], "invalid_transition");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_rollback_holds_instead_of_bouncing_and_a_finished_client_comes_back() {
+    let mut app = TestApp::spawn().await;
+    app.start_agent_for_all(Arc::new(SimAgent::default())).await;
+    app.start_journey("acme").await;
+    app.wait_in_production("acme").await;
+    let r = app
+        .request(&rollback("acme", "client asked", Some(Stage::Sandbox)))
+        .await;
+    assert_eq!(r.message_type, MessageType::Response, "{}", r.payload);
+    // Sandbox's work runs again after the landing (previous_stage names the stage left).
+    app.wait_event("sandbox re-run", |p| {
+        p["event"] == "work.completed"
+            && p["detail"]["kind"] == "stage"
+            && p["stage"] == "sandbox"
+            && p["previous_stage"] == "production"
+    })
+    .await;
+    // Held, though the journey had passed the sandbox gate before: no auto-promotion.
+    let s = app.request(&status("acme")).await.payload;
+    assert_eq!(s["stage"], "sandbox");
+    assert_eq!(s["status"], "held", "{s}");
+    assert!(
+        !app.seen_events()
+            .iter()
+            .any(|p| p["event"] == "journey.promoted" && p["previous_stage"] == "production"),
+        "bounced back"
+    );
+
+    // Cancelled, then started again: a second generation, the first kept.
+    let cancel = Command::Cancel(journeyman::wire::protocol::CancelPayload {
+        client_id: "acme".into(),
+        reason: Some("contract paused".into()),
+    });
+    assert_eq!(app.request(&cancel).await.payload["stage"], "cancelled");
+    let start = Command::Start(journeyman::wire::protocol::StartPayload {
+        client_id: "acme".into(),
+        context: None,
+    });
+    let r = app.request(&start).await;
+    assert_eq!(r.message_type, MessageType::Response, "{}", r.payload);
+    assert_eq!(r.payload["generation"], 2);
+    assert_eq!(r.payload["stage"], "sandbox");
+    assert_eq!(r.payload["past_generations"][0]["generation"], 1);
+    assert_eq!(r.payload["past_generations"][0]["outcome"], "cancelled");
+    assert_eq!(app.dead_letter_count().await, 0);
+}
