@@ -188,7 +188,7 @@ pub struct OrchestratorArgs {
     /// it; finished ones are read from disk when asked for.
     #[arg(long, env = "JOURNEYMAN_STORE_CACHE_MB", default_value_t = 32)]
     pub store_cache_mb: u64,
-    /// Pause between rounds of `journey.status_card` events: each changed journey
+    /// Pause between rounds of `dashboard.status_card` events: each changed journey
     /// publishes one card per round, however many times it changed.
     #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
     pub status_card_interval: Duration,

@@ -227,7 +227,7 @@ impl Core {
 
     fn load_timers(&mut self) -> Result<(), OrchestratorError> {
         let mut timers = BTreeSet::new();
-        let now = Utc::now();
+        let now = super::now();
         let records: Vec<JourneyRecord> = self
             .store
             .journeys::<JourneyRecord>()
@@ -294,7 +294,7 @@ impl Core {
     /// Handles one delivery: decode, dedup, apply. Returns what to publish once durable.
     pub fn handle(&mut self, m: &Inbound) -> Result<Vec<OutboxEntry>, OrchestratorError> {
         Stats::inc(&self.stats.inputs);
-        let now = Utc::now();
+        let now = super::now();
         let env = match self.decoder.envelope(m.data) {
             Ok(env) => env,
             Err(e) => return self.refuse_input(m, None, &e, now),
@@ -663,7 +663,9 @@ impl Core {
     }
 
     fn dead_letter(&self, dl: DeadLetter) -> OutboxEntry {
-        let failed_at = dl.failed_at.to_rfc3339();
+        let failed_at = dl
+            .failed_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         // A replayed message continues its failure history.
         let first = dl.first_failed_at.unwrap_or_else(|| failed_at.clone());
         let mut h = vec![
@@ -830,7 +832,7 @@ impl Core {
         client_id: &str,
         correlation_id: &str,
     ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
-        let now = Utc::now();
+        let now = super::now();
         let mut change = Change::new();
         change.remove_outbox(outbox_id);
         let rec: Option<JourneyRecord> = self.store.journey(client_id)?;
@@ -910,7 +912,7 @@ impl Core {
             return Ok(Vec::new());
         }
         let mut change = Change::new();
-        let now = Utc::now();
+        let now = super::now();
         for client in &due {
             change.clear_card_due(client);
             let Some(rec) = self.store.journey::<JourneyRecord>(client)? else {
@@ -921,10 +923,10 @@ impl Core {
             let card = status_card(&rec, &recent, card_id, now);
             let msg = Message::Event {
                 message_id: Uuid::new_v4(),
-                name: "journey.status_card".into(),
+                name: "dashboard.status_card".into(),
                 payload: crate::domain::record::event_payload(
                     &rec,
-                    "journey.status_card",
+                    "dashboard.status_card",
                     card,
                     now,
                 ),

@@ -114,7 +114,13 @@ impl Envelope {
         Self {
             message_id: Uuid::new_v4(),
             correlation_id: None,
-            timestamp: now,
+            // Milliseconds, as the protocol documents: nine fractional digits break
+            // parsers such as Python's before 3.11.
+            timestamp: {
+                use chrono::DurationRound;
+                now.duration_trunc(chrono::TimeDelta::milliseconds(1))
+                    .unwrap_or(now)
+            },
             source_agent: source,
             target_agent: target,
             message_type,

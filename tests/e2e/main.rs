@@ -665,7 +665,7 @@ async fn a_reply_with_an_unknown_correlation_id_is_recorded_and_ignored() {
     // been applied, the stray one before it has been handled too.
     app.start_journey("beta").await;
     app.wait_event("beta's first task done", |p| {
-        p["event"] == "journey.status_card"
+        p["event"] == "dashboard.status_card"
             && p["client_id"] == "beta"
             && p["detail"]["progress"]["tasks_completed"].as_u64() >= Some(1)
     })
