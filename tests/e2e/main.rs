@@ -7,6 +7,7 @@ mod bench;
 mod broker_faults;
 mod broker_node;
 mod chaos;
+mod conformance;
 mod crash;
 mod dlq;
 mod gates;
