@@ -279,6 +279,9 @@ pub enum Tally {
 }
 
 /// What a step does besides changing the record.
+// Effects live for one step in one Vec, and a snapshot (a whole record) is rare: boxing it
+// would buy nothing measurable.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     Publish(Message),
