@@ -489,11 +489,18 @@ mod tests {
             d.envelope(b"{}").unwrap_err().reason_code(),
             "schema_invalid"
         );
+        // Valid but deep JSON has its own reason: it is not "not JSON".
         let deep = "[".repeat(1000) + &"]".repeat(1000);
         assert_eq!(
             d.envelope(deep.as_bytes()).unwrap_err().reason_code(),
-            "malformed_json"
+            "too_deep"
         );
+        // A token that breaks the schema is not shown in the reason.
+        let mut e = serde_json::to_value(env("journey.start", json!({"client_id": "a"}))).unwrap();
+        e["security"]["auth_token"] = json!(12345678);
+        let err = d.envelope(&serde_json::to_vec(&e).unwrap()).unwrap_err();
+        assert_eq!(err.reason_code(), "schema_invalid");
+        assert!(!err.reply_message().contains("12345678"), "{err}");
         let e = env("journey.fly", json!({"client_id": "acme"}));
         assert_eq!(d.command(&e).unwrap_err().reason_code(), "unknown_intent");
         let e = env("journey.start", json!({"client": "acme"}));
