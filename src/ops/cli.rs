@@ -72,6 +72,11 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// What a playbook asks of agents and upstream, and whether it is valid.
+    Playbook {
+        #[command(subcommand)]
+        command: crate::ops::playbook::PlaybookCmd,
+    },
     /// Broker topology.
     Topology {
         #[command(subcommand)]
@@ -750,6 +755,24 @@ pub async fn run(cli: Cli) -> Result<()> {
                         )
                     }
                 );
+            }
+            Ok(())
+        }
+        Cmd::Playbook { command } => {
+            use crate::ops::playbook::{PlaybookCmd, describe, print};
+            match command {
+                PlaybookCmd::Show { playbook, json } => {
+                    let d = describe(&playbook.load()?);
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&d)?);
+                    } else {
+                        print(&d);
+                    }
+                }
+                PlaybookCmd::Validate { playbook } => {
+                    let p = playbook.load()?;
+                    println!("valid: playbook {} ({})", p.name, p.content_hash());
+                }
             }
             Ok(())
         }

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client;
 pub mod demo;
 pub mod dlq;
+pub mod playbook;
 pub mod request;
 pub mod settings;
 pub mod show;
