@@ -346,7 +346,8 @@ impl Step {
     }
 }
 
-/// A refused journey command: answered with an `error`, and dead-lettered.
+/// A refused journey command: answered with an `error` when it has `reply_to`, else
+/// dead-lettered (nobody can be told).
 #[derive(Debug, Clone)]
 pub struct Refusal {
     pub code: &'static str,

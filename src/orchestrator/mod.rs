@@ -29,11 +29,21 @@ use std::time::{Duration, Instant};
 /// The clock the orchestrator decides by, to the millisecond: every timestamp it stores
 /// or sends (envelopes, events, history, dead-letter headers) then has at most three
 /// fractional digits, as the protocol documents (and as Python before 3.11 parses).
+///
+/// Strictly increasing within the process, so no two steps share a time: gates count
+/// evidence recorded strictly after the stage was entered, and evidence that arrives in a
+/// later step than the entry must never tie with it.
 pub fn now() -> chrono::DateTime<Utc> {
-    use chrono::DurationRound;
-    let t = Utc::now();
-    t.duration_trunc(chrono::TimeDelta::milliseconds(1))
-        .unwrap_or(t)
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST_MS: AtomicI64 = AtomicI64::new(0);
+    let wall = Utc::now().timestamp_millis();
+    let prev = LAST_MS
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+            Some(wall.max(last + 1))
+        })
+        .unwrap_or(wall);
+    let ms = wall.max(prev + 1);
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_else(Utc::now)
 }
 
 use backon::{BackoffBuilder, ExponentialBuilder};
