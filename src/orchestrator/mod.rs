@@ -30,20 +30,15 @@ use std::time::{Duration, Instant};
 /// or sends (envelopes, events, history, dead-letter headers) then has at most three
 /// fractional digits, as the protocol documents (and as Python before 3.11 parses).
 ///
-/// Strictly increasing within the process, so no two steps share a time: gates count
-/// evidence recorded strictly after the stage was entered, and evidence that arrives in a
-/// later step than the entry must never tie with it.
+/// Not forced to be strictly increasing: bumping ties by a millisecond would run ahead of
+/// the wall clock at more than 1,000 steps a second and shorten every task timeout. A
+/// report that reaches a stage within the millisecond it was entered (never in practice:
+/// the entry is flushed and announced first) counts for the stage before.
 pub fn now() -> chrono::DateTime<Utc> {
-    use std::sync::atomic::{AtomicI64, Ordering};
-    static LAST_MS: AtomicI64 = AtomicI64::new(0);
-    let wall = Utc::now().timestamp_millis();
-    let prev = LAST_MS
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
-            Some(wall.max(last + 1))
-        })
-        .unwrap_or(wall);
-    let ms = wall.max(prev + 1);
-    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_else(Utc::now)
+    use chrono::DurationRound;
+    let t = Utc::now();
+    t.duration_trunc(chrono::TimeDelta::milliseconds(1))
+        .unwrap_or(t)
 }
 
 use backon::{BackoffBuilder, ExponentialBuilder};
