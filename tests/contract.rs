@@ -204,13 +204,16 @@ fn what_the_rust_side_builds_validates() {
         gate: None,
         rollback: None,
         trace_id: None,
+        hold: None,
+        generation: 1,
+        past: Vec::new(),
     };
     let state = state_view(&rec);
     assert!(
         compile_schema(schemas::JOURNEY_STATE).is_valid(&state),
         "{state}"
     );
-    let event = event_payload(&rec, "journey.started", json!({}), now);
+    let event = event_payload(&rec, "journey.started", json!({"generation": 1}), now);
     assert!(
         compile_schema(schemas::JOURNEY_EVENT).is_valid(&event),
         "{event}"

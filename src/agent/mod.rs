@@ -648,7 +648,7 @@ async fn dead_letter(
     stats: &AgentStats,
 ) {
     warn!(queue, reason, message, "refused request; dead-lettering it");
-    let now = Utc::now().to_rfc3339();
+    let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let out = Outgoing {
         exchange: names.dlx(),
         routing_key: d.routing_key.to_string(),

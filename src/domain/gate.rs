@@ -9,14 +9,23 @@
 //! This module must not read the clock, do I/O or decide what happens next: promotion,
 //! refusal and rollback are the orchestrator's effects.
 //!
-//! The two questions read evidence differently, on purpose:
-//! - **Exit criteria** see everything recorded (latest value wins; events within their
-//!   window). "No critical bug in 7 days" means 7 days, even if the stage is younger.
-//! - **Rollback triggers** see only evidence observed at or after `stage_started_at`
-//!   (metrics and flags by observation time, events by their time). A trigger reacts to what
-//!   happened in this stage; otherwise the very value that rolled a journey back from
-//!   production (satisfaction 3.4) would fire pilot's trigger (< 3.5) the moment the journey
-//!   re-entered pilot, cascading rollbacks on stale evidence.
+//! Which evidence a criterion reads (its `since`, default `stage`):
+//! - **Metrics and flags** (`metric`, `flag`, `all_flags`) count only when observed after
+//!   `stage_started_at`, the moment the stage was (re)entered. A gate judges what was
+//!   seen in this stage: a journey rolled back to sandbox must earn sandbox's gate again
+//!   with fresh evidence instead of passing at once on the values it had before (the
+//!   "bounce straight back" of issue 14). A trigger likewise reacts to what happened in
+//!   this stage; otherwise the very value that rolled a journey back from production
+//!   (satisfaction 3.4) would fire pilot's trigger (< 3.5) the moment the journey
+//!   re-entered pilot, cascading rollbacks on stale evidence. `since: journey` on a
+//!   criterion lets it read every value recorded on the journey instead.
+//! - **Event windows as exit criteria** look back their whole window, even past the stage
+//!   start: "no critical bug in 7 days" means 7 days, and an older bug can only make the
+//!   gate stricter, never let it pass early. As triggers they count events since the stage
+//!   started (unless `since: journey`).
+//!
+//! Time-based verdicts (`min_time_in_stage`, event windows) change with time alone:
+//! [`next_change`] says when, so the orchestrator can arm a durable timer for it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -37,6 +46,19 @@ pub struct Criterion {
     pub name: String,
     /// What is tested.
     pub check: Check,
+    /// Which evidence it reads (see the module documentation).
+    pub since: Since,
+}
+
+/// How far back a criterion reads metrics and flags (and a trigger's events).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Since {
+    /// Only evidence observed since the stage was (re)entered: the default.
+    #[default]
+    Stage,
+    /// Everything recorded on the journey (this generation).
+    Journey,
 }
 
 /// What a criterion tests. Each kind is recognised in YAML by its leading key.
@@ -267,6 +289,56 @@ pub fn triggered(
         .collect()
 }
 
+/// The earliest moment after `now` at which one of `criteria` could change its verdict
+/// with no new evidence: a `min_time_in_stage` coming of age, a dated event entering its
+/// window (it was reported with a future time) or leaving it. `None` when nothing
+/// time-based is pending. Conservative: a wake-up may find nothing changed, never the
+/// reverse, so the caller arms a timer here and re-judges when it fires.
+pub fn next_change<'a>(
+    criteria: impl IntoIterator<Item = &'a Criterion>,
+    evidence: &Evidence,
+    stage_started_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    // An event counted while `at >= now - within` stops counting just after `at + within`.
+    let tick = TimeDelta::milliseconds(1);
+    let mut times: Vec<DateTime<Utc>> = Vec::new();
+    for criterion in criteria {
+        match &criterion.check {
+            Check::MinTimeInStage { min_time_in_stage } => {
+                if let Some(at) = chrono_duration(*min_time_in_stage)
+                    .and_then(|d| stage_started_at.checked_add_signed(d))
+                {
+                    times.push(at);
+                }
+            }
+            Check::Events {
+                event,
+                within,
+                severity,
+                ..
+            } => {
+                let within = chrono_duration(*within);
+                for e in evidence.events.iter().filter(|e| {
+                    e.name == *event
+                        && severity.as_ref().is_none_or(|wanted| {
+                            e.severity
+                                .as_ref()
+                                .is_some_and(|got| got.eq_ignore_ascii_case(wanted))
+                        })
+                }) {
+                    times.push(e.at);
+                    if let Some(end) = within.and_then(|w| e.at.checked_add_signed(w + tick)) {
+                        times.push(end);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    times.into_iter().filter(|at| *at > now).min()
+}
+
 /// The longest event window among `criteria`: how far back events must be kept for them.
 /// Callers prune with `now - longest` (see [`Evidence::prune_events_before`]); `None` when
 /// no criterion counts events.
@@ -300,15 +372,26 @@ fn judge(
     now: DateTime<Utc>,
     reading: Reading,
 ) -> (bool, String) {
-    let since = (reading == Reading::Trigger).then_some(stage_started_at);
-    let fresh = |at: DateTime<Utc>| since.is_none_or(|since| at >= since);
+    // Metrics and flags: this stage's observations unless the criterion says otherwise.
+    let fresh_since = (criterion.since == Since::Stage).then_some(stage_started_at);
+    // Strictly after: a value observed in the very step that entered the stage (the
+    // report that fired a rollback which landed at once) belongs to the stage it left.
+    let fresh = |at: DateTime<Utc>| fresh_since.is_none_or(|since| at > since);
+    // Event windows: an exit criterion looks back its whole window (stricter, never
+    // laxer); a trigger counts this stage's events.
+    let since = (reading == Reading::Trigger && criterion.since == Since::Stage)
+        .then_some(stage_started_at);
     let needs = match reading {
         Reading::Exit => "needs",
         Reading::Trigger => "fires when",
     };
-    let missing = |name: &str| match reading {
-        Reading::Exit => format!("no value reported for {name}"),
-        Reading::Trigger => format!("no value reported for {name} since the stage started"),
+    // `stale`: a value exists, but from before the stage was (re)entered.
+    let missing = |name: &str, stale: bool| match (reading, stale) {
+        (Reading::Exit, true) => format!(
+            "{name} was last reported before the stage started; this stage needs a fresh value"
+        ),
+        (Reading::Exit, false) => format!("no value reported for {name}"),
+        (Reading::Trigger, _) => format!("no value reported for {name} since the stage started"),
     };
 
     match &criterion.check {
@@ -321,7 +404,7 @@ fn judge(
                     op.holds(observed.value, *value),
                     format!("{metric} = {}, {needs} {op} {value}", observed.value),
                 ),
-                None => (false, missing(metric)),
+                None => (false, missing(metric, evidence.metric(metric).is_some())),
             }
         }
         Check::Flag { flag, equals } => {
@@ -330,7 +413,7 @@ fn judge(
                     observed.value == *equals,
                     format!("{flag} = {}, {needs} {equals}", observed.value),
                 ),
-                None => (false, missing(flag)),
+                None => (false, missing(flag, evidence.flag(flag).is_some())),
             }
         }
         Check::Events {
@@ -389,7 +472,11 @@ fn judge(
                 .map(|(name, _)| *name)
                 .collect();
             if matching.is_empty() {
-                (false, missing(&format!("any {prefix}* flag")))
+                let stale = evidence
+                    .flags
+                    .keys()
+                    .any(|n| n.starts_with(prefix.as_str()));
+                (false, missing(&format!("any {prefix}* flag"), stale))
             } else if false_ones.is_empty() {
                 (true, format!("all {} {prefix}* flags true", matching.len()))
             } else {
@@ -474,6 +561,9 @@ struct RawCriterion {
         with = "humantime_serde"
     )]
     min_time_in_stage: Option<Duration>,
+    /// Left out when it is the default, so playbooks that never say it keep their hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    since: Option<Since>,
 }
 
 impl TryFrom<RawCriterion> for Criterion {
@@ -481,6 +571,7 @@ impl TryFrom<RawCriterion> for Criterion {
 
     fn try_from(raw: RawCriterion) -> Result<Self, String> {
         let name = raw.name.clone();
+        let since = raw.since.unwrap_or_default();
         let fail = |reason: String| Err(format!("criterion `{name}`: {reason}"));
         let kinds: Vec<&str> = [
             ("metric", raw.metric.is_some()),
@@ -566,7 +657,7 @@ impl TryFrom<RawCriterion> for Criterion {
             } => Check::MinTimeInStage { min_time_in_stage },
             _ => unreachable!("exactly one kind key is present"),
         };
-        Ok(Criterion { name, check })
+        Ok(Criterion { name, check, since })
     }
 }
 
@@ -575,6 +666,7 @@ impl From<Criterion> for RawCriterion {
     fn from(criterion: Criterion) -> Self {
         let raw = RawCriterion {
             name: criterion.name,
+            since: (criterion.since != Since::Stage).then_some(criterion.since),
             ..RawCriterion::default()
         };
         match criterion.check {
@@ -1152,11 +1244,21 @@ mod tests {
         let exit = [crit("{name: no_bugs, event: bug.critical, within: 7d}")];
         assert!(!evaluate("pilot", &exit, &evidence, started, now()).passed);
 
-        // Observed exactly at the stage start counts.
+        // A metric observed exactly at the stage start belongs to the step that entered
+        // it (the one before); an event dated exactly at the stage start counts.
         evidence
             .metrics
             .insert("user.satisfaction".to_owned(), observed(3.0, started));
         evidence.events.push(event("bug.critical", started, None));
+        let names: Vec<String> = triggered(&triggers, &evidence, started, now())
+            .into_iter()
+            .map(|hit| hit.name)
+            .collect();
+        assert_eq!(names, ["critical_bug"]);
+        evidence.metrics.insert(
+            "user.satisfaction".to_owned(),
+            observed(3.0, started + TimeDelta::milliseconds(1)),
+        );
         let names: Vec<String> = triggered(&triggers, &evidence, started, now())
             .into_iter()
             .map(|hit| hit.name)
@@ -1507,8 +1609,9 @@ mod tests {
             events: vec![],
         };
         evidence.record_report(&survey, "feedback-agent", "m4", now());
+        // Observed after the stage started (a value from the entering instant is not).
         assert_eq!(
-            triggered(&production.rollback_triggers, &evidence, now(), now()),
+            triggered(&production.rollback_triggers, &evidence, t(-1), now()),
             [TriggerHit {
                 name: "low_satisfaction".to_owned(),
                 message: "user.satisfaction = 3.9, fires when < 4".to_owned(),

@@ -208,8 +208,11 @@ pub struct Journey {
     pub client_id: String,
     /// Where the journey is now; decides which events are accepted.
     pub stage: Stage,
-    /// Stage we were in before the last transition; `None` only for a fresh journey.
-    /// Kept for display and audit, never for routing (that was DES-002's rollback bug).
+    /// The stage the last transition left; `None` only for a fresh journey. A rollback
+    /// counts as one move: while it runs and after it lands this names the active stage it
+    /// started from (production for production -> sandbox), never the transitional
+    /// `rollback`, except for a journey cancelled during a rollback. Kept for display and
+    /// audit, never for routing (that was DES-002's rollback bug).
     pub previous_stage: Option<Stage>,
     /// Where a rollback in progress will land (Some only while stage == Rollback). Fixed
     /// when the rollback starts so the undo work and the landing agree.
@@ -292,7 +295,11 @@ impl Journey {
             }
             _ => return Err(invalid()),
         }
-        next.previous_stage = Some(self.stage);
+        // A landing rollback names the stage it left, not the transitional `rollback`.
+        next.previous_stage = match (self.stage, event) {
+            (Stage::Rollback, Event::CompleteRollback) => self.rollback_from.or(Some(self.stage)),
+            _ => Some(self.stage),
+        };
         next.stage_started_at = now;
         Ok(next)
     }
@@ -448,7 +455,12 @@ mod tests {
                 match (*expected, got) {
                     (Lands(to), Ok(next)) => {
                         assert_eq!(next.stage, to, "{case}");
-                        assert_eq!(next.previous_stage, Some(stage), "{case}");
+                        let left = if *event == CompleteRollback {
+                            journey.rollback_from
+                        } else {
+                            Some(stage)
+                        };
+                        assert_eq!(next.previous_stage, left, "{case}");
                         assert_eq!(next.stage_started_at, now, "{case}");
                         assert_eq!(next.started_at, journey.started_at, "{case}");
                     }
@@ -515,7 +527,8 @@ mod tests {
         assert_eq!(rolling.completed_stages, [Stage::Sandbox, Stage::Pilot]);
         let landed = rolling.apply(&Event::CompleteRollback, at(101)).unwrap();
         assert_eq!(landed.stage, Stage::Sandbox);
-        assert_eq!(landed.previous_stage, Some(Stage::Rollback));
+        // The stage the rollback left, not the transitional `rollback`.
+        assert_eq!(landed.previous_stage, Some(Stage::Production));
         assert_eq!(landed.completed_stages, []);
         assert_eq!(landed.rollback_target, None);
         assert_eq!(landed.rollback_from, None);
@@ -553,7 +566,7 @@ mod tests {
         assert_eq!(restarted.stage_started_at, at(20));
         assert_eq!(restarted.started_at, sandbox.started_at);
         assert_eq!(restarted.completed_stages, []);
-        assert_eq!(restarted.previous_stage, Some(Stage::Rollback));
+        assert_eq!(restarted.previous_stage, Some(Stage::Sandbox));
     }
 
     #[test]
@@ -725,7 +738,12 @@ mod tests {
                 match result {
                     Ok(next) => {
                         prop_assert!(!before.stage.is_terminal(), "terminal stage moved");
-                        prop_assert_eq!(next.previous_stage, Some(before.stage));
+                        let left = if event == Event::CompleteRollback {
+                            before.rollback_from
+                        } else {
+                            Some(before.stage)
+                        };
+                        prop_assert_eq!(next.previous_stage, left);
                         prop_assert_eq!(next.stage_started_at, now);
                         if next.stage.is_active_stage() {
                             // Never more than one step past where we came from.

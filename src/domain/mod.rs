@@ -17,3 +17,5 @@ pub mod work;
 
 #[cfg(test)]
 mod recovery_tests;
+#[cfg(test)]
+mod semantics_tests;

@@ -1368,6 +1368,7 @@ mod tests {
                 op,
                 value,
             },
+            since: Default::default(),
         }
     }
 
@@ -1380,6 +1381,7 @@ mod tests {
                 max: 0,
                 severity: None,
             },
+            since: Default::default(),
         }
     }
 
@@ -1398,6 +1400,7 @@ mod tests {
                     check: Check::AllFlags {
                         prefix: "connector.".to_owned()
                     },
+                    since: Default::default(),
                 },
                 metric("search_quality", "search.precision", Op::Gt, 0.80),
                 metric("security_scan", "security.critical_count", Op::Eq, 0.0),
@@ -1407,6 +1410,7 @@ mod tests {
                         flag: "demo.approved".to_owned(),
                         equals: true
                     },
+                    since: Default::default(),
                 },
             ]
         );

@@ -32,6 +32,43 @@ pub struct JourneyRecord {
     /// The W3C trace id every message about this journey carries.
     #[serde(default)]
     pub trace_id: Option<String>,
+    /// Set by a manual rollback: the journey stays at its target, re-running the stage's
+    /// work but never promoting itself, until `journey.resume` or `journey.promote`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<Hold>,
+    /// Which journey of this client this is: 1 for the first, n+1 after `journey.start`
+    /// on a finished (completed or cancelled) generation n.
+    #[serde(default = "first_generation")]
+    pub generation: u32,
+    /// The client's earlier, finished journeys, oldest first. Their history lines stay
+    /// under the same client key, in order, after a `generation_archived` line.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub past: Vec<PastGeneration>,
+}
+
+fn first_generation() -> u32 {
+    1
+}
+
+/// Why a journey waits at its stage for a person (see [`JourneyRecord::hold`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hold {
+    /// The manual rollback's reason.
+    pub reason: String,
+    pub since: DateTime<Utc>,
+}
+
+/// What is kept of a finished generation when the client starts again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PastGeneration {
+    pub generation: u32,
+    /// `completed` or `cancelled`.
+    pub outcome: Stage,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: DateTime<Utc>,
+    pub completed_stages: Vec<Stage>,
+    /// The playbook hash it ran on.
+    pub playbook: String,
 }
 
 /// Why and where a rollback goes, kept while it runs.
@@ -79,6 +116,7 @@ impl JourneyRecord {
             Stage::Rollback if failed => "rollback_failed",
             Stage::Rollback => "rolling_back",
             _ if failed => "paused",
+            _ if self.hold.is_some() => "held",
             Stage::Production if done => "live",
             _ if done => "awaiting_gate",
             _ => "running",
@@ -146,6 +184,9 @@ pub fn state_view(rec: &JourneyRecord) -> Value {
         "gate": rec.gate,
         "rollback": rec.rollback,
         "evidence": rec.evidence,
+        "hold": rec.hold,
+        "generation": rec.generation,
+        "past_generations": rec.past,
     })
 }
 

@@ -21,7 +21,9 @@ use super::command::{Command, ErrorPayload, TaskOutcome};
 use super::gate;
 use super::journey::{Event, Journey, Stage, TransitionError};
 use super::playbook::{Playbook, StageWork};
-use super::record::{JourneyRecord, RollbackInfo, Snapshot, event_payload, state_view};
+use super::record::{
+    Hold, JourneyRecord, PastGeneration, RollbackInfo, Snapshot, event_payload, state_view,
+};
 use super::work::{JourneyView, ReplyEffect, TaskStatus, UnitOfWork, WorkKind, WorkStatus};
 
 /// Behaviour the operator chooses.
@@ -277,6 +279,9 @@ pub enum Tally {
 }
 
 /// What a step does besides changing the record.
+// Effects live for one step in one Vec, and a snapshot (a whole record) is rare: boxing it
+// would buy nothing measurable.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     Publish(Message),
@@ -341,7 +346,8 @@ impl Step {
     }
 }
 
-/// A refused journey command: answered with an `error`, and dead-lettered.
+/// A refused journey command: answered with an `error` when it has `reply_to`, else
+/// dead-lettered (nobody can be told).
 #[derive(Debug, Clone)]
 pub struct Refusal {
     pub code: &'static str,
@@ -402,8 +408,9 @@ pub fn step(
     };
     // The journey's pending deadlines and retries, changed or not: a timer that fired
     // early, or a refused command, must not lose the wake-ups already due.
-    if let Some(w) = record.as_ref().or(rec).and_then(|r| r.work.as_ref()) {
-        for (at, _, _) in w.timers() {
+    if let Some(r) = record.as_ref().or(rec) {
+        let playbook = playbooks.of(r);
+        for at in wakeups(r, playbook, policy, s.ctx.now) {
             s.effects.push(Effect::Arm(at));
         }
     }
@@ -504,6 +511,75 @@ pub fn request_id(correlation_id: &str) -> Uuid {
     })
 }
 
+/// Every moment the journey wants to be woken at: its task deadlines and retries, and the
+/// next time one of its time-based gate criteria could change (see [`gate_wakeup`]). The
+/// runtime arms these after each step and again from the store when it starts, which is
+/// what makes them durable.
+pub fn wakeups(
+    rec: &JourneyRecord,
+    playbook: &Playbook,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> Vec<DateTime<Utc>> {
+    let mut at: Vec<DateTime<Utc>> = rec
+        .work
+        .as_ref()
+        .map(|w| w.timers().into_iter().map(|(at, _, _)| at).collect())
+        .unwrap_or_default();
+    at.extend(gate_wakeup(rec, playbook, policy, now));
+    at
+}
+
+/// When the journey's time-based criteria (`min_time_in_stage`, event windows) next may
+/// change their verdict without new evidence, after `now`. Rollback triggers count while
+/// the journey is in an active stage; exit criteria only while a gate verdict is what the
+/// journey waits for (its stage work done, promoting itself, not held), since finishing
+/// the work evaluates the gate anyway.
+pub fn gate_wakeup(
+    rec: &JourneyRecord,
+    playbook: &Playbook,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let stage = rec.journey.stage;
+    if !stage.is_active_stage() {
+        return None;
+    }
+    let spec = playbook.stage(stage.as_str())?;
+    let awaiting_gate = policy.auto_promote
+        && matches!(stage, Stage::Sandbox | Stage::Pilot)
+        && rec.hold.is_none()
+        && stage_work_done(rec);
+    let exit = spec.exit_criteria.iter().filter(|_| awaiting_gate);
+    gate::next_change(
+        spec.rollback_triggers.iter().chain(exit),
+        &rec.evidence,
+        rec.journey.stage_started_at,
+        now,
+    )
+}
+
+/// A time-based criterion may have changed its verdict since the journey's gates were
+/// last judged (the last gate evaluation, else the stage's start).
+fn gate_due(rec: &JourneyRecord, playbook: &Playbook, policy: &Policy, now: DateTime<Utc>) -> bool {
+    let stage_start = rec.journey.stage_started_at;
+    let last = rec
+        .gate
+        .as_ref()
+        .map(|g| g.evaluated_at.max(stage_start))
+        .unwrap_or(stage_start);
+    gate_wakeup(rec, playbook, policy, last).is_some_and(|at| at <= now)
+}
+
+/// The stage's own unit of work is done: only its gate stands before the next stage.
+fn stage_work_done(rec: &JourneyRecord) -> bool {
+    rec.work.as_ref().is_some_and(|w| {
+        w.kind == WorkKind::Stage
+            && w.stage == rec.journey.stage
+            && w.status == WorkStatus::Completed
+    })
+}
+
 /// The journey a correlation id names (`<client>/<uuid>`; client ids never hold '/').
 pub fn client_of_correlation(correlation_id: &str) -> Option<&str> {
     correlation_id.split_once('/').map(|(c, _)| c)
@@ -575,37 +651,18 @@ impl<'a> Stepper<'a, '_> {
         let client_id = cmd.client_id().to_string();
         let mid = from.message_id;
         let outcome: Result<JourneyRecord, Refusal> = match (cmd, existing) {
-            (Command::Start(p), None) => {
-                let mut rec = JourneyRecord {
-                    journey: Journey::start(client_id.clone(), now),
-                    playbook: self.playbooks.current_hash.to_string(),
-                    context: Value::Object(p.context.unwrap_or_default()),
-                    work: None,
-                    work_seq: 0,
-                    evidence: Default::default(),
-                    gate: None,
-                    rollback: None,
-                    trace_id: Some(
-                        from.trace_id
-                            .map(str::to_string)
-                            .unwrap_or_else(|| self.ctx.ids.next_uuid().simple().to_string()),
-                    ),
-                };
-                self.count(Tally::JourneyStarted);
-                self.history(
-                    "started",
-                    json!({"stage": "sandbox", "playbook": rec.playbook}),
-                    Some(mid),
-                );
-                self.event(&rec, "journey.started", json!({}));
-                self.enter_stage(&mut rec);
-                Ok(rec)
+            (Command::Start(p), None) => Ok(self.start(client_id.clone(), p, from, None)),
+            // A finished journey is archived and the client starts again: generation n+1.
+            (Command::Start(p), Some(rec)) if rec.journey.stage.is_terminal() => {
+                Ok(self.start(client_id.clone(), p, from, Some(rec)))
             }
             (Command::Start(_), Some(rec)) => Err(Refusal::new(
                 "already_exists",
                 format!(
-                    "client {client_id} already has a journey (stage {}); there is one journey per client",
-                    rec.journey.stage
+                    "client {client_id} already has a journey in progress (stage {}, generation {}); \
+                     there is one journey per client at a time: cancel it (journey.cancel) or let it \
+                     complete, then start again",
+                    rec.journey.stage, rec.generation
                 ),
             )),
             (Command::Status(_), Some(rec)) => Ok(rec.clone()),
@@ -630,6 +687,7 @@ impl<'a> Stepper<'a, '_> {
                             w.cancel(format!("journey cancelled: {reason}"), now);
                         }
                         rec.rollback = None;
+                        rec.hold = None;
                         rec
                     })
             }
@@ -637,9 +695,16 @@ impl<'a> Stepper<'a, '_> {
                 let mut rec = rec.clone();
                 let retry = rec.rollback.as_ref().is_some_and(|r| r.failed);
                 if retry && p.rollback_to.is_none() {
-                    self.resume(&mut rec, mid);
+                    // Retrying a failed rollback keeps the hold a manual rollback set.
+                    self.resume(&mut rec, mid, false);
                     Ok(rec)
                 } else {
+                    // Held before the rollback runs: one with no undo work lands, and
+                    // re-enters its target, within this step.
+                    rec.hold = Some(Hold {
+                        reason: p.reason.clone(),
+                        since: now,
+                    });
                     self.start_rollback(&mut rec, &p.reason, p.rollback_to, false, mid)
                         .map(|_| rec)
                 }
@@ -673,18 +738,19 @@ impl<'a> Stepper<'a, '_> {
                     .work
                     .as_ref()
                     .is_some_and(|w| w.status == WorkStatus::Failed);
-                if !failed || rec.journey.stage.is_terminal() {
+                if !(failed || rec.hold.is_some()) || rec.journey.stage.is_terminal() {
                     Err(Refusal::new(
                         "invalid_transition",
                         format!(
-                            "nothing to resume: the journey is {} ({})",
+                            "nothing to resume: the journey is {} ({}); resume redrives failed \
+                             work or releases the hold of a manual rollback",
                             rec.status(),
                             rec.journey.stage
                         ),
                     ))
                 } else {
                     let mut rec = rec.clone();
-                    self.resume(&mut rec, mid);
+                    self.resume(&mut rec, mid, true);
                     Ok(rec)
                 }
             }
@@ -724,9 +790,10 @@ impl<'a> Stepper<'a, '_> {
                 })
                 .unwrap_or(Value::Null);
                 self.answer(from, intent, true, error);
-                // Refused state changes are kept for the on-call engineer; refused status
-                // queries are just answered.
-                if intent != "journey.status" {
+                // A refusal its sender was told about is not a dead letter: the dead-letter
+                // queue is for what nobody can be told about, or failed processing. A
+                // refused state change with no `reply_to` is kept for the on-call engineer.
+                if from.reply_to.is_none() && intent != "journey.status" {
                     self.count(Tally::DeadLetter {
                         reason: r.code.to_string(),
                     });
@@ -784,14 +851,6 @@ impl<'a> Stepper<'a, '_> {
         result
     }
 
-    fn stage_work_done(rec: &JourneyRecord) -> bool {
-        rec.work.as_ref().is_some_and(|w| {
-            w.kind == WorkKind::Stage
-                && w.stage == rec.journey.stage
-                && w.status == WorkStatus::Completed
-        })
-    }
-
     /// The gate before promotion or completion: the work is done and every check passes.
     fn gate_for(&mut self, rec: &mut JourneyRecord, cause: &str) -> Outcome {
         if !rec.journey.stage.is_active_stage() {
@@ -803,7 +862,7 @@ impl<'a> Stepper<'a, '_> {
                 ),
             ));
         }
-        if !Self::stage_work_done(rec) {
+        if !stage_work_done(rec) {
             return Err(Refusal::new(
                 "not_ready",
                 format!(
@@ -835,6 +894,8 @@ impl<'a> Stepper<'a, '_> {
         // refusal names the real reason rather than a gate.
         rec.journey.apply(event, self.now())?;
         self.gate_for(rec, cause)?;
+        // A person promoting a held journey releases it.
+        rec.hold = None;
         self.transition(rec, event, cause)
     }
 
@@ -843,18 +904,28 @@ impl<'a> Stepper<'a, '_> {
     fn try_auto_promote(&mut self, rec: &mut JourneyRecord, cause: &str) {
         if !self.policy.auto_promote
             || !matches!(rec.journey.stage, Stage::Sandbox | Stage::Pilot)
-            || !Self::stage_work_done(rec)
+            || rec.hold.is_some()
+            || !stage_work_done(rec)
         {
             return;
         }
+        // `rec.gate` is this stage's last verdict (entering a stage clears it).
+        let before: Option<Vec<String>> = rec
+            .gate
+            .as_ref()
+            .filter(|g| g.stage == rec.journey.stage.as_str())
+            .map(|g| g.failed_checks().map(|c| c.name.clone()).collect());
         let result = self.evaluate_gate(rec, cause);
         if result.passed {
             // The stage is sandbox or pilot: promotion is always a valid transition.
             let _ = self.transition(rec, &Event::Promote, cause);
         } else {
-            let failed: Vec<&str> = result.failed_checks().map(|c| c.name.as_str()).collect();
-            let detail = json!({"summary": result.summary(), "failed": failed});
-            self.event(rec, "gate.failed", detail);
+            let failed: Vec<String> = result.failed_checks().map(|c| c.name.clone()).collect();
+            // Said once per change of the failing set, not on every report of evidence.
+            if before.as_ref() != Some(&failed) {
+                let detail = json!({"summary": result.summary(), "failed": failed});
+                self.event(rec, "gate.failed", detail);
+            }
         }
     }
 
@@ -934,34 +1005,52 @@ impl<'a> Stepper<'a, '_> {
             cause,
             json!({"reason": reason, "automatic": automatic, "target": target}),
         )?;
-        // Run the stage's rollback work; none means there is nothing to undo.
-        let rollback = self
-            .playbooks
-            .of(rec)
-            .stage(from.as_str())
-            .map(|s| s.rollback.tasks.clone())
-            .unwrap_or_default();
-        if rollback.is_empty() {
-            return self.complete_rollback(rec, cause);
+        self.undo(rec, Some(from), cause)
+    }
+
+    /// Saga compensation: runs the rollback work of `stage`, then of each stage before it
+    /// down to (not including) the rollback's target, latest first; a stage with no
+    /// rollback tasks has nothing to undo. Production -> sandbox undoes production, then
+    /// pilot; sandbox -> sandbox undoes sandbox. Lands once nothing is left to undo.
+    fn undo(&mut self, rec: &mut JourneyRecord, mut stage: Option<Stage>, cause: &str) -> Outcome {
+        let now = self.now();
+        let target = rec.rollback.as_ref().map(|r| r.to);
+        while let Some(s) = stage {
+            let tasks = self
+                .playbooks
+                .of(rec)
+                .stage(s.as_str())
+                .map(|st| st.rollback.tasks.clone())
+                .unwrap_or_default();
+            if tasks.is_empty() {
+                stage = Self::undone_next(s, target);
+                continue;
+            }
+            rec.work_seq += 1;
+            let spec = StageWork {
+                tasks,
+                ..Default::default()
+            };
+            let mut work = UnitOfWork::new(
+                format!(
+                    "uow-{}-rollback-{}-{}",
+                    rec.journey.client_id, s, rec.work_seq
+                ),
+                s,
+                &spec,
+                now,
+            );
+            work.kind = WorkKind::Rollback;
+            rec.work = Some(work);
+            self.advance(rec);
+            return Ok(());
         }
-        rec.work_seq += 1;
-        let spec = StageWork {
-            tasks: rollback,
-            ..Default::default()
-        };
-        let mut work = UnitOfWork::new(
-            format!(
-                "uow-{}-rollback-{}-{}",
-                rec.journey.client_id, from, rec.work_seq
-            ),
-            from,
-            &spec,
-            now,
-        );
-        work.kind = WorkKind::Rollback;
-        rec.work = Some(work);
-        self.advance(rec);
-        Ok(())
+        self.complete_rollback(rec, cause)
+    }
+
+    /// The stage to undo after `undone`: the one before it, if the rollback leaves it too.
+    fn undone_next(undone: Stage, target: Option<Stage>) -> Option<Stage> {
+        undone.before().filter(|b| target.is_some_and(|t| *b > t))
     }
 
     fn complete_rollback(&mut self, rec: &mut JourneyRecord, cause: &str) -> Outcome {
@@ -977,18 +1066,100 @@ impl<'a> Stepper<'a, '_> {
         Ok(())
     }
 
-    /// Restarts failed work from its failed tasks, keeping completed ones (a redrive).
-    fn resume(&mut self, rec: &mut JourneyRecord, cause: &str) {
-        if let Some(w) = rec.work.as_mut() {
-            w.resume();
-        }
-        if let Some(r) = rec.rollback.as_mut() {
-            r.failed = false;
+    /// Restarts failed work from its failed tasks, keeping completed ones (a redrive), and
+    /// with `release`, lets a journey held by a manual rollback promote itself again.
+    fn resume(&mut self, rec: &mut JourneyRecord, cause: &str, release: bool) {
+        let released = release && rec.hold.take().is_some();
+        let failed = rec
+            .work
+            .as_ref()
+            .is_some_and(|w| w.status == WorkStatus::Failed);
+        if failed {
+            if let Some(w) = rec.work.as_mut() {
+                w.resume();
+            }
+            if let Some(r) = rec.rollback.as_mut() {
+                r.failed = false;
+            }
         }
         self.count(Tally::Resume);
-        self.history("resumed", json!({"status": rec.status()}), Some(cause));
-        self.event(rec, "journey.resumed", json!({}));
+        self.history(
+            "resumed",
+            json!({"status": rec.status(), "released_hold": released, "redrive": failed}),
+            Some(cause),
+        );
+        self.event(
+            rec,
+            "journey.resumed",
+            json!({"released_hold": released, "redrive": failed}),
+        );
         self.advance(rec);
+        if !failed {
+            // Released with its work done: the gate decides now, on this stage's evidence.
+            self.try_auto_promote(rec, cause);
+        }
+    }
+
+    /// A new journey for the client; with `prior` (a finished one), generation n+1. The
+    /// prior generation's summary is kept in the record and its history lines stay under
+    /// the client's key, so `journey status` and `journey history` show both.
+    fn start(
+        &mut self,
+        client_id: String,
+        p: super::command::StartPayload,
+        from: &Sender<'_>,
+        prior: Option<&JourneyRecord>,
+    ) -> JourneyRecord {
+        let now = self.now();
+        let mid = from.message_id;
+        let (generation, past, work_seq) = match prior {
+            None => (1, Vec::new(), 0),
+            Some(old) => {
+                let mut past = old.past.clone();
+                past.push(PastGeneration {
+                    generation: old.generation,
+                    outcome: old.journey.stage,
+                    started_at: old.journey.started_at,
+                    ended_at: old.journey.stage_started_at,
+                    completed_stages: old.journey.completed_stages.clone(),
+                    playbook: old.playbook.clone(),
+                });
+                self.history(
+                    "generation_archived",
+                    serde_json::to_value(past.last()).unwrap_or(Value::Null),
+                    Some(mid),
+                );
+                // Work ids stay unique across generations.
+                (old.generation + 1, past, old.work_seq)
+            }
+        };
+        let mut rec = JourneyRecord {
+            journey: Journey::start(client_id, now),
+            playbook: self.playbooks.current_hash.to_string(),
+            context: Value::Object(p.context.unwrap_or_default()),
+            work: None,
+            work_seq,
+            evidence: Default::default(),
+            gate: None,
+            rollback: None,
+            trace_id: Some(
+                from.trace_id
+                    .map(str::to_string)
+                    .unwrap_or_else(|| self.ctx.ids.next_uuid().simple().to_string()),
+            ),
+            hold: None,
+            generation,
+            past,
+        };
+        self.count(Tally::JourneyStarted);
+        self.history(
+            "started",
+            json!({"stage": "sandbox", "playbook": rec.playbook, "generation": generation}),
+            Some(mid),
+        );
+        self.event(&rec, "journey.started", json!({"generation": generation}));
+        self.enter_stage(&mut rec);
+        rec
     }
 
     fn transition(&mut self, rec: &mut JourneyRecord, event: &Event, cause: &str) -> Outcome {
@@ -1093,16 +1264,22 @@ impl<'a> Stepper<'a, '_> {
         match (status, kind) {
             (WorkStatus::Failed, _) => self.work_failed(rec),
             (WorkStatus::Completed, WorkKind::Stage) => {
-                self.history("work_completed", json!({"stage": stage}), None);
-                self.event(rec, "work.completed", json!({"stage": stage}));
+                let detail = json!({"stage": stage, "kind": "stage"});
+                self.history("work_completed", detail.clone(), None);
+                self.event(rec, "work.completed", detail);
                 self.try_auto_promote(rec, "work.completed");
             }
             (WorkStatus::Completed, WorkKind::Rollback) => {
-                // Validated: every rollback task reported success.
-                let undone = rec.rollback.as_ref().map(|r| r.from);
+                // Validated: every rollback task reported success. Reported like stage
+                // work, naming the stage it undid.
+                let undone = rec.work.as_ref().map(|w| w.stage);
+                let detail = json!({"stage": undone, "kind": "rollback"});
                 self.history("rollback_work_completed", json!({"undone": undone}), None);
-                // Rollback lands on its target: always a valid transition from Rollback.
-                let _ = self.complete_rollback(rec, "rollback.work.completed");
+                self.event(rec, "work.completed", detail);
+                let target = rec.rollback.as_ref().map(|r| r.to);
+                let next = undone.and_then(|u| Self::undone_next(u, target));
+                // Undoes the next stage left, or lands on the target: always valid.
+                let _ = self.undo(rec, next, "rollback.work.completed");
             }
             _ => {}
         }
@@ -1311,6 +1488,7 @@ impl<'a> Stepper<'a, '_> {
         let mut rec = rec.clone();
         let playbook = self.playbooks.of(&rec);
         let (now, jitter) = (self.now(), self.ctx.jitter);
+        let stage_before = rec.journey.stage;
         let mut effects = Vec::new();
         if let Some(w) = rec.work.as_mut() {
             let spec = Self::spec_of(playbook, w).into_owned();
@@ -1328,6 +1506,11 @@ impl<'a> Stepper<'a, '_> {
         }
         // Retries that are due are dispatched here.
         self.advance(&mut rec);
+        // A time-based criterion may have changed its verdict: judge triggers and gate
+        // again, as new evidence would (unless the stage was just left).
+        if rec.journey.stage == stage_before && gate_due(&rec, playbook, self.policy, now) {
+            self.after_evidence(&mut rec, "timer");
+        }
         if effects.is_empty() && self.effects.len() == before {
             // Nothing was due after all: the journey stays as it is.
             return None;

@@ -158,6 +158,11 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// What a playbook asks of agents and upstream, and whether it is valid.
+    Playbook {
+        #[command(subcommand)]
+        command: crate::ops::playbook::PlaybookCmd,
+    },
     /// Broker topology.
     Topology {
         #[command(subcommand)]
@@ -274,7 +279,7 @@ pub struct OrchestratorArgs {
     /// it; finished ones are read from disk when asked for.
     #[arg(long, env = "JOURNEYMAN_STORE_CACHE_MB", default_value_t = 32)]
     pub store_cache_mb: u64,
-    /// Pause between rounds of `journey.status_card` events: each changed journey
+    /// Pause between rounds of `dashboard.status_card` events: each changed journey
     /// publishes one card per round, however many times it changed.
     #[arg(long, default_value = "250ms", value_parser = super::settings::duration)]
     pub status_card_interval: Duration,
@@ -525,6 +530,15 @@ pub enum TopologyCmd {
     Declare {
         #[command(flatten)]
         playbook: PlaybookArg,
+    },
+    /// Delete a namespace: its exchanges, the playbook's intent queues, the dead-letter
+    /// queue and the orchestrator's reply queue, with the messages in them. Asks first.
+    Delete {
+        #[command(flatten)]
+        playbook: PlaybookArg,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -843,6 +857,59 @@ pub async fn run(cli: Cli) -> Result<()> {
                     }
                 );
             }
+            Ok(())
+        }
+        Cmd::Playbook { command } => {
+            use crate::ops::playbook::{PlaybookCmd, describe, print};
+            match command {
+                PlaybookCmd::Show { playbook, json } => {
+                    let d = describe(&playbook.load()?);
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&d)?);
+                    } else {
+                        print(&d);
+                    }
+                }
+                PlaybookCmd::Validate { playbook } => {
+                    let p = playbook.load()?;
+                    println!("valid: playbook {} ({})", p.name, p.content_hash());
+                }
+            }
+            Ok(())
+        }
+        Cmd::Topology {
+            command: TopologyCmd::Delete { playbook, yes },
+        } => {
+            let playbook = playbook.load()?;
+            let names = g.names();
+            let mut queues: Vec<String> = playbook
+                .namespace_intents()
+                .iter()
+                .map(|i| names.intent_queue(i))
+                .collect();
+            queues.push(names.dead_letter());
+            queues.push(names.replies("0"));
+            if !yes {
+                use std::io::{BufRead, Write};
+                eprintln!(
+                    "this deletes namespace '{}': exchanges {}, {}, {} and {} queues, with every message in them (dead letters included).",
+                    names.namespace,
+                    names.intents(),
+                    names.events(),
+                    names.dlx(),
+                    queues.len()
+                );
+                eprint!("type the namespace to confirm: ");
+                std::io::stderr().flush()?;
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line)?;
+                if line.trim() != names.namespace {
+                    bail!("not confirmed; nothing deleted");
+                }
+            }
+            let conn = broker::connect(&g.amqp_url, "journeyman-cli").await?;
+            broker::delete_namespace(&conn, &names, &queues).await;
+            println!("deleted namespace '{}'", names.namespace);
             Ok(())
         }
         Cmd::Topology {

@@ -524,7 +524,18 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
                     ));
                 }
                 "journey.rollback_started" => counts.rollbacks_started += 1,
-                "journey.rollback_completed" => counts.rollbacks_completed += 1,
+                "journey.rollback_completed" => {
+                    counts.rollbacks_completed += 1;
+                    // Back in sandbox: its gate judges evidence observed since the
+                    // landing, so upstream reports what the sandbox gate needs again.
+                    if t.stage == "sandbox" {
+                        reply = Some((
+                            "journey.evidence",
+                            json!({"client_id": client,
+                            "metrics": {"search.precision": 0.9}, "flags": {"demo.approved": true}}),
+                        ));
+                    }
+                }
                 "rollback.failed" => {
                     counts.rollbacks_failed += 1;
                     reply = Some((

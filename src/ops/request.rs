@@ -69,6 +69,18 @@ pub async fn request_as(
         .with_correlation_id(ShortString::from(env.message_id.to_string()))
         .with_reply_to(ShortString::from(DIRECT_REPLY_TO))
         .with_type(ShortString::from("request"));
+    // A namespace nobody declared has no intents exchange: the broker closes the channel
+    // with NOT_FOUND, which says nothing to a user who mistyped --namespace.
+    let no_topology = |e: lapin::Error| {
+        if e.to_string().contains("NOT_FOUND") {
+            anyhow!(
+                "namespace '{}' has no topology: run `journeyman topology declare` or check --namespace",
+                names.namespace
+            )
+        } else {
+            anyhow!(e).context("publishing the command")
+        }
+    };
     let confirm = ch
         .basic_publish(
             names.intents().as_str().into(),
@@ -80,8 +92,10 @@ pub async fn request_as(
             &env.to_bytes(),
             props,
         )
-        .await?
-        .await?;
+        .await
+        .map_err(no_topology)?
+        .await
+        .map_err(no_topology)?;
     match confirm {
         Confirmation::Ack(None) => {}
         Confirmation::Ack(Some(_)) => bail!(
@@ -106,7 +120,7 @@ pub async fn request_as(
     };
     tokio::time::timeout(timeout, wait).await.map_err(|_| {
         anyhow!(
-            "no answer from the orchestrator within {timeout:?}: is it running in namespace '{}'? (the command stays queued and will be applied when it starts)",
+            "no answer from the orchestrator within {timeout:?}: no orchestrator took the command from its queue in namespace '{}' (refusals are always answered, so it is not running or is overloaded); the command stays queued and will be applied when one does",
             names.namespace
         )
     })?

@@ -233,15 +233,20 @@ impl Core {
 
     fn load_timers(&mut self) -> Result<(), OrchestratorError> {
         let mut timers = BTreeSet::new();
-        for rec in self.store.journeys::<JourneyRecord>() {
-            let rec = rec?;
+        let now = super::now();
+        let records: Vec<JourneyRecord> = self
+            .store
+            .journeys::<JourneyRecord>()
+            .collect::<Result<_, _>>()?;
+        for rec in records {
             if rec.is_active() {
                 self.active.insert(rec.journey.client_id.clone());
             }
-            if let Some(w) = &rec.work {
-                for (at, _, _) in w.timers() {
-                    timers.insert((at, rec.journey.client_id.clone()));
-                }
+            // Deadlines, retries and time-based gate criteria: armed again from the store,
+            // which is what makes them survive a restart.
+            let playbook = self.playbook(&rec.playbook)?;
+            for at in step::wakeups(&rec, &playbook, &self.policy, now) {
+                timers.insert((at, rec.journey.client_id.clone()));
             }
         }
         self.timers = timers;
@@ -352,7 +357,7 @@ impl Core {
     /// Handles one delivery: decode, dedup, apply. Returns what to publish once durable.
     pub fn handle(&mut self, m: &Inbound) -> Result<Vec<OutboxEntry>, OrchestratorError> {
         Stats::inc(&self.stats.inputs);
-        let now = Utc::now();
+        let now = super::now();
         let env = match self.decoder.envelope(m.data) {
             Ok(env) => env,
             Err(e) => return self.refuse_input(m, None, &e, now),
@@ -731,7 +736,9 @@ impl Core {
     }
 
     fn dead_letter(&self, dl: DeadLetter) -> OutboxEntry {
-        let failed_at = dl.failed_at.to_rfc3339();
+        let failed_at = dl
+            .failed_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         // A replayed message continues its failure history.
         let first = dl.first_failed_at.unwrap_or_else(|| failed_at.clone());
         let mut h = vec![
@@ -795,11 +802,16 @@ impl Core {
             now,
         )
         .continuing(m.replay.as_ref());
+        let mut dl = dl;
+        dl.client_id = env.payload["client_id"].as_str().map(str::to_string);
         change.push_outbox(self.dead_letter(dl));
         Ok(self.commit(change)?)
     }
 
-    /// Dead-letters an input that failed decoding, with its reason, and marks it seen.
+    /// Refuses an input that failed decoding or authentication, and marks it seen. With a
+    /// `reply_to` the sender is told why and what to do (an `error` reply; its auth token is
+    /// never echoed) and that is the end of it; without one nobody can be told, so it is
+    /// dead-lettered for the on-call engineer.
     fn refuse_input(
         &mut self,
         m: &Inbound,
@@ -807,7 +819,6 @@ impl Core {
         e: &ProtocolError,
         now: DateTime<Utc>,
     ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
-        warn!(queue = m.queue, reason = e.reason_code(), error = %e, "refused message; dead-lettering it");
         let mut change = Change::new();
         let mid = env
             .map(|e| e.message_id.to_string())
@@ -818,20 +829,73 @@ impl Core {
             }
             change.put_dedup(mid, &Seen::of(m.data, now));
         }
-        let dl = DeadLetter::of_input(
-            e.reason_code(),
-            e.to_string(),
-            m.origin(),
-            mid.unwrap_or_else(|| Uuid::new_v4().to_string()),
-            m.correlation_id.clone(),
-            m.data.to_vec(),
-            now,
-        )
-        .continuing(m.replay.as_ref());
-        change.push_outbox(self.dead_letter(dl));
-        self.count(Tally::DeadLetter {
-            reason: e.reason_code().to_string(),
+        // The journey it is about, when the message says: a command's client, or the
+        // journey a reply's correlation id names.
+        let client_id = env.and_then(|env| match m.source {
+            Source::Command => env.payload["client_id"].as_str().map(str::to_string),
+            Source::Reply => env
+                .correlation_id
+                .as_deref()
+                .and_then(step::client_of_correlation)
+                .map(str::to_string),
         });
+        Stats::inc(&self.stats.refusals);
+        match (m.source, m.reply_to.as_deref()) {
+            (Source::Command, Some(to)) => {
+                debug!(queue = m.queue, reason = e.reason_code(), error = %e, "refused message; answered");
+                let correlation = env
+                    .map(Envelope::reply_correlation)
+                    .or_else(|| m.correlation_id.clone())
+                    .or_else(|| mid.clone())
+                    .unwrap_or_default();
+                let target = env
+                    .map(|e| {
+                        (
+                            e.source_agent.agent_id.clone(),
+                            e.source_agent.domain.clone(),
+                        )
+                    })
+                    .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+                let intent = env
+                    .map(|e| e.intent.clone())
+                    .unwrap_or_else(|| m.routing_key.to_string());
+                let payload = serde_json::to_value(crate::domain::command::ErrorPayload {
+                    code: e.reason_code().into(),
+                    message: e.reply_message(),
+                    retryable: false,
+                    details: None,
+                })
+                .unwrap_or(Value::Null);
+                let reply = Message::Reply {
+                    message_id: Uuid::new_v4(),
+                    to: to.to_string(),
+                    intent,
+                    target,
+                    correlation_id: correlation,
+                    error: true,
+                    payload,
+                };
+                change.push_outbox(self.encode(reply, now, None, None));
+            }
+            _ => {
+                warn!(queue = m.queue, reason = e.reason_code(), error = %e, "refused message; dead-lettering it");
+                let mut dl = DeadLetter::of_input(
+                    e.reason_code(),
+                    e.to_string(),
+                    m.origin(),
+                    mid.unwrap_or_else(|| Uuid::new_v4().to_string()),
+                    m.correlation_id.clone(),
+                    m.data.to_vec(),
+                    now,
+                )
+                .continuing(m.replay.as_ref());
+                dl.client_id = client_id;
+                change.push_outbox(self.dead_letter(dl));
+                self.count(Tally::DeadLetter {
+                    reason: e.reason_code().to_string(),
+                });
+            }
+        }
         Ok(self.commit(change)?)
     }
 
@@ -842,7 +906,7 @@ impl Core {
         client_id: &str,
         correlation_id: &str,
     ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
-        let now = Utc::now();
+        let now = super::now();
         let mut change = Change::new();
         change.remove_outbox(outbox_id);
         let rec = self.journey(client_id)?;
@@ -925,7 +989,7 @@ impl Core {
             return Ok(Vec::new());
         }
         let mut change = Change::new();
-        let now = Utc::now();
+        let now = super::now();
         for client in &due {
             change.clear_card_due(client);
             let Some(rec) = self.store.journey::<JourneyRecord>(client)? else {
@@ -936,10 +1000,10 @@ impl Core {
             let card = status_card(&rec, &recent, card_id, now);
             let msg = Message::Event {
                 message_id: Uuid::new_v4(),
-                name: "journey.status_card".into(),
+                name: "dashboard.status_card".into(),
                 payload: crate::domain::record::event_payload(
                     &rec,
-                    "journey.status_card",
+                    "dashboard.status_card",
                     card,
                     now,
                 ),

@@ -26,6 +26,21 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// The clock the orchestrator decides by, to the millisecond: every timestamp it stores
+/// or sends (envelopes, events, history, dead-letter headers) then has at most three
+/// fractional digits, as the protocol documents (and as Python before 3.11 parses).
+///
+/// Not forced to be strictly increasing: bumping ties by a millisecond would run ahead of
+/// the wall clock at more than 1,000 steps a second and shorten every task timeout. A
+/// report that reaches a stage within the millisecond it was entered (never in practice:
+/// the entry is flushed and announced first) counts for the stage before.
+pub fn now() -> chrono::DateTime<Utc> {
+    use chrono::DurationRound;
+    let t = Utc::now();
+    t.duration_trunc(chrono::TimeDelta::milliseconds(1))
+        .unwrap_or(t)
+}
+
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use futures_util::StreamExt;
@@ -618,7 +633,7 @@ fn apply_group(
         }
     }
     if fire_timers {
-        settle.published.extend(core.fire_timers(Utc::now())?);
+        settle.published.extend(core.fire_timers(now())?);
     }
     if cards {
         settle.published.extend(core.publish_cards(CARD_ROUND)?);

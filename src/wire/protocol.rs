@@ -114,7 +114,13 @@ impl Envelope {
         Self {
             message_id: Uuid::new_v4(),
             correlation_id: None,
-            timestamp: now,
+            // Milliseconds, as the protocol documents: nine fractional digits break
+            // parsers such as Python's before 3.11.
+            timestamp: {
+                use chrono::DurationRound;
+                now.duration_trunc(chrono::TimeDelta::milliseconds(1))
+                    .unwrap_or(now)
+            },
             source_agent: source,
             target_agent: target,
             message_type,
@@ -158,6 +164,10 @@ pub enum ProtocolError {
     NotUtf8(String),
     #[error("message body is not valid JSON: {0}")]
     MalformedJson(String),
+    /// Valid JSON, but nested deeper than the decoder follows: its own reason, so a sender
+    /// is not told its JSON is broken when it is only deep.
+    #[error("message body nests JSON deeper than {limit} levels")]
+    TooDeep { limit: usize },
     #[error("{what} does not match its schema: {detail}")]
     SchemaInvalid { what: String, detail: String },
     #[error("no handler here for intent '{0}'")]
@@ -176,6 +186,7 @@ impl ProtocolError {
             ProtocolError::Oversize { .. } => "oversize",
             ProtocolError::NotUtf8(_) => "not_utf8",
             ProtocolError::MalformedJson(_) => "malformed_json",
+            ProtocolError::TooDeep { .. } => "too_deep",
             ProtocolError::SchemaInvalid { .. } => "schema_invalid",
             ProtocolError::UnknownIntent(_) => "unknown_intent",
             ProtocolError::UnexpectedMessageType(_) => "unknown_message_type",
@@ -184,6 +195,44 @@ impl ProtocolError {
         }
     }
 }
+
+impl ProtocolError {
+    /// What the sender should do about it, for the `error` reply to a refused message.
+    pub fn advice(&self) -> &'static str {
+        match self {
+            ProtocolError::Oversize { .. } => "send a smaller message",
+            ProtocolError::NotUtf8(_) | ProtocolError::MalformedJson(_) => {
+                "send a JSON envelope (schemas/envelope.schema.json)"
+            }
+            ProtocolError::TooDeep { .. } => "flatten the payload: at most 128 levels of nesting",
+            ProtocolError::SchemaInvalid { .. } => {
+                "fix the field named above; the schemas are in schemas/ and docs/protocol.md"
+            }
+            ProtocolError::UnknownIntent(_) => {
+                "use one of the journey.* intents listed in docs/protocol.md"
+            }
+            ProtocolError::UnexpectedMessageType(_) => {
+                "send journey commands as message_type request"
+            }
+            ProtocolError::Unauthenticated(_) => {
+                "sign the envelope with a valid token for this namespace (see docs/protocol.md, \
+                 authentication), or ask the operator for one"
+            }
+            ProtocolError::Forbidden(_) => {
+                "ask the operator for a token with the role this intent needs"
+            }
+        }
+    }
+
+    /// The reply text: the reason and what to do. Never carries the token (schema errors
+    /// under `security` do not show the value).
+    pub fn reply_message(&self) -> String {
+        format!("{self}: {}", self.advice())
+    }
+}
+
+/// serde_json's nesting limit, which bounds every decoded message's depth.
+pub const MAX_JSON_DEPTH: usize = 128;
 
 /// The schema files, embedded so the binary validates without a checkout.
 pub mod schemas {
@@ -246,10 +295,20 @@ fn check(
 ) -> Result<(), ProtocolError> {
     match validator.validate(value) {
         Ok(()) => Ok(()),
-        Err(e) => Err(ProtocolError::SchemaInvalid {
-            what: what.to_string(),
-            detail: format!("{} (at '{}')", e, e.instance_path()),
-        }),
+        Err(e) => {
+            let at = e.instance_path().to_string();
+            // The value is shown except under `security`: a malformed token is a secret
+            // still, and this text goes to replies and dead-letter headers.
+            let detail = if at.starts_with("/security") {
+                format!("invalid value, not shown (at '{at}')")
+            } else {
+                format!("{e} (at '{at}')")
+            };
+            Err(ProtocolError::SchemaInvalid {
+                what: what.to_string(),
+                detail,
+            })
+        }
     }
 }
 
@@ -294,8 +353,15 @@ impl Decoder {
             });
         }
         let text = std::str::from_utf8(bytes).map_err(|e| ProtocolError::NotUtf8(e.to_string()))?;
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| ProtocolError::MalformedJson(e.to_string()))?;
+        let value: Value = serde_json::from_str(text).map_err(|e| {
+            if e.to_string().starts_with("recursion limit exceeded") {
+                ProtocolError::TooDeep {
+                    limit: MAX_JSON_DEPTH,
+                }
+            } else {
+                ProtocolError::MalformedJson(e.to_string())
+            }
+        })?;
         check(&self.validators.envelope, "envelope", &value)?;
         serde_json::from_value(value).map_err(|e| ProtocolError::SchemaInvalid {
             what: "envelope".into(),
@@ -423,11 +489,18 @@ mod tests {
             d.envelope(b"{}").unwrap_err().reason_code(),
             "schema_invalid"
         );
+        // Valid but deep JSON has its own reason: it is not "not JSON".
         let deep = "[".repeat(1000) + &"]".repeat(1000);
         assert_eq!(
             d.envelope(deep.as_bytes()).unwrap_err().reason_code(),
-            "malformed_json"
+            "too_deep"
         );
+        // A token that breaks the schema is not shown in the reason.
+        let mut e = serde_json::to_value(env("journey.start", json!({"client_id": "a"}))).unwrap();
+        e["security"]["auth_token"] = json!(12345678);
+        let err = d.envelope(&serde_json::to_vec(&e).unwrap()).unwrap_err();
+        assert_eq!(err.reason_code(), "schema_invalid");
+        assert!(!err.reply_message().contains("12345678"), "{err}");
         let e = env("journey.fly", json!({"client_id": "acme"}));
         assert_eq!(d.command(&e).unwrap_err().reason_code(), "unknown_intent");
         let e = env("journey.start", json!({"client": "acme"}));

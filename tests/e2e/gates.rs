@@ -38,6 +38,25 @@ async fn wait_stage(app: &mut TestApp, client: &str, stage: &str) -> Value {
     .await
 }
 
+/// Lets a journey held by a manual rollback go on: upstream reports the sandbox evidence
+/// again (a gate judges evidence observed since its stage was re-entered), then
+/// `journey.resume` releases the hold.
+async fn release(app: &mut TestApp, client: &str) {
+    app.evidence(
+        client,
+        &[("search.precision", 0.9)],
+        &[("demo.approved", true)],
+    )
+    .await;
+    let r = app
+        .request(&Command::Resume(ClientPayload {
+            client_id: client.into(),
+        }))
+        .await;
+    assert_eq!(r.message_type, MessageType::Response, "{}", r.payload);
+    assert!(r.payload["hold"].is_null(), "{}", r.payload);
+}
+
 async fn wait_rollback_done(app: &mut TestApp, client: &str) -> Value {
     let c = client.to_string();
     app.wait_event(&format!("{client} rolled back"), move |p| {
@@ -103,7 +122,6 @@ async fn the_gate_holds_a_journey_until_its_evidence_passes_and_refuses_a_manual
         .filter(|c| c["passed"] == false)
         .collect();
     assert_eq!(failing.len(), 2, "{failing:?}");
-    assert_eq!(app.dead_letters(1).await[0].reason(), "gate_failed");
 
     // Exactly 80 % is not above 80 %: still waiting.
     app.evidence(
@@ -120,6 +138,8 @@ async fn the_gate_holds_a_journey_until_its_evidence_passes_and_refuses_a_manual
     wait_stage(&mut app, "acme", "pilot").await;
     app.wait_in_production("acme").await;
     assert!(Stats::get(&app.stats.gate_failed) >= 3);
+    // The refused promote was answered, so it is not a dead letter.
+    assert_eq!(app.dead_letter_count().await, 0);
 }
 
 /// What a test case reports.
@@ -237,12 +257,15 @@ async fn manual_rollbacks_land_where_asked_and_rerun_the_stage() {
     let done = wait_rollback_done(&mut app, "to-previous").await;
     assert_eq!(done["stage"], "pilot");
     assert_eq!(done["detail"]["rollback"]["automatic"], false);
+    // previous_stage: the stage the rollback left.
+    assert_eq!(done["previous_stage"], "production");
     let s = app.request(&status("to-previous")).await.payload;
     assert_eq!(
         s["completed_stages"],
         json!(["sandbox"]),
         "pilot must pass its gate again"
     );
+    assert_eq!(s["hold"]["reason"], "client asked to pause");
 
     // From production to an explicit earlier stage.
     app.wait_in_production("to-sandbox").await;
@@ -282,7 +305,11 @@ async fn manual_rollbacks_land_where_asked_and_rerun_the_stage() {
         Some("invalid_rollback_target" | "invalid_transition")
     ));
 
-    // Every journey recovers and runs each stage's rollback work and the stage again.
+    // Every journey is held where its manual rollback put it; released, it runs each
+    // stage again on fresh evidence.
+    for c in ["to-previous", "to-sandbox", "from-sandbox"] {
+        release(&mut app, c).await;
+    }
     for c in ["to-previous", "to-sandbox", "from-sandbox"] {
         app.wait_event(&format!("{c} back in production"), {
             let c = c.to_string();
@@ -296,6 +323,8 @@ async fn manual_rollbacks_land_where_asked_and_rerun_the_stage() {
     }
     assert!(!rec.attempts("rollback_production_deployment").is_empty());
     assert!(!rec.attempts("teardown_sandbox_environment").is_empty());
+    // Production -> sandbox undid pilot too (saga compensation).
+    assert!(!rec.attempts("revoke_pilot_access").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,6 +383,7 @@ async fn late_replies_after_a_rollback_are_recorded_and_ignored() {
     wait_rollback_done(&mut app, "acme").await;
     // Now the held pilot task answers: too late, its work was cancelled.
     open_tx.send(true).unwrap();
+    release(&mut app, "acme").await;
     app.wait_in_production("acme").await;
     assert!(
         Stats::get(&app.stats.stale_replies) > stale_before,
@@ -439,4 +469,52 @@ async fn cancel_works_during_a_rollback() {
     // A cancelled journey refuses everything but status.
     let again = app.request(&rollback("acme", "again", None)).await;
     assert_eq!(again.payload["code"], "invalid_transition");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_rollback_holds_instead_of_bouncing_and_a_finished_client_comes_back() {
+    let mut app = TestApp::spawn().await;
+    app.start_agent_for_all(Arc::new(SimAgent::default())).await;
+    app.start_journey("acme").await;
+    app.wait_in_production("acme").await;
+    let r = app
+        .request(&rollback("acme", "client asked", Some(Stage::Sandbox)))
+        .await;
+    assert_eq!(r.message_type, MessageType::Response, "{}", r.payload);
+    // Sandbox's work runs again after the landing (previous_stage names the stage left).
+    app.wait_event("sandbox re-run", |p| {
+        p["event"] == "work.completed"
+            && p["detail"]["kind"] == "stage"
+            && p["stage"] == "sandbox"
+            && p["previous_stage"] == "production"
+    })
+    .await;
+    // Held, though the journey had passed the sandbox gate before: no auto-promotion.
+    let s = app.request(&status("acme")).await.payload;
+    assert_eq!(s["stage"], "sandbox");
+    assert_eq!(s["status"], "held", "{s}");
+    assert!(
+        !app.seen_events()
+            .iter()
+            .any(|p| p["event"] == "journey.promoted" && p["previous_stage"] == "production"),
+        "bounced back"
+    );
+
+    // Cancelled, then started again: a second generation, the first kept.
+    let cancel = Command::Cancel(journeyman::wire::protocol::CancelPayload {
+        client_id: "acme".into(),
+        reason: Some("contract paused".into()),
+    });
+    assert_eq!(app.request(&cancel).await.payload["stage"], "cancelled");
+    let start = Command::Start(journeyman::wire::protocol::StartPayload {
+        client_id: "acme".into(),
+        context: None,
+    });
+    let r = app.request(&start).await;
+    assert_eq!(r.message_type, MessageType::Response, "{}", r.payload);
+    assert_eq!(r.payload["generation"], 2);
+    assert_eq!(r.payload["stage"], "sandbox");
+    assert_eq!(r.payload["past_generations"][0]["generation"], 1);
+    assert_eq!(r.payload["past_generations"][0]["outcome"], "cancelled");
+    assert_eq!(app.dead_letter_count().await, 0);
 }

@@ -9,11 +9,13 @@ mod broker_node;
 mod cdp;
 mod chaos;
 mod cli;
+mod conformance;
 mod crash;
 mod dlq;
 mod gates;
 mod helpers;
 mod http;
+mod refusals;
 mod shutdown;
 mod trace;
 mod webhook;
@@ -171,7 +173,13 @@ async fn commands_are_refused_with_reasons() {
     let again = app.request(&start).await;
     assert_eq!(again.message_type, MessageType::Error);
     assert_eq!(again.payload["code"], "already_exists");
+    // Without reply_to nobody can be told: only then is a refusal a dead letter.
+    let unanswerable = TestApp::command("journey.start", json!({"client_id": "acme"}));
+    app.send(&unanswerable).await;
     let dl = app.dead_letters(1).await;
+    // The first dead letter is this one: the answered refusals before it left none.
+    let body: Value = serde_json::from_slice(&dl[0].body).unwrap();
+    assert_eq!(body["message_id"], unanswerable.message_id.to_string());
     assert_eq!(dl[0].reason(), "already_exists");
     assert_eq!(dl[0].headers["x-journeyman-client-id"], "acme");
 
@@ -660,7 +668,7 @@ async fn a_reply_with_an_unknown_correlation_id_is_recorded_and_ignored() {
     // been applied, the stray one before it has been handled too.
     app.start_journey("beta").await;
     app.wait_event("beta's first task done", |p| {
-        p["event"] == "journey.status_card"
+        p["event"] == "dashboard.status_card"
             && p["client_id"] == "beta"
             && p["detail"]["progress"]["tasks_completed"].as_u64() >= Some(1)
     })

@@ -95,7 +95,7 @@ async fn status_cards_reach_the_webhook_in_order_despite_failures() {
     app.wait_in_production("acme").await;
     let last = app
         .wait_event("the live card", |p| {
-            p["event"] == "journey.status_card" && p["detail"]["status"] == "live"
+            p["event"] == "dashboard.status_card" && p["detail"]["status"] == "live"
         })
         .await;
 
