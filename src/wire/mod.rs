@@ -4,4 +4,5 @@
 pub mod auth;
 pub mod headers;
 pub mod protocol;
+pub mod redact;
 pub mod trace;
