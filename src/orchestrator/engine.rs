@@ -750,7 +750,9 @@ impl Core {
         // be able to fill sled (the outbox entry) or memory with what the cap refused.
         // The reason message keeps its full size.
         let body = match e {
-            ProtocolError::Oversize { .. } => m.data[..m.data.len().min(OVERSIZE_KEPT_BYTES)].to_vec(),
+            ProtocolError::Oversize { .. } => {
+                m.data[..m.data.len().min(OVERSIZE_KEPT_BYTES)].to_vec()
+            }
             _ => m.data.to_vec(),
         };
         let dl = DeadLetter::of_input(

@@ -95,7 +95,9 @@ fn redact_in_text(text: &str) -> Option<String> {
             .chars()
             .next_back()
             .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'));
-        let len = rest[i..].find(|c: char| !is_part(c)).unwrap_or(rest.len() - i);
+        let len = rest[i..]
+            .find(|c: char| !is_part(c))
+            .unwrap_or(rest.len() - i);
         let candidate = &rest[i..i + len];
         out.push_str(&rest[..i]);
         if before_ok && looks_like_jwt(candidate) {
@@ -149,9 +151,17 @@ mod tests {
         redact_json(&mut v);
         let text = v.to_string();
         assert!(!text.contains("c2lnbmF0dXJl"), "{text}");
-        assert!(!text.contains("s3cret-value") && !text.contains("hunter2"), "{text}");
+        assert!(
+            !text.contains("s3cret-value") && !text.contains("hunter2"),
+            "{text}"
+        );
         assert_eq!(v["client_id"], "acme");
-        assert!(v["payload"]["note"].as_str().unwrap().starts_with("copied <redacted"));
+        assert!(
+            v["payload"]["note"]
+                .as_str()
+                .unwrap()
+                .starts_with("copied <redacted")
+        );
     }
 
     #[test]

@@ -209,8 +209,7 @@ async fn the_orchestrator_refuses_unsigned_commands_and_its_signed_requests_are_
     let orch_key = Key::generate("orch", AgentRef::orchestrator().agent_id).unwrap();
     let agent_key = Key::generate("agent", "signed-agent").unwrap();
     let upstream_key = Key::generate("upstream", "test-upstream").unwrap();
-    let ring =
-        Arc::new(Keyring::own_and_public(&orch_key, &[&agent_key, &upstream_key]).unwrap());
+    let ring = Arc::new(Keyring::own_and_public(&orch_key, &[&agent_key, &upstream_key]).unwrap());
     let agent_ring = Arc::new(Keyring::own_and_public(&agent_key, &[&orch_key]).unwrap());
     let mut app = TestApp::spawn_with(
         journeyman::domain::playbook::Playbook::default_playbook(),
@@ -285,6 +284,7 @@ async fn an_agent_key_cannot_grant_itself_operator() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let private = dir.path().join("agent-x.key");
+    let url = app.url.clone();
     let cli = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_journeyman"))
             .args(args)
@@ -292,7 +292,7 @@ async fn an_agent_key_cannot_grant_itself_operator() {
             .env_remove(auth::KEYS_FILE_ENV)
             .env_remove(auth::PRIVATE_KEY_FILE_ENV)
             .env_remove("JOURNEYMAN_AUTH_TOKEN")
-            .env("JOURNEYMAN_AMQP_URL", &app.url)
+            .env("JOURNEYMAN_AMQP_URL", &url)
             .output()
             .unwrap()
     };
@@ -306,7 +306,11 @@ async fn an_agent_key_cannot_grant_itself_operator() {
         "--out",
         private.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
@@ -325,9 +329,8 @@ async fn an_agent_key_cannot_grant_itself_operator() {
 
     let orch_key = Key::generate("orch", AgentRef::orchestrator().agent_id).unwrap();
     let upstream_key = Key::generate("upstream", "test-upstream").unwrap();
-    let ring = Arc::new(
-        Keyring::own_and_public(&orch_key, &[agent_public, &upstream_key]).unwrap(),
-    );
+    let ring =
+        Arc::new(Keyring::own_and_public(&orch_key, &[agent_public, &upstream_key]).unwrap());
     let guard = auth::Guard::new(ring, auth::Policy::default());
     let signer = Signer::new(orch_key, AgentRef::orchestrator().agent_id).unwrap();
     app.start_orchestrator_with(|c| c.auth = Some((guard, signer)));
@@ -352,7 +355,11 @@ async fn an_agent_key_cannot_grant_itself_operator() {
         "--auth-private-key-file",
         private.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert_eq!(auth::unverified_subject(&token).as_deref(), Some("agent-x"));
     let out = cli(&[
@@ -368,19 +375,27 @@ async fn an_agent_key_cannot_grant_itself_operator() {
     ]);
     assert!(!out.status.success(), "the cancel was not accepted");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains(&token), "the token is not printed: {stderr}");
+    assert!(
+        !stderr.contains(&token),
+        "the token is not printed: {stderr}"
+    );
     let dl = app.dead_letters(1).await;
     assert_eq!(dl[0].reason(), "forbidden", "{:?}", dl[0].headers);
     let why = &dl[0].headers["x-journeyman-reason-message"];
     assert!(why.contains("does not grant"), "{why}");
     assert!(!why.contains(&token), "{why}");
-    let status = app
-        .request(&journeyman::wire::protocol::Command::Status(
-            journeyman::wire::protocol::ClientPayload {
-                client_id: "acme".into(),
-            },
-        ))
-        .await;
+    let status = journeyman::ops::cli::request_as(
+        &app.conn,
+        &app.names,
+        &journeyman::wire::protocol::Command::Status(journeyman::wire::protocol::ClientPayload {
+            client_id: "acme".into(),
+        }),
+        WAIT,
+        AgentRef::new("test-upstream", "tests"),
+        Some(upstream.token(Utc::now())),
+    )
+    .await
+    .expect("the orchestrator answers a signed status request");
     assert_ne!(status.payload["stage"], "cancelled", "{}", status.payload);
     assert_ne!(status.payload["state"], "cancelled", "{}", status.payload);
 }
