@@ -192,7 +192,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         duplicate_rate: 0.0,
     });
     let mut workers = Vec::new();
-    for i in 0..a.agent_replicas.max(1) {
+    for (i, agent_key) in agent_keys.iter().enumerate() {
         let config = AgentConfig {
             amqp_url: g.amqp_url.clone(),
             names: names.clone(),
@@ -200,11 +200,8 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
             intents: playbook.intents().into_iter().collect(),
             prefetch: 32,
             max_message_bytes: crate::wire::protocol::DEFAULT_MAX_MESSAGE_BYTES,
-            keyring: Some(Arc::new(Keyring::own_and_public(
-                &agent_keys[i],
-                &[&orch_key],
-            )?)),
-            signing_key: Some(agent_keys[i].clone()),
+            keyring: Some(Arc::new(Keyring::own_and_public(agent_key, &[&orch_key])?)),
+            signing_key: Some(agent_key.clone()),
             shutdown_timeout: crate::agent::DEFAULT_SHUTDOWN_TIMEOUT,
         };
         let (sim, st, rx) = (sim.clone(), agent_stats.clone(), stop_rx.clone());

@@ -35,6 +35,16 @@ pub struct Global {
     /// what this process sends. Several lines: the first signs (key rotation).
     #[arg(long, env = crate::wire::auth::PRIVATE_KEY_FILE_ENV, global = true)]
     pub auth_private_key_file: Option<PathBuf>,
+    /// The same private key inline, when there is no file (what a Kubernetes secret
+    /// gives as an environment variable). Prefer the variable to the flag: a flag shows
+    /// in the process list.
+    #[arg(
+        long,
+        env = crate::wire::auth::PRIVATE_KEY_ENV,
+        global = true,
+        hide_env_values = true
+    )]
+    pub auth_private_key: Option<String>,
     /// Accept shared HS256 secrets among the keys (the legacy scheme, for a single-tenant
     /// laptop): whoever can verify such a key can also sign with it.
     #[arg(long, env = crate::wire::auth::ALLOW_HS256_ENV, global = true)]
@@ -74,7 +84,7 @@ impl Global {
     /// refused unless --allow-hs256, and warned about when allowed.
     pub fn keyring(&self) -> Result<Option<Keyring>> {
         let inline = std::env::var(crate::wire::auth::KEYS_ENV).ok();
-        let private_inline = std::env::var(crate::wire::auth::PRIVATE_KEY_ENV).ok();
+        let private_inline = self.auth_private_key.clone();
         let ring = Keyring::from_sources(
             self.auth_keys_file.as_deref(),
             inline.as_deref(),
