@@ -106,6 +106,10 @@ names = [f"{ns}.dead-letter", f"{ns}.orchestrator.0.replies"]
 names += [f"{ns}.intent.journey.{i}" for i in (
     "start", "status", "evidence", "promote", "rollback", "cancel", "pause", "resume",
     "complete", "report_event", "validate", "list")]
+# The task intents' queues, from the default playbook the orchestrator ran.
+import re
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "playbooks", "default.yaml")) as f:
+    names += sorted({f"{ns}.intent.{m}" for m in re.findall(r"intent:\s*(\S+)", f.read())})
 for q in names:
     try:
         c.queue_delete(q)
