@@ -670,3 +670,29 @@ async fn no_surface_prints_a_dead_letters_token() {
     assert!(!leaks(&page), "the dashboard prints the token");
     app.stop_orchestrator().await.unwrap();
 }
+
+/// The log surface: a refused message whose error quotes what the sender wrote (here a
+/// token where the schema wants an object) is logged with the token redacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_log_line_does_not_print_a_token() {
+    let app = TestApp::spawn_with(
+        journeyman::domain::playbook::Playbook::default_playbook(),
+        Mode::ChildProcess,
+    )
+    .await;
+    let token =
+        "eyJhbGciOiJFZERTQSIsImtpZCI6ImsxIn0.eyJzdWIiOiJhIn0.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg";
+    let mut cmd = TestApp::command("journey.start", json!({"client_id": "acme"}));
+    cmd.payload["context"] = json!(token);
+    let id = cmd.message_id.to_string();
+    app.publish_raw("journey.start", &cmd.to_bytes(), Some(&id))
+        .await;
+    wait_dead_letters(&app, 1).await;
+    let log = app.orchestrator_log();
+    assert!(log.contains("refused message"), "{log}");
+    assert!(
+        log.contains("<redacted: "),
+        "the quoted token is redacted: {log}"
+    );
+    assert!(!log.contains("c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"), "{log}");
+}
