@@ -12,8 +12,13 @@ use proptest::prelude::*;
 use serde_json::{Map, Value};
 
 static DECODER: LazyLock<Decoder> = LazyLock::new(|| Decoder::new(64 * 1024));
-static KEYS: LazyLock<Keyring> =
-    LazyLock::new(|| Keyring::new(vec![Key::new("k", vec![1; 32]).unwrap()]).unwrap());
+static KEYS: LazyLock<Keyring> = LazyLock::new(|| {
+    Keyring::new(vec![
+        Key::ed25519_private("k", [1; 32], "a").unwrap().public(),
+        Key::hs256("s", vec![1; 32]).unwrap(),
+    ])
+    .unwrap()
+});
 
 /// Everything a consumer does with a body, asserting only "no panic, a reason on refusal".
 fn decode_all(bytes: &[u8]) {

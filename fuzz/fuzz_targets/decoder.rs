@@ -13,8 +13,9 @@ use libfuzzer_sys::fuzz_target;
 /// Compiling the schemas is slow: once per process, not per input.
 static DECODER: LazyLock<Decoder> = LazyLock::new(|| Decoder::new(64 * 1024));
 static KEYS: LazyLock<Arc<Keyring>> = LazyLock::new(|| {
-    let key = Key::new("fuzz", vec![1; 32]).expect("a valid key");
-    Arc::new(Keyring::new(vec![key]).expect("one key"))
+    let ed = Key::ed25519_private("fuzz", [1; 32], "a").expect("a valid key");
+    let shared = Key::hs256("fuzz-hs", vec![1; 32]).expect("a valid key");
+    Arc::new(Keyring::new(vec![ed.public(), shared]).expect("two keys"))
 });
 
 fuzz_target!(|data: &[u8]| {

@@ -375,7 +375,8 @@ async fn start_consuming<A: Agent>(
         signer: config
             .signing_key
             .clone()
-            .map(|k| Signer::new(k, config.agent_id.clone())),
+            .map(|k| Signer::new(k, config.agent_id.clone()))
+            .transpose()?,
     };
     let inflight = Arc::new(InFlight::default());
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));

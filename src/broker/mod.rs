@@ -56,13 +56,20 @@ pub enum BrokerError {
     PublisherGone,
     #[error("broker operation '{op}' got no answer within {timeout:?}")]
     Timeout { op: String, timeout: Duration },
+    /// A worker given a key that cannot sign (a public key): a configuration mistake,
+    /// found before the first publish rather than at the receiver.
+    #[error("the signing key cannot sign: {0}")]
+    SigningKey(#[from] crate::wire::auth::KeyError),
 }
 
 impl BrokerError {
     /// Whether reconnecting and trying again may succeed. Argument mismatches and bad
     /// URLs need a person.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, BrokerError::QueueMismatch { .. })
+        !matches!(
+            self,
+            BrokerError::QueueMismatch { .. } | BrokerError::SigningKey(_)
+        )
     }
 }
 

@@ -604,11 +604,14 @@ fn dead_letters(o: &mut String, d: &PageData) {
                 .collect(),
         ),
     };
+    let caption = crate::wire::redact::redact_text(&caption);
     let _ = write!(o, "<p id=\"dead-letter-queue\">{caption}</p>");
     if !by_reason.is_empty() {
         o.push_str("<table id=\"dead-letter-reasons\"><tr><th>reason</th><th>count</th></tr>");
         for (reason, n) in &by_reason {
-            let _ = write!(o, "<tr><td>{}</td><td>{n}</td></tr>", esc(reason));
+            // A broker-side reason is whatever the dead-lettered message's sender wrote.
+            let reason = crate::wire::redact::redact_text(reason);
+            let _ = write!(o, "<tr><td>{}</td><td>{n}</td></tr>", esc(&reason));
         }
         o.push_str("</table>");
     }

@@ -5,7 +5,7 @@
 //! store. Errors say what went wrong and what to do next.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -190,26 +190,41 @@ pub enum Cmd {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCmd {
-    /// Mint a token for an agent with the configured key (prints it on stdout).
+    /// Mint a token with this sender's private key (--auth-private-key-file) and print it
+    /// on stdout. The orchestrator grants the roles its registry gives the key, and
+    /// refuses a token claiming more as `forbidden`.
     Issue {
-        /// The agent id the token names (its messages must carry it as source_agent).
+        /// The agent id the token names (its messages must carry it as source_agent);
+        /// default: the subject the key is bound to.
         #[arg(long)]
-        agent: String,
-        /// A role for the allow-list, e.g. operator (repeatable).
+        agent: Option<String>,
+        /// A role the token claims, e.g. operator (repeatable). Optional: the registry's
+        /// roles for the key apply anyway.
         #[arg(long = "role")]
         roles: Vec<String>,
         /// How long the token is valid.
         #[arg(long, default_value = "24h", value_parser = super::settings::duration)]
         ttl: Duration,
-        /// Sign with this key id (default: the first key).
+        /// Sign with this key id (default: the first private key).
         #[arg(long)]
         kid: Option<String>,
     },
-    /// Generate a new random key and print it as a key-file line (`kid=base64secret`).
+    /// Generate an Ed25519 key pair for one sender: the private key goes to --out (mode
+    /// 0600), its registry line (public) to --out.pub and to stdout.
     Keygen {
-        /// Key id (default: key-<today>).
+        /// Key id (default: <sub>-<today>).
         #[arg(long)]
         kid: Option<String>,
+        /// The sender the key belongs to: its agent id (journey-orchestrator for the
+        /// orchestrator).
+        #[arg(long)]
+        sub: String,
+        /// A role the registry line grants, e.g. operator (repeatable).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// Where to write the private key; refused if the file exists.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -315,10 +330,17 @@ impl OrchestratorArgs {
             Some(p) => Policy::from_file(p)?,
             None => Policy::default(),
         };
-        let signer = Signer::new(
-            ring.signing_key().clone(),
-            AgentRef::orchestrator().agent_id,
-        );
+        let me = AgentRef::orchestrator().agent_id;
+        let key = ring.require_signing_key()?.clone();
+        if let Some(sub) = key.subject()
+            && sub != me
+        {
+            bail!(
+                "the signing key '{}' belongs to '{sub}', not to the orchestrator ('{me}'): give the orchestrator its own key pair (`journeyman token keygen --sub {me} --role orchestrator`) with --auth-private-key-file",
+                key.kid()
+            );
+        }
+        let signer = Signer::new(key, me)?;
         Ok(Some((Guard::new(Arc::new(ring), policy), signer)))
     }
 }
@@ -668,11 +690,27 @@ pub async fn run(cli: Cli) -> Result<()> {
                 a.intents
             };
             let keyring = g.keyring()?;
-            if keyring.is_none() {
-                tracing::warn!(
-                    "authentication is off: no keys configured, task requests are not verified"
-                );
-            }
+            let signing_key = match &keyring {
+                None => {
+                    tracing::warn!(
+                        "authentication is off: no keys configured, task requests are not verified"
+                    );
+                    None
+                }
+                Some(ring) => {
+                    let key = ring.require_signing_key()?.clone();
+                    if let Some(sub) = key.subject()
+                        && !key.may_sign_as(&a.agent_id)
+                    {
+                        bail!(
+                            "the signing key '{}' belongs to '{sub}', but --agent-id is '{}': run the agents with --agent-id {sub}, or give them their own key pair",
+                            key.kid(),
+                            a.agent_id
+                        );
+                    }
+                    Some(key)
+                }
+            };
             let sim = crate::agent::sim::SimAgent {
                 min_latency: Duration::from_millis(a.min_latency_ms),
                 max_latency: Duration::from_millis(a.max_latency_ms.max(a.min_latency_ms)),
@@ -686,8 +724,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 intents,
                 prefetch: a.prefetch,
                 max_message_bytes: crate::wire::protocol::DEFAULT_MAX_MESSAGE_BYTES,
-                keyring: keyring.clone().map(Arc::new),
-                signing_key: keyring.map(|k| k.signing_key().clone()),
+                keyring: keyring.map(Arc::new),
+                signing_key,
                 shutdown_timeout: a.shutdown_timeout,
             };
             crate::agent::run(config, Arc::new(sim), Default::default(), shutdown_signal())
@@ -1058,9 +1096,27 @@ pub async fn run(cli: Cli) -> Result<()> {
 
 fn token(g: &Global, command: TokenCmd) -> Result<()> {
     match command {
-        TokenCmd::Keygen { kid } => {
-            let kid = kid.unwrap_or_else(|| format!("key-{}", Utc::now().format("%Y%m%d")));
-            println!("{}", Key::generate(kid)?.expose_line());
+        TokenCmd::Keygen {
+            kid,
+            sub,
+            roles,
+            out,
+        } => {
+            let kid = kid.unwrap_or_else(|| format!("{sub}-{}", Utc::now().format("%Y%m%d")));
+            let key = Key::generate(kid, sub)?.with_roles(roles);
+            write_private(&out, &format!("{}\n", key.expose_line()))?;
+            let public = key
+                .public_line()
+                .context("an Ed25519 key always has a public half")?;
+            let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+            std::fs::write(&pub_path, format!("{public}\n"))
+                .with_context(|| format!("cannot write {}", pub_path.display()))?;
+            eprintln!(
+                "private key written to {} (mode 0600); add this line to every registry (--auth-keys-file), also in {}:",
+                out.display(),
+                pub_path.display()
+            );
+            println!("{public}");
         }
         TokenCmd::Issue {
             agent,
@@ -1070,7 +1126,7 @@ fn token(g: &Global, command: TokenCmd) -> Result<()> {
         } => {
             let ring = g.keyring()?.ok_or(crate::wire::auth::KeyError::NoKeys)?;
             let key = match &kid {
-                None => ring.signing_key(),
+                None => ring.require_signing_key()?,
                 Some(kid) => ring.get(kid).ok_or_else(|| {
                     anyhow!(
                         "no key '{kid}' among the configured keys ({})",
@@ -1078,12 +1134,39 @@ fn token(g: &Global, command: TokenCmd) -> Result<()> {
                     )
                 })?,
             };
+            let bound = key.subject().filter(|s| !s.ends_with('*'));
+            let agent = match agent.or_else(|| bound.map(str::to_string)) {
+                Some(a) => a,
+                None => bail!("key '{}' is bound to no agent: give --agent", key.kid()),
+            };
             println!(
                 "{}",
-                crate::wire::auth::mint(key, &agent, &roles, Utc::now(), ttl)
+                crate::wire::auth::mint(key, &agent, &roles, Utc::now(), ttl)?
             );
         }
     }
+    Ok(())
+}
+
+/// Writes a private key readable by its owner only, never over an existing file (a
+/// second keygen must not silently replace a deployed key).
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).with_context(|| {
+        format!(
+            "cannot create the private key file {} (it must not exist yet: choose another --out)",
+            path.display()
+        )
+    })?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

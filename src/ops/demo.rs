@@ -384,12 +384,16 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         let _ = rx.wait_for(|v| *v).await;
     };
 
-    // Authentication on, as in production: one key generated for this run signs the
-    // orchestrator's requests, the agents' replies and the demo's own commands.
-    let key = Key::generate("demo")?;
-    let ring = Arc::new(Keyring::new(vec![key.clone()])?);
-    let upstream = Signer::new(key.clone(), "journeyman-demo")
+    // Authentication on, as in production: each sender its own key pair, generated for
+    // this run; the registry grants the demo's own key (the operator) its role.
+    let orch_id = AgentRef::orchestrator().agent_id;
+    let orch_key = Key::generate("demo-orchestrator", orch_id.clone())?;
+    let upstream_key = Key::generate("demo-upstream", "journeyman-demo")?
         .with_roles(vec![crate::wire::auth::OPERATOR.into()]);
+    let upstream = Signer::new(upstream_key.clone(), "journeyman-demo")?;
+    let agent_keys = (0..a.agent_replicas.max(1))
+        .map(|i| Key::generate(format!("demo-agent-{i}"), format!("sim-agent-{i}")))
+        .collect::<Result<Vec<_>, _>>()?;
     let agent_stats = Arc::new(AgentStats::default());
     let sim = Arc::new(SimAgent {
         failure_rate: a.failure_rate.clamp(0.0, 1.0),
@@ -398,7 +402,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         duplicate_rate: 0.0,
     });
     let mut workers = Vec::new();
-    for i in 0..a.agent_replicas.max(1) {
+    for (i, agent_key) in agent_keys.iter().enumerate() {
         let config = AgentConfig {
             amqp_url: g.amqp_url.clone(),
             names: names.clone(),
@@ -406,8 +410,8 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
             intents: playbook.intents().into_iter().collect(),
             prefetch: 32,
             max_message_bytes: crate::wire::protocol::DEFAULT_MAX_MESSAGE_BYTES,
-            keyring: Some(ring.clone()),
-            signing_key: Some(key.clone()),
+            keyring: Some(Arc::new(Keyring::own_and_public(agent_key, &[&orch_key])?)),
+            signing_key: Some(agent_key.clone()),
             shutdown_timeout: crate::agent::DEFAULT_SHUTDOWN_TIMEOUT,
         };
         let (sim, st, rx) = (sim.clone(), agent_stats.clone(), stop_rx.clone());
@@ -421,9 +425,12 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
     let mut config = orchestrator::Config::new(&g.amqp_url, &names.namespace, data_dir.clone());
     config.names = names.clone();
     config.max_group = a.max_group;
+    let mut others: Vec<&Key> = agent_keys.iter().collect();
+    others.push(&upstream_key);
+    let ring = Arc::new(Keyring::own_and_public(&orch_key, &others)?);
     config.auth = Some((
-        Guard::new(ring.clone(), Policy::default()),
-        Signer::new(key.clone(), AgentRef::orchestrator().agent_id),
+        Guard::new(ring, Policy::default()),
+        Signer::new(orch_key.clone(), orch_id)?,
     ));
     let (st, rx) = (stats.clone(), stop_rx.clone());
     let orch = tokio::spawn(async move {

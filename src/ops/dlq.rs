@@ -310,6 +310,19 @@ impl DeadLetter {
                 "hex": hex::encode(&self.body[..self.body.len().min(256)]),
             }),
         };
+        // Everything a person or a script sees of a dead letter goes through here: the
+        // token of a refused message, a header holding one, a body quoting one.
+        crate::wire::redact::redact_json(&mut v);
+        if let Some(Value::String(text)) = v["body"].get_mut("text") {
+            *text = crate::wire::redact::redact_text(text);
+        }
+        v
+    }
+
+    /// The summary as the JSON API and `dlq list --json` show it, redacted.
+    pub fn to_summary_json(&self) -> Value {
+        let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
+        crate::wire::redact::redact_json(&mut v);
         v
     }
 }
@@ -1071,6 +1084,7 @@ async fn run_on(dlq: &Dlq<'_>, cmd: DlqCmd) -> Result<(), DlqError> {
             };
             let all = dlq.list(&filter).await?;
             if json {
+                let all: Vec<Value> = all.iter().map(DeadLetter::to_summary_json).collect();
                 return print_json(&all);
             }
             print_table(&all);
@@ -1257,9 +1271,10 @@ fn print_table(all: &[DeadLetter]) {
         "id", "reason", "intent", "client", "att", "failed at (UTC)"
     );
     for d in all {
+        let redacted = crate::wire::redact::redact_text;
         println!(
             "{:<36}  {:<20}  {:<24}  {:<16}  {:>3}  {:<19}  {}",
-            d.id,
+            redacted(&d.id),
             truncate(&d.reason, 20),
             truncate(
                 if d.intent().is_empty() {
@@ -1272,7 +1287,7 @@ fn print_table(all: &[DeadLetter]) {
             truncate(d.client_id.as_deref().unwrap_or("-"), 16),
             d.attempts,
             short_time(d.failed_at),
-            truncate(&d.reason_message, 60)
+            truncate(&redacted(&d.reason_message), 60)
         );
     }
     println!("{} dead letter(s)", all.len());
@@ -1286,13 +1301,14 @@ fn print_show(d: &DeadLetter, full: &Value) {
             s.to_string()
         }
     };
-    println!("id:             {}", d.id);
+    let redacted = crate::wire::redact::redact_text;
+    println!("id:             {}", redacted(&d.id));
     let by = match d.dead_lettered_by {
         DeadLetteredBy::Journeyman => "journeyman",
         DeadLetteredBy::Broker => "the broker (x-death)",
     };
     println!("reason:         {} (dead-lettered by {by})", d.reason);
-    println!("message:        {}", d.reason_message);
+    println!("message:        {}", redacted(&d.reason_message));
     println!(
         "from:           exchange {}, routing key {}, queue {}",
         or_dash(&d.original_exchange),

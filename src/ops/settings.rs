@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 use chrono::Utc;
 use clap::{Args, ValueEnum};
 
@@ -28,10 +28,29 @@ pub struct Global {
     /// Log format: readable text, or one JSON object per line for machines.
     #[arg(long, value_enum, global = true, default_value = "text")]
     pub log_format: LogFormat,
-    /// File of authentication keys, one `kid=base64secret` per line; the first signs.
-    /// Without it, keys come from JOURNEYMAN_AUTH_KEYS (same format, `;`-separated).
+    /// The key registry: one `kid=ed25519:PUBLIC sub=AGENT [roles=a,b]` line per sender's
+    /// public key (docs/protocol.md §10). Without it, the registry comes from
+    /// JOURNEYMAN_AUTH_KEYS (same lines, `;`-separated).
     #[arg(long, env = crate::wire::auth::KEYS_FILE_ENV, global = true)]
     pub auth_keys_file: Option<PathBuf>,
+    /// This process's own private key (from `journeyman token keygen --out`): it signs
+    /// what this process sends. Several lines: the first signs (key rotation).
+    #[arg(long, env = crate::wire::auth::PRIVATE_KEY_FILE_ENV, global = true)]
+    pub auth_private_key_file: Option<PathBuf>,
+    /// The same private key inline, when there is no file (what a Kubernetes secret
+    /// gives as an environment variable). Prefer the variable to the flag: a flag shows
+    /// in the process list.
+    #[arg(
+        long,
+        env = crate::wire::auth::PRIVATE_KEY_ENV,
+        global = true,
+        hide_env_values = true
+    )]
+    pub auth_private_key: Option<String>,
+    /// Accept shared HS256 secrets among the keys (the legacy scheme, for a single-tenant
+    /// laptop): whoever can verify such a key can also sign with it.
+    #[arg(long, env = crate::wire::auth::ALLOW_HS256_ENV, global = true)]
+    pub allow_hs256: bool,
     /// Token put on journey commands (from `journeyman token issue`); without it, a
     /// token is minted with the configured key.
     #[arg(
@@ -63,13 +82,35 @@ impl Global {
             .with_queue_type(self.queue_type)
     }
 
-    /// The configured keys: the key file if named, else JOURNEYMAN_AUTH_KEYS, else none.
+    /// The configured keys: the registry (key file, else JOURNEYMAN_AUTH_KEYS) joined with
+    /// the private key file; none when nothing is configured. Shared HS256 secrets are
+    /// refused unless --allow-hs256, and warned about when allowed.
     pub fn keyring(&self) -> Result<Option<Keyring>> {
         let inline = std::env::var(crate::wire::auth::KEYS_ENV).ok();
-        Ok(Keyring::from_sources(
+        let private_inline = self.auth_private_key.clone();
+        let ring = Keyring::from_sources(
             self.auth_keys_file.as_deref(),
             inline.as_deref(),
-        )?)
+            self.auth_private_key_file.as_deref(),
+            private_inline.as_deref(),
+        )?;
+        if let Some(r) = &ring
+            && r.has_hs256()
+        {
+            if !self.allow_hs256 {
+                bail!(
+                    "the keys include a shared HS256 secret, which every holder can sign with; \
+                     make each sender an Ed25519 key pair with `journeyman token keygen` \
+                     (docs/protocol.md §10, migration), or pass --allow-hs256 \
+                     ({}=1) to accept shared secrets on a single-tenant machine",
+                    crate::wire::auth::ALLOW_HS256_ENV
+                );
+            }
+            tracing::warn!(
+                "shared HS256 keys are allowed (--allow-hs256): any holder of such a key can sign as anyone it is bound to; migrate to Ed25519 key pairs"
+            );
+        }
+        Ok(ring)
     }
 
     /// Who the CLI speaks as on journey commands, and its token (if authentication is
@@ -81,14 +122,17 @@ impl Global {
             })?;
             return Ok((AgentRef::new(sub, "operator"), Some(token.clone())));
         }
-        let me = AgentRef::new("journeyman-cli", "operator");
-        let token = self.keyring()?.map(|ring| {
-            Signer::new(ring.signing_key().clone(), me.agent_id.clone())
-                .with_roles(vec![crate::wire::auth::OPERATOR.into()])
-                .with_ttl(Duration::from_secs(300))
-                .token(Utc::now())
-        });
-        Ok((me, token))
+        let Some(ring) = self.keyring()? else {
+            return Ok((AgentRef::new("journeyman-cli", "operator"), None));
+        };
+        // The CLI speaks as the subject its private key is bound to; its roles are what
+        // the orchestrator's registry grants that key.
+        let key = ring.require_signing_key()?.clone();
+        let me = AgentRef::new(key.subject().unwrap_or("journeyman-cli"), "operator");
+        let token = Signer::new(key, me.agent_id.clone())?
+            .with_ttl(Duration::from_secs(300))
+            .token(Utc::now());
+        Ok((me, Some(token)))
     }
 }
 

@@ -31,6 +31,8 @@ use crate::wire::trace::{self, TraceParent};
 
 pub use crate::domain::step::{Policy, Replay};
 
+/// Bytes of an oversize message kept in its dead letter (enough to see what it was).
+const OVERSIZE_KEPT_BYTES: usize = 4096;
 /// How many history lines a status card shows.
 const RECENT_ACTIVITIES: usize = 5;
 
@@ -842,7 +844,7 @@ impl Core {
         Stats::inc(&self.stats.refusals);
         match (m.source, m.reply_to.as_deref()) {
             (Source::Command, Some(to)) => {
-                debug!(queue = m.queue, reason = e.reason_code(), error = %e, "refused message; answered");
+                debug!(queue = m.queue, reason = e.reason_code(), error = %crate::wire::redact::redact_text(&e.to_string()), "refused message; answered");
                 let correlation = env
                     .map(Envelope::reply_correlation)
                     .or_else(|| m.correlation_id.clone())
@@ -878,14 +880,23 @@ impl Core {
                 change.push_outbox(self.encode(reply, now, None, None));
             }
             _ => {
-                warn!(queue = m.queue, reason = e.reason_code(), error = %e, "refused message; dead-lettering it");
+                warn!(queue = m.queue, reason = e.reason_code(), error = %crate::wire::redact::redact_text(&e.to_string()), "refused message; dead-lettering it");
+                // An oversize body is kept as its first bytes only: whoever can publish
+                // must not be able to fill sled (the outbox entry) or memory with what
+                // the cap refused. The reason message keeps its full size.
+                let body = match e {
+                    ProtocolError::Oversize { .. } => {
+                        m.data[..m.data.len().min(OVERSIZE_KEPT_BYTES)].to_vec()
+                    }
+                    _ => m.data.to_vec(),
+                };
                 let mut dl = DeadLetter::of_input(
                     e.reason_code(),
                     e.to_string(),
                     m.origin(),
                     mid.unwrap_or_else(|| Uuid::new_v4().to_string()),
                     m.correlation_id.clone(),
-                    m.data.to_vec(),
+                    body,
                     now,
                 )
                 .continuing(m.replay.as_ref());

@@ -1,12 +1,21 @@
 //! Authentication and authorisation of protocol messages: signed tokens in
-//! `security.auth_token`, the keys that sign and verify them, and the allow-list of which
-//! agents may send which journey commands.
+//! `security.auth_token`, the registry of keys that sign and verify them, and the
+//! allow-list of which agents may send which journey commands.
 //!
-//! Tokens are a small, auditable subset of JWT: compact form, HS256 only (HMAC-SHA256),
-//! header `{"alg":"HS256","typ":"JWT","kid":...}`, claims `{sub, iat, exp, nbf?, roles?}`
-//! where `sub` is the sending agent's id. A token authenticates the *sender*, not the
-//! body: it is a bearer credential, so the transport must be TLS where the network is not
-//! trusted.
+//! Tokens are JWTs in compact form, made and checked by the `jsonwebtoken` crate; only the
+//! policy is written here. Each sender has its own Ed25519 key pair (`alg: EdDSA`): the
+//! orchestrator signs task requests with its private key and agents verify them with its
+//! public key, so an agent that is compromised cannot mint a task request, nor a command
+//! with more rights than its own key has. Header `{"alg":"EdDSA","typ":"JWT","kid":...}`,
+//! claims `{sub, iat, exp, nbf?, roles?}` where `sub` is the sending agent's id.
+//!
+//! The registry maps a key id to its public key, the one subject it may sign for and the
+//! roles it grants. **Roles come from the registry, never from the token**: a token that
+//! claims a role its key does not grant is refused as `forbidden`. Shared HS256 secrets
+//! remain for a single-tenant laptop; the surfaces refuse them unless asked to allow them.
+//!
+//! A token authenticates the *sender*, not the body: it is a bearer credential, so the
+//! transport must be TLS where the network is not trusted.
 //!
 //! The module is pure (time comes in as `now`): no broker, no store, no clock. Callers
 //! decide what a refusal means; every [`AuthError`] has a dead-letter reason code
@@ -19,36 +28,45 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use chrono::{DateTime, TimeZone, Utc};
-use hmac::{Hmac, Mac};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 
 use crate::wire::protocol::{AgentRef, Envelope, ProtocolError};
 
-type HmacSha256 = Hmac<Sha256>;
-
-/// The only algorithm accepted: a token naming any other (`none`, `RS256`, ...) is refused
-/// before a key is even looked up, so an attacker cannot pick the verification method.
-pub const ALG: &str = "HS256";
 /// Clock skew tolerated between the minting and the verifying machine.
 pub const LEEWAY: Duration = Duration::from_secs(60);
-/// Shortest secret accepted: HMAC-SHA256 keys below 128 bits are guessable offline.
+/// Shortest shared secret accepted: HMAC-SHA256 keys below 128 bits are guessable offline.
 pub const MIN_SECRET_BYTES: usize = 16;
-/// Bytes of a generated secret (the size of the SHA-256 block's natural key).
-pub const GENERATED_SECRET_BYTES: usize = 32;
+/// Bytes of an Ed25519 seed and of its public key.
+const ED25519_BYTES: usize = 32;
 /// Tokens longer than this are refused unparsed (the envelope schema's limit too); ours
 /// are a few hundred bytes.
 pub const MAX_TOKEN_BYTES: usize = 8192;
-/// Environment variable holding keys inline (`kid=base64secret`, `;`-separated).
+/// Environment variable holding keys inline (key-file lines, `;`-separated).
 pub const KEYS_ENV: &str = "JOURNEYMAN_AUTH_KEYS";
-/// Environment variable naming a key file.
+/// Environment variable naming the key registry file.
 pub const KEYS_FILE_ENV: &str = "JOURNEYMAN_AUTH_KEYS_FILE";
+/// Environment variable naming this process's private key file.
+pub const PRIVATE_KEY_FILE_ENV: &str = "JOURNEYMAN_AUTH_PRIVATE_KEY_FILE";
+/// Environment variable holding this process's private key inline (key-file lines,
+/// `;`-separated), when there is no private key file: what a Kubernetes secret gives.
+pub const PRIVATE_KEY_ENV: &str = "JOURNEYMAN_AUTH_PRIVATE_KEY";
+/// Environment variable that lets shared HS256 secrets in (off by default).
+pub const ALLOW_HS256_ENV: &str = "JOURNEYMAN_AUTH_ALLOW_HS256";
 /// The role that may cancel journeys in the default policy.
 pub const OPERATOR: &str = "operator";
-/// The role a token needs (besides the orchestrator's own subject) to send task requests.
+/// The role a key needs (besides being bound to the orchestrator's own subject) to send
+/// task requests.
 pub const ORCHESTRATOR_ROLE: &str = "orchestrator";
+
+/// The DER prefix of a PKCS#8 v1 Ed25519 private key (RFC 8410): the 32-byte seed follows.
+/// `jsonwebtoken` signs with PKCS#8 DER; writing the prefix here spares a DER encoder.
+const PKCS8_ED25519_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
 
 /// Secret bytes. Debug and Display are redacted, so a key or a config struct that holds
 /// one can be logged without leaking it; the bytes are only reachable inside this module.
@@ -67,21 +85,38 @@ impl fmt::Display for Secret {
     }
 }
 
-/// One signing key: an id (the token header's `kid`) and its secret, optionally bound to
-/// one subject (a per-agent key: tokens it verifies must name that agent).
+/// What a key is made of: which algorithm it speaks, and whether it can sign.
+#[derive(Clone, PartialEq, Eq)]
+enum Material {
+    /// An Ed25519 key pair: signs and verifies. Only its owner holds one.
+    Ed25519Private {
+        seed: Secret,
+        public: [u8; ED25519_BYTES],
+    },
+    /// The public half only: verifies. What the registry holds for every other sender.
+    Ed25519Public([u8; ED25519_BYTES]),
+    /// A shared HMAC secret: whoever verifies can also sign, hence off by default.
+    Hs256(Secret),
+}
+
+/// One key of the registry: an id (the token header's `kid`), its material, the one
+/// subject it may sign for (required for Ed25519 keys), and the roles it grants.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Key {
     kid: String,
-    secret: Secret,
+    material: Material,
     subject: Option<String>,
+    roles: Vec<String>,
 }
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Key")
             .field("kid", &self.kid)
-            .field("secret", &self.secret)
+            .field("alg", &self.alg_name())
+            .field("private", &self.can_sign())
             .field("subject", &self.subject)
+            .field("roles", &self.roles)
             .finish()
     }
 }
@@ -93,7 +128,8 @@ impl fmt::Display for Key {
 }
 
 impl Key {
-    pub fn new(kid: impl Into<String>, secret: Vec<u8>) -> Result<Self, KeyError> {
+    /// A shared HS256 secret (the legacy scheme; see [`ALLOW_HS256_ENV`]).
+    pub fn hs256(kid: impl Into<String>, secret: Vec<u8>) -> Result<Self, KeyError> {
         let kid = kid.into();
         check_kid(&kid)?;
         if secret.len() < MIN_SECRET_BYTES {
@@ -104,9 +140,59 @@ impl Key {
         }
         Ok(Self {
             kid,
-            secret: Secret(secret),
+            material: Material::Hs256(Secret(secret)),
             subject: None,
+            roles: Vec::new(),
         })
+    }
+
+    /// An Ed25519 key pair from its 32-byte seed, bound to `subject`.
+    pub fn ed25519_private(
+        kid: impl Into<String>,
+        seed: [u8; ED25519_BYTES],
+        subject: impl Into<String>,
+    ) -> Result<Self, KeyError> {
+        let kid = kid.into();
+        check_kid(&kid)?;
+        let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+            .verifying_key()
+            .to_bytes();
+        Ok(Self {
+            kid,
+            material: Material::Ed25519Private {
+                seed: Secret(seed.to_vec()),
+                public,
+            },
+            subject: Some(check_subject(subject.into())?),
+            roles: Vec::new(),
+        })
+    }
+
+    /// The public half of an Ed25519 key, bound to `subject`. A point not on the curve is
+    /// refused here, not at the first token.
+    pub fn ed25519_public(
+        kid: impl Into<String>,
+        public: [u8; ED25519_BYTES],
+        subject: impl Into<String>,
+    ) -> Result<Self, KeyError> {
+        let kid = kid.into();
+        check_kid(&kid)?;
+        if ed25519_dalek::VerifyingKey::from_bytes(&public).is_err() {
+            return Err(KeyError::BadPublicKey(kid));
+        }
+        Ok(Self {
+            kid,
+            material: Material::Ed25519Public(public),
+            subject: Some(check_subject(subject.into())?),
+            roles: Vec::new(),
+        })
+    }
+
+    /// A new Ed25519 key pair for `subject` (seed from the OS-seeded generator).
+    pub fn generate(kid: impl Into<String>, subject: impl Into<String>) -> Result<Self, KeyError> {
+        let mut seed = [0u8; ED25519_BYTES];
+        rand::fill(&mut seed[..]);
+        Self::ed25519_private(kid, seed, subject)
     }
 
     /// Binds the key to one agent: it verifies only tokens whose subject is `agent_id`.
@@ -115,11 +201,10 @@ impl Key {
         self
     }
 
-    /// A new random key (32 bytes from the OS-seeded generator).
-    pub fn generate(kid: impl Into<String>) -> Result<Self, KeyError> {
-        let mut bytes = vec![0u8; GENERATED_SECRET_BYTES];
-        rand::fill(&mut bytes[..]);
-        Self::new(kid, bytes)
+    /// The roles the key grants (the registry's word; tokens cannot add to it).
+    pub fn with_roles(mut self, roles: Vec<String>) -> Self {
+        self.roles = roles;
+        self
     }
 
     pub fn kid(&self) -> &str {
@@ -130,20 +215,115 @@ impl Key {
         self.subject.as_deref()
     }
 
-    /// The key as a key-file line, `kid=base64secret[ sub=agent]`. This prints the secret:
-    /// it is for `journeyman token keygen` and nothing else.
+    pub fn roles(&self) -> &[String] {
+        &self.roles
+    }
+
+    /// Whether tokens of this key may name `agent` as their subject: the subject it is
+    /// bound to, or, for a fleet key bound to `prefix*`, any agent id with that prefix
+    /// (replicas named after their pods). An unbound shared secret may name anyone.
+    pub fn may_sign_as(&self, agent: &str) -> bool {
+        match self.subject.as_deref() {
+            None => true,
+            Some(s) => match s.strip_suffix('*') {
+                Some(prefix) => agent.starts_with(prefix) && agent.len() > prefix.len(),
+                None => s == agent,
+            },
+        }
+    }
+
+    /// Whether this key can make tokens (a private Ed25519 key or a shared secret).
+    pub fn can_sign(&self) -> bool {
+        !matches!(self.material, Material::Ed25519Public(_))
+    }
+
+    pub fn is_hs256(&self) -> bool {
+        matches!(self.material, Material::Hs256(_))
+    }
+
+    /// The key as the registry of the others holds it: the public half of a key pair
+    /// (a shared secret has none, so it stays itself).
+    pub fn public(&self) -> Key {
+        let mut k = self.clone();
+        if let Material::Ed25519Private { public, .. } = &self.material {
+            k.material = Material::Ed25519Public(*public);
+        }
+        k
+    }
+
+    fn alg(&self) -> Algorithm {
+        match self.material {
+            Material::Hs256(_) => Algorithm::HS256,
+            _ => Algorithm::EdDSA,
+        }
+    }
+
+    fn alg_name(&self) -> &'static str {
+        match self.material {
+            Material::Hs256(_) => "HS256",
+            _ => "EdDSA",
+        }
+    }
+
+    /// The key as a key-file line. For a private key or a shared secret this prints the
+    /// secret: it is for `journeyman token keygen` writing a 0600 file, nothing else.
     pub fn expose_line(&self) -> String {
-        let mut line = format!("{}={}", self.kid, STANDARD.encode(&self.secret.0));
+        let material = match &self.material {
+            Material::Ed25519Private { seed, .. } => {
+                format!("ed25519-private:{}", URL_SAFE_NO_PAD.encode(&seed.0))
+            }
+            Material::Ed25519Public(p) => format!("ed25519:{}", URL_SAFE_NO_PAD.encode(p)),
+            Material::Hs256(s) => STANDARD.encode(&s.0),
+        };
+        self.line(material)
+    }
+
+    /// The registry line of this key: its public half, safe to print and to share.
+    /// `None` for a shared secret, which has no public half.
+    pub fn public_line(&self) -> Option<String> {
+        match &self.public().material {
+            Material::Ed25519Public(p) => {
+                Some(self.line(format!("ed25519:{}", URL_SAFE_NO_PAD.encode(p))))
+            }
+            _ => None,
+        }
+    }
+
+    fn line(&self, material: String) -> String {
+        let mut line = format!("{}={material}", self.kid);
         if let Some(s) = &self.subject {
             line.push_str(" sub=");
             line.push_str(s);
         }
+        if !self.roles.is_empty() {
+            line.push_str(" roles=");
+            line.push_str(&self.roles.join(","));
+        }
         line
     }
 
-    fn mac(&self) -> HmacSha256 {
-        // HMAC accepts keys of any length; new_from_slice cannot fail for it.
-        HmacSha256::new_from_slice(&self.secret.0).expect("HMAC takes keys of any size")
+    fn encoding_key(&self) -> Result<EncodingKey, KeyError> {
+        match &self.material {
+            Material::Ed25519Private { seed, .. } => {
+                let mut der = PKCS8_ED25519_PREFIX.to_vec();
+                der.extend_from_slice(&seed.0);
+                Ok(EncodingKey::from_ed_der(&der))
+            }
+            Material::Hs256(s) => {
+                EncodingKey::from_secret(&s.0).map_err(|_| KeyError::CannotSign(self.kid.clone()))
+            }
+            Material::Ed25519Public(_) => Err(KeyError::CannotSign(self.kid.clone())),
+        }
+    }
+
+    fn decoding_key(&self) -> Result<DecodingKey, AuthError> {
+        match &self.material {
+            Material::Ed25519Private { public, .. } | Material::Ed25519Public(public) => {
+                Ok(DecodingKey::from_ed_der(public))
+            }
+            Material::Hs256(s) => DecodingKey::from_secret(&s.0)
+                .map_err(|_| AuthError::Malformed("the shared secret is unusable".into())),
+        }
     }
 }
 
@@ -160,8 +340,24 @@ fn check_kid(kid: &str) -> Result<(), KeyError> {
     }
 }
 
-/// The keys a worker trusts. The first signs; any verifies a token whose `kid` names it,
-/// so rotation is: add the new key second, deploy, move it first, deploy, drop the old.
+fn check_subject(sub: String) -> Result<String, KeyError> {
+    // `*` only as the end of a prefix of at least one character: a key for everyone
+    // would be a shared key again.
+    let star_ok = match sub.find('*') {
+        None => true,
+        Some(i) => i > 0 && i == sub.len() - 1,
+    };
+    if !star_ok || sub.is_empty() || sub.len() > 128 || sub.chars().any(|c| c.is_whitespace()) {
+        Err(KeyError::BadSubject(clip(&sub)))
+    } else {
+        Ok(sub)
+    }
+}
+
+/// The keys a worker knows: its own private key(s) and everyone's public keys. The first
+/// key that can sign signs; any verifies a token whose `kid` names it, so rotation is: add
+/// the new public key to every registry, then give the sender the new private key (first),
+/// then drop the old public key.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Keyring {
     keys: Vec<Key>,
@@ -190,8 +386,10 @@ impl Keyring {
         Ok(Self { keys })
     }
 
-    /// Parses `kid=base64secret[ sub=agent]` entries, one per line or `;`-separated, with
-    /// `#` comments and blank lines allowed. Standard or URL-safe base64, padded or not.
+    /// Parses key-file entries, one per line or `;`-separated, `#` comments and blank
+    /// lines allowed: `kid=MATERIAL [sub=AGENT] [roles=a,b]` where MATERIAL is
+    /// `ed25519:<base64url public key>`, `ed25519-private:<base64url seed>` or a shared
+    /// secret (`hs256:<base64>` or bare base64, the legacy form).
     pub fn parse(text: &str) -> Result<Self, KeyError> {
         let mut keys = Vec::new();
         for (n, raw) in text.lines().enumerate() {
@@ -221,22 +419,77 @@ impl Keyring {
         })
     }
 
-    /// The keyring from a file if one is named, else from inline keys, else `None`.
-    /// (`inline` is the value of [`KEYS_ENV`]; the caller reads the environment.)
+    /// The registry from a file if one is named, else from inline keys, joined with the
+    /// private key (a file if named, else inline); `None` when nothing is configured.
+    /// (`inline` and `private_inline` are the values of [`KEYS_ENV`] and
+    /// [`PRIVATE_KEY_ENV`]; the caller reads the environment.)
     pub fn from_sources(
         file: Option<&Path>,
         inline: Option<&str>,
+        private: Option<&Path>,
+        private_inline: Option<&str>,
     ) -> Result<Option<Self>, KeyError> {
-        match (file, inline) {
+        let either = |file: Option<&Path>, inline: Option<&str>| match (file, inline) {
             (Some(p), _) => Self::from_file(p).map(Some),
             (None, Some(text)) if !text.trim().is_empty() => Self::parse(text).map(Some),
             _ => Ok(None),
+        };
+        let registry = either(file, inline)?;
+        let private = either(private, private_inline)?;
+        match (private, registry) {
+            (Some(own), Some(reg)) => own.with_registry(reg).map(Some),
+            (own, reg) => Ok(own.or(reg)),
         }
     }
 
-    /// The key that signs: the first.
-    pub fn signing_key(&self) -> &Key {
-        &self.keys[0]
+    /// This worker's own keys (first, so they sign) joined with a registry. Where both
+    /// name a key id, the registry's subject and roles win (the registry is what the
+    /// others believe), and the public keys must be the same.
+    pub fn with_registry(self, registry: Keyring) -> Result<Self, KeyError> {
+        let mut keys = Vec::new();
+        for mut own in self.keys {
+            if let Some(reg) = registry.get(&own.kid) {
+                if reg.public().material != own.public().material || reg.subject != own.subject {
+                    return Err(KeyError::Mismatch(own.kid.clone()));
+                }
+                own.roles = reg.roles.clone();
+            }
+            keys.push(own);
+        }
+        for reg in registry.keys {
+            if !keys.iter().any(|k| k.kid == reg.kid) {
+                keys.push(reg);
+            }
+        }
+        Self::new(keys)
+    }
+
+    /// The keys of one sender: its own key first (it signs), then the public halves of
+    /// the others it must verify. What the demo, the bench and the tests give each worker.
+    pub fn own_and_public(own: &Key, others: &[&Key]) -> Result<Self, KeyError> {
+        let mut keys = vec![own.clone()];
+        keys.extend(others.iter().map(|k| k.public()));
+        Self::new(keys)
+    }
+
+    /// The keyring as key-file text (`;`-separated, for [`KEYS_ENV`]). This prints the
+    /// private keys it holds: for handing a child process its own keys, nothing else.
+    pub fn expose_inline(&self) -> String {
+        self.keys
+            .iter()
+            .map(Key::expose_line)
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+
+    /// The key that signs: the first that can (a private key or a shared secret).
+    pub fn signing_key(&self) -> Option<&Key> {
+        self.keys.iter().find(|k| k.can_sign())
+    }
+
+    /// The key that signs, or an error saying what to configure.
+    pub fn require_signing_key(&self) -> Result<&Key, KeyError> {
+        self.signing_key().ok_or(KeyError::NoPrivateKey)
     }
 
     pub fn get(&self, kid: &str) -> Option<&Key> {
@@ -246,52 +499,123 @@ impl Keyring {
     pub fn kids(&self) -> Vec<&str> {
         self.keys.iter().map(|k| k.kid.as_str()).collect()
     }
+
+    /// Whether a shared HS256 secret is among the keys (the surfaces refuse that unless
+    /// allowed, and warn when it is).
+    pub fn has_hs256(&self) -> bool {
+        self.keys.iter().any(Key::is_hs256)
+    }
+
+    /// The registry as the others should hold it: public halves only, shared secrets
+    /// left out (they cannot be shared safely).
+    pub fn public_lines(&self) -> Vec<String> {
+        self.keys.iter().filter_map(Key::public_line).collect()
+    }
+}
+
+impl Key {
+    fn for_subject_opt(mut self, subject: Option<String>) -> Self {
+        self.subject = subject;
+        self
+    }
+}
+
+fn decode_32(kid: &str, what: &str, text: &str) -> Result<[u8; ED25519_BYTES], String> {
+    let bytes = decode_b64(text).ok_or_else(|| {
+        format!(
+            "the {what} of key '{}' is not base64url ({} characters)",
+            clip(kid),
+            text.len()
+        )
+    })?;
+    <[u8; ED25519_BYTES]>::try_from(bytes.as_slice()).map_err(|_| {
+        format!(
+            "the {what} of key '{}' has {} bytes, not {ED25519_BYTES}",
+            clip(kid),
+            bytes.len()
+        )
+    })
+}
+
+fn decode_b64(text: &str) -> Option<Vec<u8>> {
+    URL_SAFE_NO_PAD
+        .decode(text)
+        .or_else(|_| URL_SAFE.decode(text))
+        .or_else(|_| STANDARD.decode(text))
+        .or_else(|_| STANDARD_NO_PAD.decode(text))
+        .ok()
 }
 
 fn parse_entry(entry: &str) -> Result<Key, String> {
     let (kid, rest) = entry
         .split_once('=')
-        .ok_or_else(|| "expected kid=base64secret".to_string())?;
+        .ok_or_else(|| "expected kid=MATERIAL [sub=AGENT] [roles=a,b]".to_string())?;
     let kid = kid.trim();
     let mut parts = rest.split_whitespace();
-    let secret = parts.next().unwrap_or("");
-    // Never put the secret in the message: only its length.
-    let bytes = STANDARD
-        .decode(secret)
-        .or_else(|_| URL_SAFE.decode(secret))
-        .or_else(|_| URL_SAFE_NO_PAD.decode(secret))
-        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(secret))
-        .map_err(|_| {
+    let material = parts.next().unwrap_or("");
+    let mut subject = None;
+    let mut roles = Vec::new();
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("sub", agent)) if !agent.is_empty() => subject = Some(agent.to_string()),
+            Some(("roles", list)) => {
+                roles = list
+                    .split(',')
+                    .filter(|r| !r.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }
+            _ => {
+                return Err(format!(
+                    "unknown option '{}' after key '{}' (only sub=AGENT and roles=a,b)",
+                    clip(opt),
+                    clip(kid)
+                ));
+            }
+        }
+    }
+    let need_sub = || {
+        subject.clone().ok_or_else(|| {
+            format!(
+                "Ed25519 key '{}' has no sub=AGENT: every key pair belongs to one sender",
+                clip(kid)
+            )
+        })
+    };
+    // Never put key material in a message: only its length.
+    let key = if let Some(public) = material.strip_prefix("ed25519:") {
+        Key::ed25519_public(kid, decode_32(kid, "public key", public)?, need_sub()?)
+    } else if let Some(seed) = material.strip_prefix("ed25519-private:") {
+        Key::ed25519_private(kid, decode_32(kid, "private key", seed)?, need_sub()?)
+    } else {
+        let secret = material.strip_prefix("hs256:").unwrap_or(material);
+        let bytes = decode_b64(secret).ok_or_else(|| {
             format!(
                 "the secret of key '{}' is not base64 ({} characters)",
                 clip(kid),
                 secret.len()
             )
         })?;
-    let mut key = Key::new(kid, bytes).map_err(|e| e.to_string())?;
-    for opt in parts {
-        match opt.split_once('=') {
-            Some(("sub", agent)) if !agent.is_empty() => key = key.for_subject(agent),
-            _ => {
-                return Err(format!(
-                    "unknown option '{}' after key '{}' (only sub=AGENT)",
-                    clip(opt),
-                    key.kid
-                ));
-            }
-        }
+        Key::hs256(kid, bytes).map(|k| k.for_subject_opt(subject.clone()))
     }
-    Ok(key)
+    .map_err(|e| e.to_string())?;
+    Ok(key.with_roles(roles))
 }
 
 /// Why keys could not be loaded. Messages name files, lines and key ids, never secrets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
     #[error(
-        "no authentication key configured: give --auth-keys-file or set {KEYS_FILE_ENV} or {KEYS_ENV} (create one with `journeyman token keygen`)"
+        "no authentication key configured: give --auth-keys-file or set {KEYS_FILE_ENV} or {KEYS_ENV} (create a key pair with `journeyman token keygen`)"
     )]
     NoKeys,
-    #[error("the key file {0} holds no key (expected lines kid=base64secret)")]
+    #[error(
+        "no private key to sign with: give --auth-private-key-file (or {PRIVATE_KEY_FILE_ENV}) with this sender's key from `journeyman token keygen`"
+    )]
+    NoPrivateKey,
+    #[error("key '{0}' is a public key and cannot sign: sign with the sender's private key")]
+    CannotSign(String),
+    #[error("the key file {0} holds no key (expected lines kid=ed25519:... sub=AGENT)")]
     EmptyFile(String),
     #[error("cannot read the key file {path}: {error}")]
     Io { path: String, error: String },
@@ -299,13 +623,24 @@ pub enum KeyError {
     BadEntry { line: usize, reason: String },
     #[error("key id '{0}' is invalid: use 1-64 letters, digits, '-', '_' or '.'")]
     BadKid(String),
+    #[error(
+        "subject '{0}' is invalid: use 1-128 characters without spaces (a fleet key may end in '*' after a prefix)"
+    )]
+    BadSubject(String),
+    #[error("the public key of key '{0}' is not an Ed25519 point")]
+    BadPublicKey(String),
     #[error("key '{kid}' has a {len}-byte secret; at least {MIN_SECRET_BYTES} bytes are needed")]
     ShortSecret { kid: String, len: usize },
     #[error("key id '{0}' appears twice")]
     DuplicateKid(String),
+    #[error(
+        "the private key '{0}' does not match the registry's key of that id (another key, or another subject): fix the registry or the key file"
+    )]
+    Mismatch(String),
 }
 
-/// What a verified token says.
+/// What a verified token says. After [`verify`], `roles` are the roles the key grants
+/// (from the registry), not what the token claimed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// The agent id of the sender; must equal the envelope's `source_agent.agent_id`.
@@ -332,15 +667,6 @@ impl Claims {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Header {
-    alg: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    typ: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    kid: Option<String>,
-}
-
 /// Why a message was not authenticated (or not authorised). No variant carries the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -348,11 +674,11 @@ pub enum AuthError {
     Missing,
     #[error("the auth token is malformed: {0}")]
     Malformed(String),
-    #[error("the auth token's algorithm '{0}' is not accepted (only HS256)")]
+    #[error("the auth token's algorithm '{0}' is not accepted (EdDSA, or HS256 for a shared key)")]
     UnsupportedAlg(String),
     #[error("the auth token names unknown key id '{0}'")]
     UnknownKeyId(String),
-    #[error("bad signature: the auth token was not signed by any configured key")]
+    #[error("bad signature: the auth token was not signed by the key it names")]
     BadSignature,
     #[error("key '{kid}' is for agent '{allowed}', not for '{subject}'")]
     KeyNotForSubject {
@@ -369,25 +695,37 @@ pub enum AuthError {
         subject: String,
         source_agent: String,
     },
+    #[error("the auth token claims role '{role}', which key '{kid}' does not grant")]
+    RoleNotGranted { kid: String, role: String },
     #[error("agent '{agent}' is not allowed to send {intent}")]
     Forbidden { agent: String, intent: String },
 }
 
 impl AuthError {
-    /// The dead-letter reason: `forbidden` for the allow-list, `unauthenticated` otherwise.
+    /// The dead-letter reason: `forbidden` for rights the sender lacks (the allow-list, a
+    /// role its key does not grant), `unauthenticated` otherwise.
     pub fn reason_code(&self) -> &'static str {
-        match self {
-            AuthError::Forbidden { .. } => "forbidden",
-            _ => "unauthenticated",
+        if self.is_forbidden() {
+            "forbidden"
+        } else {
+            "unauthenticated"
         }
+    }
+
+    fn is_forbidden(&self) -> bool {
+        matches!(
+            self,
+            AuthError::Forbidden { .. } | AuthError::RoleNotGranted { .. }
+        )
     }
 }
 
 impl From<AuthError> for ProtocolError {
     fn from(e: AuthError) -> Self {
-        match e {
-            AuthError::Forbidden { .. } => ProtocolError::Forbidden(e.to_string()),
-            other => ProtocolError::Unauthenticated(other.to_string()),
+        if e.is_forbidden() {
+            ProtocolError::Forbidden(e.to_string())
+        } else {
+            ProtocolError::Unauthenticated(e.to_string())
         }
     }
 }
@@ -411,19 +749,16 @@ fn at(secs: i64) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
-fn b64json<T: Serialize>(v: &T) -> String {
-    // Plain structs of strings and integers always serialise.
-    URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap_or_default())
-}
-
-/// Mints a token for `agent_id` signed with `key`, valid from `now` for `ttl`.
+/// Mints a token for `agent_id` signed with `key`, valid from `now` for `ttl`. `roles`
+/// are what the token claims; the verifier grants only what its registry says the key
+/// grants, and refuses a claim beyond that.
 pub fn mint(
     key: &Key,
     agent_id: &str,
     roles: &[String],
     now: DateTime<Utc>,
     ttl: Duration,
-) -> String {
+) -> Result<String, KeyError> {
     let iat = now.timestamp();
     let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
     let claims = Claims {
@@ -433,25 +768,35 @@ pub fn mint(
         nbf: None,
         roles: roles.to_vec(),
     };
-    sign_claims(key, &claims)
+    let mut header = jsonwebtoken::Header::new(key.alg());
+    header.kid = Some(key.kid.clone());
+    let encoding = key.encoding_key()?;
+    jsonwebtoken::encode(&header, &claims, &encoding).map_err(|e| KeyError::BadEntry {
+        line: 0,
+        reason: format!("key '{}' cannot sign: {e}", key.kid),
+    })
 }
 
-fn sign_claims(key: &Key, claims: &Claims) -> String {
-    let header = Header {
-        alg: ALG.into(),
-        typ: Some("JWT".into()),
-        kid: Some(key.kid.clone()),
-    };
-    let signing_input = format!("{}.{}", b64json(&header), b64json(claims));
-    let mut mac = key.mac();
-    mac.update(signing_input.as_bytes());
-    let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-    format!("{signing_input}.{sig}")
+fn from_jwt(e: jsonwebtoken::errors::Error) -> AuthError {
+    match e.kind() {
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            AuthError::UnsupportedAlg("?".into())
+        }
+        // serde's message says where the JSON is wrong, not what it holds.
+        ErrorKind::Json(j) => AuthError::Malformed(format!("not the expected JSON ({j})")),
+        ErrorKind::Base64(_) => AuthError::Malformed("a part is not base64url".into()),
+        ErrorKind::Utf8(_) => AuthError::Malformed("a part is not UTF-8".into()),
+        ErrorKind::InvalidToken => {
+            AuthError::Malformed("expected three base64url parts separated by '.'".into())
+        }
+        other => AuthError::Malformed(clip(&format!("{other:?}"))),
+    }
 }
 
-/// Verifies a token: HS256 only, the key chosen by `kid` (or, without one, any key of the
-/// ring), a constant-time MAC comparison, then the validity window with [`LEEWAY`].
-/// Claims are parsed only once the signature holds.
+/// Verifies a token: its `kid` names a key of the registry, its `alg` is that key's
+/// (the key decides the algorithm, never the token), `jsonwebtoken` checks the signature,
+/// then the subject the key is bound to, the validity window with [`LEEWAY`] and the roles.
 pub fn verify(keyring: &Keyring, token: &str, now: DateTime<Utc>) -> Result<Claims, AuthError> {
     if token.is_empty() {
         return Err(AuthError::Missing);
@@ -462,45 +807,39 @@ pub fn verify(keyring: &Keyring, token: &str, now: DateTime<Utc>) -> Result<Clai
             token.len()
         )));
     }
-    let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    if token.split('.').count() != 3 {
         return Err(AuthError::Malformed(
             "expected three base64url parts separated by '.'".into(),
         ));
-    };
-    let header: Header = decode_part(h, "header")?;
-    if header.alg != ALG {
-        return Err(AuthError::UnsupportedAlg(clip(&header.alg)));
     }
-    let candidates: Vec<&Key> = match &header.kid {
-        Some(kid) => vec![
-            keyring
-                .get(kid)
-                .ok_or_else(|| AuthError::UnknownKeyId(clip(kid)))?,
-        ],
-        None => keyring.keys.iter().collect(),
-    };
-    let sig = URL_SAFE_NO_PAD
-        .decode(s)
-        .map_err(|_| AuthError::Malformed("the signature is not base64url".into()))?;
-    let signing_input = &token[..h.len() + 1 + c.len()];
-    let key = candidates
-        .into_iter()
-        .find(|k| {
-            let mut mac = k.mac();
-            mac.update(signing_input.as_bytes());
-            mac.verify_slice(&sig).is_ok()
-        })
-        .ok_or(AuthError::BadSignature)?;
-    let claims: Claims = decode_part(c, "claims")?;
-    if let Some(allowed) = &key.subject
-        && *allowed != claims.sub
-    {
+    let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
+        // An algorithm jsonwebtoken does not know (`none`, ...) fails the header parse.
+        ErrorKind::Json(_) => AuthError::UnsupportedAlg(header_alg(token)),
+        _ => from_jwt(e),
+    })?;
+    let kid = header
+        .kid
+        .as_deref()
+        .ok_or_else(|| AuthError::Malformed("the header names no key id (kid)".into()))?;
+    let key = keyring
+        .get(kid)
+        .ok_or_else(|| AuthError::UnknownKeyId(clip(kid)))?;
+    if header.alg != key.alg() {
+        return Err(AuthError::UnsupportedAlg(format!("{:?}", header.alg)));
+    }
+    let mut validation = Validation::new(key.alg());
+    // Time is checked below against the caller's `now`, keeping this module clock-free.
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    let mut claims = jsonwebtoken::decode::<Claims>(token, &key.decoding_key()?, &validation)
+        .map_err(from_jwt)?
+        .claims;
+    if !key.may_sign_as(&claims.sub) {
         return Err(AuthError::KeyNotForSubject {
             kid: key.kid.clone(),
-            allowed: allowed.clone(),
+            allowed: key.subject.clone().unwrap_or_default(),
             subject: clip(&claims.sub),
         });
     }
@@ -513,23 +852,38 @@ pub fn verify(keyring: &Keyring, token: &str, now: DateTime<Utc>) -> Result<Clai
     if from.saturating_sub(leeway) > t {
         return Err(AuthError::NotYetValid(at(from)));
     }
+    if let Some(role) = claims.roles.iter().find(|r| !key.roles.contains(r)) {
+        return Err(AuthError::RoleNotGranted {
+            kid: key.kid.clone(),
+            role: clip(role),
+        });
+    }
+    claims.roles = key.roles.clone();
     Ok(claims)
 }
 
-fn decode_part<T: for<'de> Deserialize<'de>>(part: &str, what: &str) -> Result<T, AuthError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(part)
-        .map_err(|_| AuthError::Malformed(format!("the {what} is not base64url")))?;
-    // serde's message says where the JSON is wrong, not what it holds.
-    serde_json::from_slice(&bytes)
-        .map_err(|e| AuthError::Malformed(format!("the {what} is not the expected JSON ({e})")))
+/// The `alg` of a header jsonwebtoken would not parse, for the error message (clipped).
+fn header_alg(token: &str) -> String {
+    #[derive(Deserialize)]
+    struct AlgOnly {
+        alg: Option<serde_json::Value>,
+    }
+    let h = token.split('.').next().unwrap_or("");
+    URL_SAFE_NO_PAD
+        .decode(h)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<AlgOnly>(&b).ok())
+        .and_then(|a| a.alg)
+        .map(|v| clip(v.as_str().unwrap_or("?")))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// Reads a token's subject without verifying it: only for choosing the `source_agent` to
 /// send with a token given on the command line. Never trust the result.
 pub fn unverified_subject(token: &str) -> Option<String> {
-    let c = token.split('.').nth(1)?;
-    decode_part::<Claims>(c, "claims").ok().map(|c| c.sub)
+    jsonwebtoken::dangerous::insecure_decode_claims::<Claims>(token)
+        .ok()
+        .map(|c| c.sub)
 }
 
 /// Verifies the envelope's token and that it was minted for the envelope's sender.
@@ -685,8 +1039,9 @@ pub fn authorize(policy: &Policy, claims: &Claims, intent: &str) -> Result<(), A
 }
 
 /// Verifies a task request on an agent: a valid token for its sender, and the sender is
-/// the orchestrator (its id, or the `orchestrator` role). Any other agent holding a key
-/// could otherwise make agents work.
+/// the orchestrator (the subject its key is bound to, or the `orchestrator` role the
+/// registry grants its key). Agents hold only the orchestrator's public key, so no agent
+/// can make another work.
 pub fn check_task_request(
     keyring: &Keyring,
     env: &Envelope,
@@ -717,15 +1072,20 @@ impl Signer {
     /// message waiting in a queue (or an outbox) across an outage is still accepted.
     pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 
-    pub fn new(key: Key, agent_id: impl Into<String>) -> Self {
-        Self {
+    /// A signer with a key that can sign (a private key or a shared secret).
+    pub fn new(key: Key, agent_id: impl Into<String>) -> Result<Self, KeyError> {
+        // Check once that the key signs, so `token` cannot fail later.
+        key.encoding_key()?;
+        Ok(Self {
             key,
             agent_id: agent_id.into(),
             roles: Vec::new(),
             ttl: Self::DEFAULT_TTL,
-        }
+        })
     }
 
+    /// Roles the tokens claim. Optional: the verifier grants what its registry says the
+    /// key grants anyway; a claim beyond that is refused.
     pub fn with_roles(mut self, roles: Vec<String>) -> Self {
         self.roles = roles;
         self
@@ -740,8 +1100,13 @@ impl Signer {
         &self.agent_id
     }
 
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
     pub fn token(&self, now: DateTime<Utc>) -> String {
-        mint(&self.key, &self.agent_id, &self.roles, now, self.ttl)
+        // `new` checked that the key signs; encoding our own claims cannot fail then.
+        mint(&self.key, &self.agent_id, &self.roles, now, self.ttl).unwrap_or_default()
     }
 
     /// Puts a fresh token on `env`. Its `source_agent` must be this signer's agent, or
@@ -791,12 +1156,17 @@ mod tests {
     use crate::wire::protocol::MessageType;
     use serde_json::json;
 
-    fn key(kid: &str, byte: u8) -> Key {
-        Key::new(kid, vec![byte; 32]).unwrap()
+    fn ed(kid: &str, byte: u8, sub: &str) -> Key {
+        Key::ed25519_private(kid, [byte; 32], sub).unwrap()
     }
 
     fn ring(keys: &[&Key]) -> Keyring {
         Keyring::new(keys.iter().map(|k| (*k).clone()).collect()).unwrap()
+    }
+
+    /// The registry as a verifier holds it: public halves only.
+    fn registry(keys: &[&Key]) -> Keyring {
+        Keyring::new(keys.iter().map(|k| k.public()).collect()).unwrap()
     }
 
     fn t0() -> DateTime<Utc> {
@@ -804,6 +1174,11 @@ mod tests {
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
+
+    fn tok(k: &Key, sub: &str, roles: &[&str], now: DateTime<Utc>) -> String {
+        let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+        mint(k, sub, &roles, now, HOUR).unwrap()
+    }
 
     fn env_from(agent: &str, intent: &str, token: String) -> Envelope {
         Envelope::new(
@@ -817,45 +1192,132 @@ mod tests {
         .with_auth_token(token)
     }
 
-    /// A token with arbitrary header and claims JSON, signed (or not) by `k`.
-    fn forge(header: &str, claims: &str, k: Option<&Key>) -> String {
+    /// A token with arbitrary header and claims JSON and the signature of `k` over them.
+    fn forge(header: &str, claims: &str, k: &Key) -> String {
         let input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(header),
             URL_SAFE_NO_PAD.encode(claims)
         );
-        let sig = match k {
-            Some(k) => {
-                let mut mac = k.mac();
-                mac.update(input.as_bytes());
-                URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
-            }
-            None => String::new(),
-        };
+        let sig = jsonwebtoken::crypto::sign(input.as_bytes(), &k.encoding_key().unwrap(), k.alg())
+            .unwrap();
         format!("{input}.{sig}")
     }
 
     #[test]
-    fn round_trip() {
-        let k = key("k1", 1);
-        let t = mint(&k, "ops-cli", &["operator".into()], t0(), HOUR);
-        assert!(t.split('.').count() == 3);
-        let c = verify(&ring(&[&k]), &t, t0()).unwrap();
+    fn round_trip_with_eddsa() {
+        let k = ed("k1", 1, "ops-cli").with_roles(vec!["operator".into()]);
+        let t = tok(&k, "ops-cli", &["operator"], t0());
+        let c = verify(&registry(&[&k]), &t, t0()).unwrap();
         assert_eq!(c.sub, "ops-cli");
         assert_eq!(c.iat, t0().timestamp());
         assert_eq!(c.exp, t0().timestamp() + 3600);
         assert!(c.has_role("operator"));
-        let header: Header = decode_part(t.split('.').next().unwrap(), "header").unwrap();
-        assert_eq!(header.alg, "HS256");
+        let header = jsonwebtoken::decode_header(&t).unwrap();
+        assert_eq!(header.alg, Algorithm::EdDSA);
         assert_eq!(header.typ.as_deref(), Some("JWT"));
         assert_eq!(header.kid.as_deref(), Some("k1"));
     }
 
     #[test]
+    fn a_public_key_cannot_sign() {
+        let k = ed("k1", 1, "a").public();
+        assert!(!k.can_sign());
+        assert_eq!(
+            mint(&k, "a", &[], t0(), HOUR).unwrap_err(),
+            KeyError::CannotSign("k1".into())
+        );
+        assert!(Signer::new(k.clone(), "a").is_err());
+        assert_eq!(ring(&[&k]).signing_key(), None);
+        assert_eq!(
+            ring(&[&k]).require_signing_key().unwrap_err(),
+            KeyError::NoPrivateKey
+        );
+    }
+
+    #[test]
+    fn roles_come_from_the_registry_never_from_the_token() {
+        let agent = ed("agent-x", 3, "agent-x");
+        let reg = registry(&[&agent]);
+        // Claiming nothing: no roles.
+        assert!(
+            verify(&reg, &tok(&agent, "agent-x", &[], t0()), t0())
+                .unwrap()
+                .roles
+                .is_empty()
+        );
+        // Claiming operator with a key that does not grant it: forbidden.
+        let e = verify(&reg, &tok(&agent, "agent-x", &["operator"], t0()), t0()).unwrap_err();
+        assert_eq!(
+            e,
+            AuthError::RoleNotGranted {
+                kid: "agent-x".into(),
+                role: "operator".into()
+            }
+        );
+        assert_eq!(e.reason_code(), "forbidden");
+        assert!(matches!(
+            ProtocolError::from(e),
+            ProtocolError::Forbidden(_)
+        ));
+        // The registry grants operator: the token need not claim it.
+        let granted = registry(&[&agent.clone().with_roles(vec!["operator".into()])]);
+        let c = verify(&granted, &tok(&agent, "agent-x", &[], t0()), t0()).unwrap();
+        assert_eq!(c.roles, ["operator"]);
+        assert!(authorize(&Policy::default(), &c, "journey.cancel").is_ok());
+    }
+
+    #[test]
+    fn an_agent_key_cannot_sign_a_task_request() {
+        let orch_id = AgentRef::orchestrator().agent_id;
+        let orch = ed("orch", 1, &orch_id);
+        let agent = ed("agent", 2, "agent-x");
+        let reg = registry(&[&orch, &agent]);
+        let req = |k: &Key, sub: &str| {
+            Envelope::new(
+                AgentRef::new(sub, "journeyman"),
+                AgentRef::new("agent", "x"),
+                MessageType::Request,
+                "connector.scan",
+                json!({}),
+                t0(),
+            )
+            .with_auth_token(tok(k, sub, &[], t0()))
+        };
+        assert!(check_task_request(&reg, &req(&orch, &orch_id), t0()).is_ok());
+        // The agent's own key, as itself: not the orchestrator.
+        let e = check_task_request(&reg, &req(&agent, "agent-x"), t0()).unwrap_err();
+        assert_eq!(e.reason_code(), "forbidden");
+        // The agent's key naming the orchestrator: the key is bound to agent-x.
+        let e = check_task_request(&reg, &req(&agent, &orch_id), t0()).unwrap_err();
+        assert!(matches!(e, AuthError::KeyNotForSubject { .. }), "{e}");
+        // Claiming the orchestrator role: not granted by the registry.
+        let t = tok(&agent, "agent-x", &[ORCHESTRATOR_ROLE], t0());
+        let mut env = req(&agent, "agent-x");
+        env.security.auth_token = t;
+        assert_eq!(
+            check_task_request(&reg, &env, t0())
+                .unwrap_err()
+                .reason_code(),
+            "forbidden"
+        );
+        // The orchestrator's kid with the agent's private key: bad signature.
+        let impostor = ed("orch", 2, &orch_id);
+        assert_eq!(
+            check_task_request(&reg, &req(&impostor, &orch_id), t0()).unwrap_err(),
+            AuthError::BadSignature
+        );
+        // A partition granted the orchestrator role by the registry.
+        let part = ed("orch-2", 4, "orch-2").with_roles(vec![ORCHESTRATOR_ROLE.into()]);
+        let reg = registry(&[&orch, &part]);
+        assert!(check_task_request(&reg, &req(&part, "orch-2"), t0()).is_ok());
+    }
+
+    #[test]
     fn expiry_allows_the_leeway_and_no_more() {
-        let k = key("k1", 1);
-        let r = ring(&[&k]);
-        let t = mint(&k, "a", &[], t0(), HOUR);
+        let k = ed("k1", 1, "a");
+        let r = registry(&[&k]);
+        let t = tok(&k, "a", &[], t0());
         let exp = t0() + chrono::Duration::seconds(3600);
         assert!(verify(&r, &t, exp + chrono::Duration::seconds(60)).is_ok());
         let e = verify(&r, &t, exp + chrono::Duration::seconds(61)).unwrap_err();
@@ -866,31 +1328,22 @@ mod tests {
 
     #[test]
     fn not_yet_valid() {
-        let k = key("k1", 1);
-        let r = ring(&[&k]);
-        // Minted in the future (a skewed clock) beyond the leeway.
+        let k = ed("k1", 1, "a");
+        let r = registry(&[&k]);
         let later = t0() + chrono::Duration::seconds(120);
-        let t = mint(&k, "a", &[], later, HOUR);
         assert_eq!(
-            verify(&r, &t, t0()).unwrap_err(),
+            verify(&r, &tok(&k, "a", &[], later), t0()).unwrap_err(),
             AuthError::NotYetValid(later)
         );
-        assert!(
-            verify(
-                &r,
-                &mint(&k, "a", &[], t0() + chrono::Duration::seconds(30), HOUR),
-                t0()
-            )
-            .is_ok()
-        );
-        // An explicit nbf.
+        let soon = t0() + chrono::Duration::seconds(30);
+        assert!(verify(&r, &tok(&k, "a", &[], soon), t0()).is_ok());
         let nbf = t0().timestamp() + 600;
         let claims = format!(
             r#"{{"sub":"a","iat":{},"exp":{},"nbf":{nbf}}}"#,
             t0().timestamp(),
             nbf + 10
         );
-        let t = forge(r#"{"alg":"HS256","kid":"k1"}"#, &claims, Some(&k));
+        let t = forge(r#"{"alg":"EdDSA","kid":"k1"}"#, &claims, &k);
         assert!(matches!(
             verify(&r, &t, t0()),
             Err(AuthError::NotYetValid(_))
@@ -898,116 +1351,123 @@ mod tests {
     }
 
     #[test]
-    fn forged_signature_is_refused() {
-        let k = key("k1", 1);
-        let r = ring(&[&k]);
-        let t = mint(&k, "a", &[], t0(), HOUR);
-        // Same kid, other secret.
-        let forged = mint(&key("k1", 2), "a", &[], t0(), HOUR);
+    fn forged_and_tampered_tokens_are_refused() {
+        let k = ed("k1", 1, "a");
+        let r = registry(&[&k]);
+        let t = tok(&k, "a", &[], t0());
+        // Same kid, another key pair.
+        let forged = tok(&ed("k1", 2, "a"), "a", &[], t0());
         assert_eq!(
             verify(&r, &forged, t0()).unwrap_err(),
             AuthError::BadSignature
         );
-        // Claims changed after signing (privilege escalation attempt).
+        // Claims changed after signing.
         let parts: Vec<&str> = t.split('.').collect();
         let claims = URL_SAFE_NO_PAD.encode(format!(
-            r#"{{"sub":"a","iat":{},"exp":{},"roles":["operator"]}}"#,
+            r#"{{"sub":"a","iat":{},"exp":{}}}"#,
             t0().timestamp(),
-            t0().timestamp() + 3600
+            t0().timestamp() + 7200
         ));
         let tampered = format!("{}.{}.{}", parts[0], claims, parts[2]);
         assert_eq!(
             verify(&r, &tampered, t0()).unwrap_err(),
             AuthError::BadSignature
         );
-        // A truncated signature (still valid base64url: 40 characters).
-        let short = &t[..t.len() - 3];
-        assert_eq!(
-            verify(&r, short, t0()).unwrap_err(),
-            AuthError::BadSignature
-        );
+        let short = &t[..t.len() - 4];
+        assert!(verify(&r, short, t0()).is_err());
     }
 
     #[test]
-    fn alg_none_and_others_are_refused() {
-        let k = key("k1", 1);
-        let r = ring(&[&k]);
+    fn the_key_decides_the_algorithm() {
+        let k = ed("k1", 1, "a");
+        let r = registry(&[&k]);
         let claims = format!(
             r#"{{"sub":"a","iat":{},"exp":{}}}"#,
             t0().timestamp(),
             t0().timestamp() + 60
         );
         for alg in ["none", "None", "HS512", "RS256", "hs256", ""] {
-            let t = forge(&format!(r#"{{"alg":"{alg}","kid":"k1"}}"#), &claims, None);
-            assert_eq!(
-                verify(&r, &t, t0()).unwrap_err(),
-                AuthError::UnsupportedAlg(alg.into()),
-                "{alg}"
+            let h = format!(r#"{{"alg":"{alg}","kid":"k1"}}"#);
+            let t = format!(
+                "{}.{}.",
+                URL_SAFE_NO_PAD.encode(&h),
+                URL_SAFE_NO_PAD.encode(&claims)
             );
-            // Even correctly MACed, another alg is refused.
-            let t = forge(
-                &format!(r#"{{"alg":"{alg}","kid":"k1"}}"#),
-                &claims,
-                Some(&k),
-            );
-            assert!(matches!(
-                verify(&r, &t, t0()),
-                Err(AuthError::UnsupportedAlg(_))
-            ));
+            let e = verify(&r, &t, t0()).unwrap_err();
+            assert!(matches!(e, AuthError::UnsupportedAlg(_)), "{alg}: {e}");
         }
+        // HS256 "signed" with the public key's bytes (the classic confusion attack).
+        let Material::Ed25519Private { public, .. } = &k.material else {
+            unreachable!()
+        };
+        let confused = Key::hs256("k1", public.to_vec()).unwrap();
+        let t = forge(r#"{"alg":"HS256","kid":"k1"}"#, &claims, &confused);
+        assert!(matches!(
+            verify(&r, &t, t0()),
+            Err(AuthError::UnsupportedAlg(_))
+        ));
     }
 
     #[test]
-    fn kid_selects_the_key() {
-        let (k1, k2) = (key("k1", 1), key("k2", 2));
-        let r = ring(&[&k1]);
-        let t = mint(&k2, "a", &[], t0(), HOUR);
-        let e = verify(&r, &t, t0()).unwrap_err();
+    fn kid_selects_the_key_and_is_required() {
+        let (k1, k2) = (ed("k1", 1, "a"), ed("k2", 2, "a"));
+        let t = tok(&k2, "a", &[], t0());
+        let e = verify(&registry(&[&k1]), &t, t0()).unwrap_err();
         assert_eq!(e, AuthError::UnknownKeyId("k2".into()));
         assert_eq!(e.to_string(), "the auth token names unknown key id 'k2'");
-        // A kid naming k1 but signed by k2's secret.
         let claims = format!(
             r#"{{"sub":"a","iat":{},"exp":{}}}"#,
             t0().timestamp(),
             t0().timestamp() + 60
         );
-        let t = forge(r#"{"alg":"HS256","kid":"k1"}"#, &claims, Some(&k2));
-        assert_eq!(
-            verify(&ring(&[&k1, &k2]), &t, t0()).unwrap_err(),
-            AuthError::BadSignature
-        );
-        // No kid: any key of the ring may verify.
-        let t = forge(r#"{"alg":"HS256"}"#, &claims, Some(&k2));
-        assert_eq!(verify(&ring(&[&k1, &k2]), &t, t0()).unwrap().sub, "a");
-        assert_eq!(
-            verify(&ring(&[&k1]), &t, t0()).unwrap_err(),
-            AuthError::BadSignature
-        );
+        let t = forge(r#"{"alg":"EdDSA"}"#, &claims, &k1);
+        assert!(matches!(
+            verify(&registry(&[&k1]), &t, t0()),
+            Err(AuthError::Malformed(_))
+        ));
     }
 
     #[test]
-    fn rotation_with_two_keys() {
-        let (old, new) = (key("2025", 1), key("2026", 2));
-        let during = ring(&[&new, &old]);
-        assert_eq!(during.signing_key().kid(), "2026");
-        // Tokens from before the rotation and after both verify during it.
+    fn rotation_with_two_keys_per_subject() {
+        let (old, new) = (ed("2025", 1, "a"), ed("2026", 2, "a"));
+        let during = registry(&[&new, &old]);
+        let sender = ring(&[&new]);
+        assert_eq!(sender.signing_key().unwrap().kid(), "2026");
         for t in [
-            mint(&old, "a", &[], t0(), HOUR),
-            mint(during.signing_key(), "a", &[], t0(), HOUR),
+            tok(&old, "a", &[], t0()),
+            tok(sender.signing_key().unwrap(), "a", &[], t0()),
         ] {
             assert!(verify(&during, &t, t0()).is_ok());
         }
-        // Once the old key is dropped, its tokens are refused by id.
-        let after = ring(&[&new]);
+        let after = registry(&[&new]);
         assert_eq!(
-            verify(&after, &mint(&old, "a", &[], t0(), HOUR), t0()).unwrap_err(),
+            verify(&after, &tok(&old, "a", &[], t0()), t0()).unwrap_err(),
             AuthError::UnknownKeyId("2025".into())
         );
     }
 
     #[test]
+    fn hs256_still_verifies_when_configured() {
+        let k = Key::hs256("shared", vec![9; 32]).unwrap();
+        let r = ring(&[&k]);
+        assert!(r.has_hs256());
+        let t = tok(&k, "a", &[], t0());
+        assert_eq!(
+            jsonwebtoken::decode_header(&t).unwrap().alg,
+            Algorithm::HS256
+        );
+        assert_eq!(verify(&r, &t, t0()).unwrap().sub, "a");
+        let other = Key::hs256("shared", vec![8; 32]).unwrap();
+        assert_eq!(
+            verify(&r, &tok(&other, "a", &[], t0()), t0()).unwrap_err(),
+            AuthError::BadSignature
+        );
+        assert!(!registry(&[&ed("e", 1, "a")]).has_hs256());
+    }
+
+    #[test]
     fn malformed_tokens() {
-        let r = ring(&[&key("k1", 1)]);
+        let r = registry(&[&ed("k1", 1, "a")]);
         assert_eq!(verify(&r, "", t0()).unwrap_err(), AuthError::Missing);
         for t in [
             "abc",
@@ -1024,22 +1484,21 @@ mod tests {
             );
             assert_eq!(e.reason_code(), "unauthenticated");
         }
-        // Valid signature over claims that are not ours.
-        let k = key("k1", 1);
-        let t = forge(r#"{"alg":"HS256","kid":"k1"}"#, r#"{"sub":1}"#, Some(&k));
+        let k = ed("k1", 1, "a");
+        let t = forge(r#"{"alg":"EdDSA","kid":"k1"}"#, r#"{"sub":1}"#, &k);
         assert!(matches!(verify(&r, &t, t0()), Err(AuthError::Malformed(_))));
     }
 
     #[test]
     fn errors_never_echo_the_token() {
-        let k = key("k1", 1);
-        let r = ring(&[&k]);
-        let t = mint(&k, "a", &[], t0(), HOUR);
+        let k = ed("k1", 1, "a");
+        let r = registry(&[&k]);
+        let t = tok(&k, "a", &[], t0());
         let later = t0() + chrono::Duration::days(2);
         let sig = t.rsplit('.').next().unwrap();
         for e in [
             verify(&r, &t, later).unwrap_err(),
-            verify(&ring(&[&key("k1", 9)]), &t, t0()).unwrap_err(),
+            verify(&registry(&[&ed("k1", 9, "a")]), &t, t0()).unwrap_err(),
             check_envelope(&r, &env_from("b", "journey.start", t.clone()), t0()).unwrap_err(),
         ] {
             let msg = e.to_string();
@@ -1049,9 +1508,9 @@ mod tests {
 
     #[test]
     fn envelope_subject_must_match_the_source_agent() {
-        let k = key("k1", 1);
-        let r = ring(&[&k]);
-        let t = mint(&k, "ops-cli", &[], t0(), HOUR);
+        let k = ed("k1", 1, "ops-cli");
+        let r = registry(&[&k]);
+        let t = tok(&k, "ops-cli", &[], t0());
         assert_eq!(
             check_envelope(&r, &env_from("ops-cli", "journey.start", t.clone()), t0())
                 .unwrap()
@@ -1074,12 +1533,28 @@ mod tests {
     }
 
     #[test]
-    fn per_agent_keys_bind_the_subject() {
-        let k = key("ops", 1).for_subject("ops-cli");
-        let r = ring(&[&k]);
-        assert!(verify(&r, &mint(&k, "ops-cli", &[], t0(), HOUR), t0()).is_ok());
+    fn a_fleet_key_signs_for_its_prefix_only() {
+        let k = ed("fleet", 1, "journeyman-agents-*");
+        let r = registry(&[&k]);
+        assert!(verify(&r, &tok(&k, "journeyman-agents-7f9c", &[], t0()), t0()).is_ok());
+        for other in ["journey-orchestrator", "journeyman-agents-", "ops"] {
+            assert!(matches!(
+                verify(&r, &tok(&k, other, &[], t0()), t0()),
+                Err(AuthError::KeyNotForSubject { .. })
+            ));
+        }
+        for bad in ["*", "a*b", "**"] {
+            assert!(Key::generate("k", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_are_bound_to_their_subject() {
+        let k = ed("ops", 1, "ops-cli");
+        let r = registry(&[&k]);
+        assert!(verify(&r, &tok(&k, "ops-cli", &[], t0()), t0()).is_ok());
         assert!(matches!(
-            verify(&r, &mint(&k, "journey-orchestrator", &[], t0(), HOUR), t0()),
+            verify(&r, &tok(&k, "journey-orchestrator", &[], t0()), t0()),
             Err(AuthError::KeyNotForSubject { .. })
         ));
     }
@@ -1151,19 +1626,26 @@ mod tests {
 
     #[test]
     fn keyring_parsing() {
+        let orch = ed("orch-2026", 1, "journey-orchestrator");
         let secret = STANDARD.encode([7u8; 32]);
         let text = format!(
-            "# keys\n\nk2026={secret}\n  k2025 = {secret}  # old, drop in March\nops={secret} sub=ops-cli\n"
+            "# registry\n\n{}\n  {}  # the operator\nlegacy={secret} sub=ops-cli roles=operator\nshared=hs256:{secret}\n",
+            orch.public_line().unwrap(),
+            ed("ops", 2, "ops-cli")
+                .with_roles(vec!["operator".into(), "sre".into()])
+                .public_line()
+                .unwrap()
         );
         let r = Keyring::parse(&text).unwrap();
-        assert_eq!(r.kids(), ["k2026", "k2025", "ops"]);
-        assert_eq!(r.get("ops").unwrap().subject(), Some("ops-cli"));
-        let inline = Keyring::parse(&format!(
-            "a={secret};b={}",
-            URL_SAFE_NO_PAD.encode([8u8; 20])
-        ))
-        .unwrap();
-        assert_eq!(inline.kids(), ["a", "b"]);
+        assert_eq!(r.kids(), ["orch-2026", "ops", "legacy", "shared"]);
+        assert_eq!(r.get("orch-2026").unwrap(), &orch.public());
+        assert_eq!(r.get("ops").unwrap().roles(), ["operator", "sre"]);
+        assert_eq!(r.get("legacy").unwrap().subject(), Some("ops-cli"));
+        assert!(r.has_hs256());
+        // Only the shared secrets can sign in a registry of public keys.
+        assert_eq!(r.signing_key().unwrap().kid(), "legacy");
+        let private = Keyring::parse(&orch.expose_line()).unwrap();
+        assert_eq!(private.signing_key().unwrap(), &orch);
         let cases = [
             ("", KeyError::NoKeys),
             ("# only a comment", KeyError::NoKeys),
@@ -1171,58 +1653,80 @@ mod tests {
                 &format!("a={secret}\na={secret}") as &str,
                 KeyError::DuplicateKid("a".into()),
             ),
-            (
-                "a=c2hvcnQ=",
-                KeyError::BadEntry {
-                    line: 1,
-                    reason: KeyError::ShortSecret {
-                        kid: "a".into(),
-                        len: 5,
-                    }
-                    .to_string(),
-                },
-            ),
         ];
         for (text, want) in cases {
             assert_eq!(Keyring::parse(text).unwrap_err(), want, "{text}");
         }
+        let public = orch.public_line().unwrap();
+        let no_sub = public.split(" sub=").next().unwrap().to_string();
         for bad in [
             "nokey",
+            "a=c2hvcnQ=",
             "a=***notbase64***",
             &format!("bad kid={secret}"),
             &format!("a={secret} role=x"),
+            &no_sub,
+            "a=ed25519:AAAA sub=x",
         ] {
             assert!(
                 matches!(Keyring::parse(bad), Err(KeyError::BadEntry { .. })),
                 "{bad}"
             );
         }
-        // Errors name the key, never the secret.
-        let e = Keyring::parse("a=***notbase64-but-secret***")
+        let e = Keyring::parse("a=ed25519-private:***secret-seed*** sub=x")
             .unwrap_err()
             .to_string();
-        assert!(!e.contains("notbase64-but-secret"), "{e}");
+        assert!(!e.contains("secret-seed"), "{e}");
     }
 
     #[test]
-    fn keyring_sources() {
+    fn keyring_sources_join_the_private_key_and_the_registry() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys");
-        let k = Key::generate("gen").unwrap();
-        std::fs::write(&path, format!("{}\n", k.expose_line())).unwrap();
-        let from_file = Keyring::from_sources(Some(&path), Some("ignored"))
+        let (reg_path, own_path) = (dir.path().join("registry"), dir.path().join("own"));
+        let me = ed("agent-1", 1, "agent-x");
+        let orch = ed("orch", 2, "journey-orchestrator");
+        std::fs::write(
+            &reg_path,
+            format!(
+                "{}\n{}\n",
+                orch.public_line().unwrap(),
+                me.clone()
+                    .with_roles(vec!["reader".into()])
+                    .public_line()
+                    .unwrap()
+            ),
+        )
+        .unwrap();
+        // The private file claims operator; the registry's roles win.
+        std::fs::write(
+            &own_path,
+            me.clone().with_roles(vec!["operator".into()]).expose_line(),
+        )
+        .unwrap();
+        let r = Keyring::from_sources(Some(&reg_path), Some("ignored"), Some(&own_path), None)
             .unwrap()
             .unwrap();
-        assert_eq!(from_file.signing_key(), &k);
-        assert_eq!(Keyring::from_sources(None, None).unwrap(), None);
-        assert_eq!(Keyring::from_sources(None, Some("  ")).unwrap(), None);
-        let inline = Keyring::from_sources(None, Some(&k.expose_line()))
+        assert_eq!(r.kids(), ["agent-1", "orch"]);
+        assert_eq!(r.signing_key().unwrap().kid(), "agent-1");
+        assert_eq!(r.signing_key().unwrap().roles(), ["reader"]);
+        assert_eq!(Keyring::from_sources(None, None, None, None).unwrap(), None);
+        assert_eq!(
+            Keyring::from_sources(None, Some("  "), None, None).unwrap(),
+            None
+        );
+        let only_own = Keyring::from_sources(None, None, Some(&own_path), None)
             .unwrap()
             .unwrap();
-        assert_eq!(inline.signing_key(), &k);
-        std::fs::write(&path, "# nothing\n").unwrap();
+        assert_eq!(only_own.kids(), ["agent-1"]);
+        // A private key that is not the registry's key of that id.
+        std::fs::write(&own_path, ed("agent-1", 9, "agent-x").expose_line()).unwrap();
+        assert_eq!(
+            Keyring::from_sources(Some(&reg_path), None, Some(&own_path), None).unwrap_err(),
+            KeyError::Mismatch("agent-1".into())
+        );
+        std::fs::write(&reg_path, "# nothing\n").unwrap();
         assert!(matches!(
-            Keyring::from_file(&path),
+            Keyring::from_file(&reg_path),
             Err(KeyError::EmptyFile(_))
         ));
         assert!(matches!(
@@ -1238,35 +1742,46 @@ mod tests {
 
     #[test]
     fn generated_keys_differ_and_round_trip() {
-        let (a, b) = (Key::generate("a").unwrap(), Key::generate("a").unwrap());
+        let (a, b) = (
+            Key::generate("a", "x").unwrap(),
+            Key::generate("a", "x").unwrap(),
+        );
         assert_ne!(a, b);
         let back = Keyring::parse(&a.expose_line()).unwrap();
-        assert_eq!(back.signing_key(), &a);
-        assert!(Key::generate("no spaces allowed").is_err());
+        assert_eq!(back.signing_key().unwrap(), &a);
+        let public = Keyring::parse(&a.public_line().unwrap()).unwrap();
+        assert!(verify(&public, &tok(&a, "x", &[], t0()), t0()).is_ok());
+        assert!(Key::generate("no spaces allowed", "x").is_err());
+        assert!(Key::generate("k", "").is_err());
     }
 
     #[test]
     fn debug_and_display_never_print_secrets() {
-        let k = Key::new("k1", b"super-secret-bytes-0123456789".to_vec()).unwrap();
+        let k = Key::hs256("k1", b"super-secret-bytes-0123456789".to_vec()).unwrap();
         let encoded = STANDARD.encode(b"super-secret-bytes-0123456789");
-        let r = ring(&[&k]);
-        let signer = Signer::new(k.clone(), "a");
+        let e = ed("e1", 5, "a");
+        let seed = URL_SAFE_NO_PAD.encode([5u8; 32]);
+        let r = ring(&[&k, &e]);
+        let signer = Signer::new(k.clone(), "a").unwrap();
         let guard = Guard::new(Arc::new(r.clone()), Policy::default());
         for shown in [
             format!("{k:?}"),
             format!("{k}"),
+            format!("{e:?}"),
             format!("{r:?}"),
             format!("{signer:?}"),
             format!("{guard:?}"),
-            format!("{:?}", k.secret),
-            format!("{}", k.secret),
+            format!("{:?}", r.public_lines()),
         ] {
             assert!(
-                !shown.contains("super-secret") && !shown.contains(&encoded),
+                !shown.contains("super-secret")
+                    && !shown.contains(&encoded)
+                    && !shown.contains(&seed),
                 "{shown}"
             );
         }
         assert!(k.expose_line().contains(&encoded));
+        assert!(e.expose_line().contains(&seed));
         let env = env_from("a", "journey.start", signer.token(t0()));
         let shown = format!("{env:?}");
         assert!(!shown.contains(&env.security.auth_token), "{shown}");
@@ -1274,9 +1789,11 @@ mod tests {
 
     #[test]
     fn signer_and_guard() {
-        let k = key("k1", 1);
-        let guard = Guard::new(Arc::new(ring(&[&k])), Policy::default());
-        let cli = Signer::new(k.clone(), "ops-cli")
+        let cli_key = ed("cli", 1, "ops-cli").with_roles(vec!["operator".into()]);
+        let up_key = ed("up", 2, "upstream");
+        let guard = Guard::new(Arc::new(registry(&[&cli_key, &up_key])), Policy::default());
+        let cli = Signer::new(cli_key.clone(), "ops-cli")
+            .unwrap()
             .with_roles(vec!["operator".into()])
             .with_ttl(HOUR);
         let env = |intent: &str, s: &Signer| {
@@ -1293,11 +1810,18 @@ mod tests {
             )
         };
         assert!(guard.command(&env("journey.cancel", &cli), t0()).is_ok());
-        let plain = Signer::new(k.clone(), "upstream");
+        let plain = Signer::new(up_key.clone(), "upstream").unwrap();
         let e = guard
             .command(&env("journey.cancel", &plain), t0())
             .unwrap_err();
         assert_eq!(e.reason_code(), "forbidden");
+        // Claiming operator does not help: the key does not grant it.
+        let claims_more = plain.clone().with_roles(vec!["operator".into()]);
+        let e = guard
+            .command(&env("journey.cancel", &claims_more), t0())
+            .unwrap_err();
+        assert_eq!(e.reason_code(), "forbidden");
+        assert!(e.to_string().contains("does not grant"), "{e}");
         assert!(guard.command(&env("journey.start", &plain), t0()).is_ok());
         let e = guard
             .command(
@@ -1317,38 +1841,8 @@ mod tests {
     }
 
     #[test]
-    fn task_requests_must_come_from_the_orchestrator() {
-        let k = key("k1", 1);
-        let r = ring(&[&k]);
-        let orch = Signer::new(k.clone(), AgentRef::orchestrator().agent_id);
-        let req = |s: &Signer| {
-            s.sign(
-                Envelope::new(
-                    AgentRef::new(s.agent_id(), "journeyman"),
-                    AgentRef::new("agent", "x"),
-                    MessageType::Request,
-                    "connector.scan",
-                    json!({}),
-                    t0(),
-                ),
-                t0(),
-            )
-        };
-        assert!(check_task_request(&r, &req(&orch), t0()).is_ok());
-        let other = Signer::new(k.clone(), "some-agent");
-        assert_eq!(
-            check_task_request(&r, &req(&other), t0())
-                .unwrap_err()
-                .reason_code(),
-            "forbidden"
-        );
-        let partition = Signer::new(k, "orch-2").with_roles(vec![ORCHESTRATOR_ROLE.into()]);
-        assert!(check_task_request(&r, &req(&partition), t0()).is_ok());
-    }
-
-    #[test]
     fn unverified_subject_reads_the_claims() {
-        let t = mint(&key("k1", 1), "ops-cli", &[], t0(), HOUR);
+        let t = tok(&ed("k1", 1, "ops-cli"), "ops-cli", &[], t0());
         assert_eq!(unverified_subject(&t).as_deref(), Some("ops-cli"));
         assert_eq!(unverified_subject("garbage"), None);
     }

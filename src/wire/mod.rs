@@ -6,4 +6,5 @@ pub mod headers;
 pub mod names;
 pub mod outgoing;
 pub mod protocol;
+pub mod redact;
 pub mod trace;

@@ -588,3 +588,111 @@ async fn a_replay_refused_again_keeps_its_failure_history() {
         first.first_failed_at.or(first.failed_at)
     );
 }
+
+/// Nothing secret prints: a command refused for its token is dead-lettered with that
+/// token in its body, and neither `dlq show` (text, `--json`), `dlq list --json`, the
+/// JSON API nor the dashboard shows it; they show `<redacted: N bytes, kid K>` instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_surface_prints_a_dead_letters_token() {
+    use journeyman::wire::auth::{self, Guard, Key, Keyring, Policy, Signer};
+    let mut app = TestApp::spawn_with(
+        journeyman::domain::playbook::Playbook::default_playbook(),
+        Mode::Manual,
+    )
+    .await;
+    let orch = Key::generate("orch", "journey-orchestrator").unwrap();
+    let ring = Arc::new(Keyring::own_and_public(&orch, &[]).unwrap());
+    let signer = Signer::new(orch, "journey-orchestrator").unwrap();
+    app.start_orchestrator_with(|c| c.auth = Some((Guard::new(ring, Policy::default()), signer)));
+    // Signed with a key the orchestrator does not know: refused, token and all.
+    let stranger = Key::generate("stranger-1", "mallory").unwrap();
+    let token = auth::mint(
+        &stranger,
+        "mallory",
+        &[],
+        chrono::Utc::now(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let mut cmd = TestApp::command("journey.start", json!({"client_id": "acme"}));
+    cmd.source_agent.agent_id = "mallory".into();
+    let cmd = cmd.with_auth_token(token.clone());
+    app.send(&cmd).await;
+    wait_dead_letters(&app, 1).await;
+    let signature = token.rsplit('.').next().unwrap().to_string();
+    let leaks = |shown: &str| shown.contains(&token) || shown.contains(&signature);
+
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_journeyman"))
+            .args(["--namespace", &app.names.namespace, "dlq"])
+            .args(args)
+            .env("JOURNEYMAN_AMQP_URL", &app.url)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let id = cmd.message_id.to_string();
+    let text = run(&["show", &id]);
+    assert!(text.contains("reason:         unauthenticated"), "{text}");
+    assert!(
+        text.contains("<redacted: ") && text.contains("kid stranger-1"),
+        "{text}"
+    );
+    assert!(!leaks(&text), "dlq show prints the token:\n{text}");
+    let json_text = run(&["show", &id, "--json"]);
+    assert!(
+        !leaks(&json_text),
+        "dlq show --json prints the token:\n{json_text}"
+    );
+    let shown: Value = serde_json::from_str(&json_text).unwrap();
+    assert!(
+        shown["body"]["security"]["auth_token"]
+            .as_str()
+            .unwrap()
+            .starts_with("<redacted: "),
+        "{shown}"
+    );
+    let listed = run(&["list", "--json"]);
+    assert!(!leaks(&listed), "{listed}");
+
+    let c = journeyman::ops::client::Client::new(app.http_addr().await, Duration::from_secs(10));
+    let api: Vec<Value> = c.get("/api/dead-letters").await.unwrap();
+    assert_eq!(api.len(), 1);
+    assert!(!leaks(&serde_json::to_string(&api).unwrap()), "{api:?}");
+    let (_, page) = c.raw("/").await.unwrap();
+    let page = String::from_utf8_lossy(&page);
+    assert!(!leaks(&page), "the dashboard prints the token");
+    app.stop_orchestrator().await.unwrap();
+}
+
+/// The log surface: a refused message whose error quotes what the sender wrote (here a
+/// token where the schema wants an object) is logged with the token redacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_log_line_does_not_print_a_token() {
+    let app = TestApp::spawn_with(
+        journeyman::domain::playbook::Playbook::default_playbook(),
+        Mode::ChildProcess,
+    )
+    .await;
+    let token =
+        "eyJhbGciOiJFZERTQSIsImtpZCI6ImsxIn0.eyJzdWIiOiJhIn0.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg";
+    let mut cmd = TestApp::command("journey.start", json!({"client_id": "acme"}));
+    cmd.payload["context"] = json!(token);
+    let id = cmd.message_id.to_string();
+    app.publish_raw("journey.start", &cmd.to_bytes(), Some(&id))
+        .await;
+    wait_dead_letters(&app, 1).await;
+    let log = app.orchestrator_log();
+    assert!(log.contains("refused message"), "{log}");
+    assert!(
+        log.contains("<redacted: "),
+        "the quoted token is redacted: {log}"
+    );
+    assert!(!log.contains("c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"), "{log}");
+}

@@ -80,18 +80,19 @@ fn cli(app: &TestApp, args: &[&str], token: Option<&str>) -> (bool, String, Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refusal_code_is_answered_and_none_is_dead_lettered() {
-    let key = Key::generate("k1").unwrap();
-    let ring = Arc::new(Keyring::new(vec![key.clone()]).unwrap());
+    let orch_key = Key::generate("orch", AgentRef::orchestrator().agent_id).unwrap();
+    let key = Key::generate("k1", "test-upstream").unwrap();
+    let ring = Arc::new(Keyring::own_and_public(&orch_key, &[&key]).unwrap());
     let mut app = TestApp::spawn_with(
         journeyman::domain::playbook::Playbook::default_playbook(),
         Mode::Manual,
     )
     .await;
     let guard = auth::Guard::new(ring.clone(), auth::Policy::default());
-    let orchestrator = Signer::new(key.clone(), AgentRef::orchestrator().agent_id);
+    let orchestrator = Signer::new(orch_key.clone(), AgentRef::orchestrator().agent_id).unwrap();
     app.start_orchestrator_with(|c| c.auth = Some((guard, orchestrator)));
     // No agents: the journey's work waits, so a promote is not_ready.
-    let upstream = Signer::new(key.clone(), "test-upstream");
+    let upstream = Signer::new(key.clone(), "test-upstream").unwrap();
     let signed =
         |intent: &str, payload| upstream.sign(TestApp::command(intent, payload), Utc::now());
 
@@ -108,7 +109,8 @@ async fn every_refusal_code_is_answered_and_none_is_dead_lettered() {
     let r = ask_raw(&app, "journey.start", &unsigned.to_bytes(), "unsigned").await;
     assert_eq!(code(&r), "unauthenticated");
     assert!(r.payload["message"].as_str().unwrap().contains("token"));
-    let forger = Key::new("k1", vec![7; 32]).unwrap();
+    // Same key id and subject, another key pair: the signature does not verify.
+    let forger = Key::generate("k1", "test-upstream").unwrap();
     let forged = TestApp::command("journey.start", json!({"client_id": "acme"})).with_auth_token(
         auth::mint(
             &forger,
@@ -116,7 +118,8 @@ async fn every_refusal_code_is_answered_and_none_is_dead_lettered() {
             &[],
             Utc::now(),
             Duration::from_secs(60),
-        ),
+        )
+        .unwrap(),
     );
     let r = ask_raw(&app, "journey.start", &forged.to_bytes(), "forged").await;
     assert_eq!(code(&r), "unauthenticated");
@@ -183,7 +186,8 @@ async fn every_refusal_code_is_answered_and_none_is_dead_lettered() {
         &[],
         Utc::now(),
         Duration::from_secs(300),
-    );
+    )
+    .unwrap();
     let (ok, _, stderr) = cli(&app, &["journey", "start", "bad client!"], Some(&no_role));
     assert!(!ok);
     assert!(stderr.contains("schema_invalid"), "{stderr}");

@@ -51,9 +51,9 @@ fn sample_bodies(auth: bool) -> Result<(Vec<u8>, Vec<u8>), BenchError> {
     )
     .with_correlation(uuid::Uuid::new_v4().to_string());
     if auth {
-        let key = Key::generate("bench")?;
-        let orch = Signer::new(key.clone(), AgentRef::orchestrator().agent_id);
-        let agent = Signer::new(key, "bench-agent");
+        let orch_id = AgentRef::orchestrator().agent_id;
+        let orch = Signer::new(Key::generate("bench-orch", orch_id.clone())?, orch_id)?;
+        let agent = Signer::new(Key::generate("bench-agent", "bench-agent")?, "bench-agent")?;
         return Ok((
             orch.sign(request, now).to_bytes(),
             agent.sign(reply, now).to_bytes(),

@@ -160,8 +160,13 @@ async fn orchestrator_on(
     std::fs::write(&playbook_file, shape.yaml()).map_err(io("cannot write the playbook"))?;
     let store_dir = dir.join("store");
     let log = dir.join("orchestrator.log");
-    let key = if cfg.auth {
-        Some(Key::generate("bench")?)
+    // One key pair per sender, as deployed: the orchestrator's, the agents', upstream's.
+    let keys = if cfg.auth {
+        Some(BenchKeys {
+            orchestrator: Key::generate("bench-orch", AgentRef::orchestrator().agent_id)?,
+            agent: Key::generate("bench-agent", "bench-agent")?,
+            upstream: Key::generate("bench-upstream", "journeyman-bench")?,
+        })
     } else {
         None
     };
@@ -174,15 +179,18 @@ async fn orchestrator_on(
         &playbook_file,
         &log,
         addr,
-        key.as_ref(),
+        keys.as_ref(),
     )?;
     let log_name = log.display().to_string();
 
     // Simulated agents: no latency, no failures, in this process.
     let (stop_tx, stop_rx) = watch::channel(false);
     let agent_stats = Arc::new(AgentStats::default());
-    let ring = match &key {
-        Some(k) => Some(Arc::new(Keyring::new(vec![k.clone()])?)),
+    let ring = match &keys {
+        Some(k) => Some(Arc::new(Keyring::own_and_public(
+            &k.agent,
+            &[&k.orchestrator],
+        )?)),
         None => None,
     };
     let config = AgentConfig {
@@ -193,7 +201,7 @@ async fn orchestrator_on(
         prefetch: PREFETCH,
         max_message_bytes: crate::wire::protocol::DEFAULT_MAX_MESSAGE_BYTES,
         keyring: ring,
-        signing_key: key.clone(),
+        signing_key: keys.as_ref().map(|k| k.agent.clone()),
         shutdown_timeout: Duration::from_secs(5),
     };
     let sim = Arc::new(SimAgent {
@@ -233,9 +241,13 @@ async fn orchestrator_on(
     .await?;
     let publish_conn = broker::connect(&cfg.amqp_url, "journeyman-bench-publish").await?;
     let publisher = Publisher::start(&publish_conn).await?;
-    let upstream = key.as_ref().map(|k| {
-        Signer::new(k.clone(), "journeyman-bench").with_ttl(Duration::from_secs(24 * 3600))
-    });
+    let upstream = match &keys {
+        Some(k) => Some(
+            Signer::new(k.upstream.clone(), "journeyman-bench")?
+                .with_ttl(Duration::from_secs(24 * 3600)),
+        ),
+        None => None,
+    };
     let start_cmd = |i: usize| {
         let mut env = Envelope::new(
             AgentRef::new("journeyman-bench", "bench"),
@@ -484,6 +496,13 @@ async fn soak_run(
     Ok(samples)
 }
 
+/// The bench's senders, each with its own key pair.
+struct BenchKeys {
+    orchestrator: Key,
+    agent: Key,
+    upstream: Key,
+}
+
 fn spawn_orchestrator(
     cfg: &BenchConfig,
     names: &Names,
@@ -491,7 +510,7 @@ fn spawn_orchestrator(
     playbook: &Path,
     log: &Path,
     addr: std::net::SocketAddr,
-    key: Option<&Key>,
+    keys: Option<&BenchKeys>,
 ) -> Result<Orchestrator, BenchError> {
     let log_file =
         std::fs::File::create(log).map_err(io("cannot create the orchestrator's log"))?;
@@ -524,9 +543,10 @@ fn spawn_orchestrator(
         .stdout(Stdio::null())
         .stderr(Stdio::from(log_file))
         .kill_on_drop(true);
-    match key {
+    match keys {
         Some(k) => {
-            cmd.env(crate::wire::auth::KEYS_ENV, k.expose_line());
+            let ring = Keyring::own_and_public(&k.orchestrator, &[&k.agent, &k.upstream])?;
+            cmd.env(crate::wire::auth::KEYS_ENV, ring.expose_inline());
         }
         None => {
             cmd.env_remove(crate::wire::auth::KEYS_ENV)
