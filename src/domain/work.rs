@@ -552,7 +552,13 @@ fn to_chrono(d: std::time::Duration) -> ChronoDuration {
 mod tests {
     use super::*;
     use crate::domain::playbook::Playbook;
+    use chrono::TimeZone;
     use serde_json::json;
+
+    /// A fixed instant: tests of pure code never read the clock.
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 12, 1, 9, 0, 0).unwrap()
+    }
 
     fn sandbox() -> StageWork {
         Playbook::default_playbook()
@@ -576,7 +582,7 @@ mod tests {
     #[test]
     fn runs_the_dag_in_dependency_order() {
         let spec = sandbox();
-        let now = Utc::now();
+        let now = t0();
         let ctx = json!({"data_sources": ["drive"], "connectors": ["drive"]});
         let view = JourneyView {
             client_id: "acme",
@@ -610,7 +616,7 @@ mod tests {
     #[test]
     fn retries_then_fails_past_max_retries_and_ignores_stale_replies() {
         let spec = sandbox();
-        let now = Utc::now();
+        let now = t0();
         let ctx = json!({});
         let view = JourneyView {
             client_id: "acme",
@@ -657,7 +663,7 @@ mod tests {
     #[test]
     fn compaction_keeps_statuses_and_forgets_correlations_only_once_ended() {
         let spec = sandbox();
-        let now = Utc::now();
+        let now = t0();
         let ctx = json!({"data_sources": ["drive"], "connectors": ["drive"]});
         let view = JourneyView {
             client_id: "acme",
@@ -694,7 +700,7 @@ mod tests {
     #[test]
     fn timeouts_and_unroutable() {
         let spec = sandbox();
-        let now = Utc::now();
+        let now = t0();
         let ctx = json!({});
         let view = JourneyView {
             client_id: "acme",
