@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -187,12 +186,7 @@ pub async fn run<A: Agent>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BrokerError> {
     tokio::pin!(shutdown);
-    let mut delays = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut delays = broker::reconnect_delays();
     loop {
         let res = session(&config, agent.clone(), stats.clone(), &mut shutdown).await;
         stats.set_ready(false);

@@ -93,6 +93,18 @@ fn amqp(op: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
     let op = op.into();
     move |source| BrokerError::Amqp { op, source }
 }
+/// The waits between reconnect attempts of a worker (orchestrator or agent): from 200 ms,
+/// doubling to 10 s, jittered so replicas do not reconnect in step, for ever.
+pub fn reconnect_delays() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 /// Connects with heartbeats on (lapin's default of 60 s applies) and a name that shows up
 /// in the management UI.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {

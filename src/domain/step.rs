@@ -121,7 +121,8 @@ pub struct Playbooks<'a> {
 }
 
 impl<'a> Playbooks<'a> {
-    fn of(&self, _rec: &JourneyRecord) -> &'a Playbook {
+    /// The playbook the journey being stepped runs on.
+    fn journey(&self) -> &'a Playbook {
         self.pinned.unwrap_or(self.current)
     }
 }
@@ -409,7 +410,7 @@ pub fn step(
     // The journey's pending deadlines and retries, changed or not: a timer that fired
     // early, or a refused command, must not lose the wake-ups already due.
     if let Some(r) = record.as_ref().or(rec) {
-        let playbook = playbooks.of(r);
+        let playbook = playbooks.journey();
         for at in wakeups(r, playbook, policy, s.ctx.now) {
             s.effects.push(Effect::Arm(at));
         }
@@ -465,7 +466,7 @@ pub fn in_flight(rec: &JourneyRecord, playbooks: Playbooks<'_>) -> Vec<Message> 
     let Some(work) = &rec.work else {
         return Vec::new();
     };
-    let spec = Stepper::spec_of(playbooks.of(rec), work);
+    let spec = Stepper::spec_of(playbooks.journey(), work);
     let view = JourneyView {
         client_id: &rec.journey.client_id,
         context: &rec.context,
@@ -721,7 +722,7 @@ impl<'a> Stepper<'a, '_> {
                 } else {
                     let mut rec = rec.clone();
                     rec.evidence.record_report(&p, from.agent_id, mid, now);
-                    if let Some(window) = self.playbooks.of(&rec).longest_event_window() {
+                    if let Some(window) = self.playbooks.journey().longest_event_window() {
                         rec.evidence.prune_events_before(now - to_chrono(window));
                     }
                     self.history(
@@ -824,7 +825,7 @@ impl<'a> Stepper<'a, '_> {
     // ---- gates ----
 
     fn evaluate_gate(&mut self, rec: &mut JourneyRecord, cause: &str) -> gate::ValidationResult {
-        let playbook = self.playbooks.of(rec);
+        let playbook = self.playbooks.journey();
         let stage = rec.journey.stage;
         let criteria = playbook
             .stage(stage.as_str())
@@ -936,7 +937,7 @@ impl<'a> Stepper<'a, '_> {
         if !stage.is_active_stage() {
             return false;
         }
-        let playbook = self.playbooks.of(rec);
+        let playbook = self.playbooks.journey();
         let triggers = playbook
             .stage(stage.as_str())
             .map(|s| s.rollback_triggers.as_slice())
@@ -1018,7 +1019,7 @@ impl<'a> Stepper<'a, '_> {
         while let Some(s) = stage {
             let tasks = self
                 .playbooks
-                .of(rec)
+                .journey()
                 .stage(s.as_str())
                 .map(|st| st.rollback.tasks.clone())
                 .unwrap_or_default();
@@ -1205,7 +1206,7 @@ impl<'a> Stepper<'a, '_> {
         let stage = rec.journey.stage;
         let spec = self
             .playbooks
-            .of(rec)
+            .journey()
             .stage(stage.as_str())
             .cloned()
             .unwrap_or_default();
@@ -1232,7 +1233,7 @@ impl<'a> Stepper<'a, '_> {
     /// Dispatches what is ready, then reacts to the work finishing.
     fn advance(&mut self, rec: &mut JourneyRecord) {
         let now = self.now();
-        let playbook = self.playbooks.of(rec);
+        let playbook = self.playbooks.journey();
         let Some(work) = rec.work.as_mut() else {
             return;
         };
@@ -1360,7 +1361,7 @@ impl<'a> Stepper<'a, '_> {
             return None;
         };
         let mut rec = rec.clone();
-        let playbook = self.playbooks.of(&rec);
+        let playbook = self.playbooks.journey();
         let result = match outcome {
             TaskOutcome::Completed(o) => Ok(Value::Object(o)),
             TaskOutcome::Failed(e) => Err(e),
@@ -1470,7 +1471,7 @@ impl<'a> Stepper<'a, '_> {
 
     fn unroutable(&mut self, rec: Option<&JourneyRecord>, corr: &str) -> Option<JourneyRecord> {
         let mut rec = rec?.clone();
-        let playbook = self.playbooks.of(&rec);
+        let playbook = self.playbooks.journey();
         let (now, jitter) = (self.now(), self.ctx.jitter);
         let effect = rec.work.as_mut().and_then(|w| {
             let spec = Self::spec_of(playbook, w).into_owned();
@@ -1486,7 +1487,7 @@ impl<'a> Stepper<'a, '_> {
             return None;
         }
         let mut rec = rec.clone();
-        let playbook = self.playbooks.of(&rec);
+        let playbook = self.playbooks.journey();
         let (now, jitter) = (self.now(), self.ctx.jitter);
         let stage_before = rec.journey.stage;
         let mut effects = Vec::new();

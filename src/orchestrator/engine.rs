@@ -106,6 +106,8 @@ pub struct Core {
     reply_queue: String,
     decoder: Decoder,
     current_playbook: String,
+    /// The playbook new journeys start on, at hand for every step.
+    current: Arc<Playbook>,
     playbooks: HashMap<String, Arc<Playbook>>,
     /// (due, client): wake-ups for task deadlines and retries. Duplicates are harmless:
     /// firing re-reads the journey and only acts on what is due.
@@ -141,14 +143,16 @@ impl Core {
         let mut change = Change::new();
         change.put_playbook(&hash, playbook);
         store.commit(change)?;
+        let current = Arc::new(playbook.clone());
         let mut playbooks = HashMap::new();
-        playbooks.insert(hash.clone(), Arc::new(playbook.clone()));
+        playbooks.insert(hash.clone(), current.clone());
         let mut core = Self {
             store,
             names,
             reply_queue,
             decoder,
             current_playbook: hash,
+            current,
             playbooks,
             timers: BTreeSet::new(),
             stats,
@@ -220,6 +224,17 @@ impl Core {
         let p = Arc::new(p);
         self.playbooks.insert(hash.to_string(), p.clone());
         Ok(p)
+    }
+
+    /// The playbook a journey is pinned to, when it is not the current one.
+    fn pinned(
+        &mut self,
+        rec: Option<&JourneyRecord>,
+    ) -> Result<Option<Arc<Playbook>>, OrchestratorError> {
+        match rec {
+            Some(r) if r.playbook != self.current_playbook => Ok(Some(self.playbook(&r.playbook)?)),
+            _ => Ok(None),
+        }
     }
 
     /// At most `limit` journeys run their work at once (0: no limit); see `admission`.
@@ -316,12 +331,11 @@ impl Core {
             let rec: Option<JourneyRecord> = self.store.journey(client_id)?;
             let msg = match &rec {
                 Some(rec) => {
-                    let current = self.playbook(&self.current_playbook.clone())?;
-                    let pinned = self.playbook(&rec.playbook)?;
+                    let pinned = self.pinned(Some(rec))?;
                     let playbooks = Playbooks {
-                        current: &current,
+                        current: &self.current,
                         current_hash: &self.current_playbook,
-                        pinned: Some(&pinned),
+                        pinned: pinned.as_deref(),
                     };
                     step::in_flight(rec, playbooks).into_iter().find(|m| {
                         matches!(m, Message::Task { correlation_id: c, .. } if c == correlation_id)
@@ -331,7 +345,7 @@ impl Core {
             };
             match msg {
                 Some(msg) => {
-                    let mut rebuilt = self.encode(msg, now, None, None);
+                    let mut rebuilt = self.encode(msg, now, None);
                     rebuilt.id = e.id;
                     out.push(rebuilt);
                 }
@@ -459,11 +473,8 @@ impl Core {
         now: DateTime<Utc>,
         inbound: Option<&Inbound<'_>>,
     ) -> Result<Vec<OutboxEntry>, OrchestratorError> {
-        let current = self.playbook(&self.current_playbook.clone())?;
-        let pinned = match &rec {
-            Some(r) if r.playbook != self.current_playbook => Some(self.playbook(&r.playbook)?),
-            _ => None,
-        };
+        let pinned = self.pinned(rec.as_ref())?;
+        let current = self.current.clone();
         let playbooks = Playbooks {
             current: &current,
             current_hash: &self.current_playbook,
@@ -496,11 +507,10 @@ impl Core {
         now: DateTime<Utc>,
         inbound: Option<&Inbound<'_>>,
     ) -> Result<(), OrchestratorError> {
-        let trace_id = out.record.as_ref().and_then(|r| r.trace_id.clone());
         for e in out.effects {
             match e {
                 Effect::Publish(msg) => {
-                    let entry = self.encode(msg, now, inbound, trace_id.as_deref());
+                    let entry = self.encode(msg, now, inbound);
                     change.push_outbox(entry);
                 }
                 Effect::History {
@@ -589,7 +599,6 @@ impl Core {
         msg: Message,
         now: DateTime<Utc>,
         inbound: Option<&Inbound<'_>>,
-        trace_id: Option<&str>,
     ) -> OutboxEntry {
         let traceparent = |t: Option<&str>| match t {
             Some(t) => TraceParent::child_of(t),
@@ -731,7 +740,6 @@ impl Core {
                     dl.routing_key = m.routing_key.to_string();
                     dl.correlation_id = m.correlation_id.clone();
                 }
-                let _ = trace_id;
                 self.dead_letter(dl)
             }
         }
@@ -877,7 +885,7 @@ impl Core {
                     error: true,
                     payload,
                 };
-                change.push_outbox(self.encode(reply, now, None, None));
+                change.push_outbox(self.encode(reply, now, None));
             }
             _ => {
                 warn!(queue = m.queue, reason = e.reason_code(), error = %crate::wire::redact::redact_text(&e.to_string()), "refused message; dead-lettering it");
@@ -1020,7 +1028,7 @@ impl Core {
                 ),
                 trace_id: rec.trace_id.clone(),
             };
-            change.push_outbox(self.encode(msg, now, None, None));
+            change.push_outbox(self.encode(msg, now, None));
         }
         Ok(self.commit(change)?)
     }

@@ -41,7 +41,6 @@ pub fn now() -> chrono::DateTime<Utc> {
         .unwrap_or(t)
 }
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::options::BasicAckOptions;
@@ -276,12 +275,7 @@ async fn run_loop(
         "orchestrator starting"
     );
     tokio::pin!(shutdown);
-    let mut delays = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut delays = broker::reconnect_delays();
     loop {
         let result = session(core, config, &mut shutdown).await;
         stats.ready.store(false, Ordering::Relaxed);

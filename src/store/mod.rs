@@ -264,7 +264,7 @@ impl Change {
     pub fn put_dedup<T: Serialize>(&mut self, message_id: &str, value: &T) {
         self.empty = false;
         self.batch
-            .insert(key(DEDUP, message_id.as_bytes()), to_json(value));
+            .insert(key(DEDUP, message_id.as_bytes()), codec::json(value));
     }
 
     pub fn push_outbox(&mut self, entry: OutboxEntry) {
@@ -282,7 +282,7 @@ impl Change {
         let mut k = key(HISTORY, client_id.as_bytes());
         k.push(0);
         k.extend_from_slice(&seq.to_be_bytes());
-        let json = to_json(entry);
+        let json = codec::json(entry);
         self.batch.insert(k, json.as_slice());
         self.history.push((client_id.to_string(), json));
     }
@@ -314,7 +314,7 @@ impl Change {
     pub fn push_card<T: Serialize>(&mut self, seq: u64, card: &T) {
         self.empty = false;
         self.batch
-            .insert(key(CARD, &seq.to_be_bytes()), to_json(card));
+            .insert(key(CARD, &seq.to_be_bytes()), codec::json(card));
     }
 
     /// A rollback snapshot, under the client like the rest of its journey.
@@ -329,7 +329,7 @@ impl Change {
     pub fn put_playbook<T: Serialize>(&mut self, hash: &str, playbook: &T) {
         self.empty = false;
         self.batch
-            .insert(key(PLAYBOOK, hash.as_bytes()), to_json(playbook));
+            .insert(key(PLAYBOOK, hash.as_bytes()), codec::json(playbook));
     }
 }
 
@@ -338,10 +338,6 @@ fn key(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
     k.extend_from_slice(prefix);
     k.extend_from_slice(rest);
     k
-}
-
-fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
-    codec::json(v)
 }
 
 /// Rewrites a format 1 store in place: journey records and snapshots packed, then the new
