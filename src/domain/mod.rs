@@ -9,6 +9,7 @@ pub mod command;
 pub mod evidence;
 pub mod gate;
 pub mod journey;
+pub mod partition;
 pub mod playbook;
 pub mod record;
 pub mod report;

@@ -256,9 +256,23 @@ pub struct OrchestratorArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub playbook: PlaybookArg,
-    /// Distinguishes orchestrators (partitions) sharing a namespace; names the reply queue.
-    #[arg(long, env = "JOURNEYMAN_ORCHESTRATOR_ID", default_value = "0")]
-    pub orchestrator_id: String,
+    /// Names this orchestrator in logs, metrics and connection names; default: its
+    /// replica index.
+    #[arg(long, env = "JOURNEYMAN_ORCHESTRATOR_ID")]
+    pub orchestrator_id: Option<String>,
+    /// This replica's index and the fleet's size, e.g. 2/3: it consumes the partitions
+    /// p with p % 3 == 2 and keeps their journeys in its own data directory.
+    #[arg(long, env = "JOURNEYMAN_REPLICA", conflicts_with = "replicas")]
+    pub replica: Option<crate::domain::partition::Replica>,
+    /// The fleet's size, the index coming from the pod name's ordinal
+    /// (journeyman-orchestrator-2 is replica 2): what a StatefulSet sets.
+    #[arg(long, env = "JOURNEYMAN_REPLICAS")]
+    pub replicas: Option<u16>,
+    /// Partitions of the namespace (fixed once its topology is declared). Default: the
+    /// count its topology records; for a new namespace 16, or 1 when the broker has no
+    /// consistent-hash exchange (rabbitmq_consistent_hash_exchange).
+    #[arg(long, env = "JOURNEYMAN_PARTITIONS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub partitions: Option<u16>,
     /// Unacknowledged messages per queue (each journey command queue and the reply
     /// queue): how many inputs a group commit can gather.
     #[arg(long, env = "JOURNEYMAN_PREFETCH", default_value_t = 256)]
@@ -311,6 +325,28 @@ pub struct OrchestratorArgs {
 }
 
 impl OrchestratorArgs {
+    /// The replica this process is: --replica, else --replicas with the pod name's
+    /// ordinal ($HOSTNAME), else the only one.
+    pub fn replica(&self) -> Result<crate::domain::partition::Replica> {
+        use crate::domain::partition::Replica;
+        if let Some(r) = self.replica {
+            return Ok(r);
+        }
+        let Some(count) = self.replicas else {
+            return Ok(Replica::default());
+        };
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .unwrap_or_default();
+        Ok(Replica::from_pod_name(&host, count)?)
+    }
+
     /// The orchestrator's authentication: a guard for its inputs and a signer for its task
     /// requests, or `None` when turned off explicitly with --insecure-no-auth.
     pub fn auth(&self, g: &Global) -> Result<Option<(Guard, Signer)>> {
@@ -649,7 +685,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 orchestrator::Config::new(&g.amqp_url, &g.names().namespace, a.data_dir);
             config.names = g.names();
             config.playbook = a.playbook.load()?;
-            config.orchestrator_id = a.orchestrator_id;
+            config.replica = a.replica()?;
+            config.orchestrator_id = a
+                .orchestrator_id
+                .clone()
+                .unwrap_or_else(|| config.replica.index.to_string());
+            config.partitions = a.partitions;
             config.prefetch = a.prefetch;
             config.policy.auto_promote = !a.no_auto_promote;
             config.policy.dedup_retention = chrono::Duration::from_std(a.dedup_retention)

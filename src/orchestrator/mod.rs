@@ -102,6 +102,11 @@ pub struct Config {
     /// Names this orchestrator's reply queue; several orchestrators (partitions) need
     /// distinct ids.
     pub orchestrator_id: String,
+    /// This replica's index and the fleet's size: it consumes the partitions it owns.
+    pub replica: crate::domain::partition::Replica,
+    /// Partitions of the namespace. `None`: the ones its topology records, or for a new
+    /// namespace the default (one when the broker has no consistent-hash exchange).
+    pub partitions: Option<u16>,
     pub playbook: Playbook,
     pub prefetch: u16,
     pub max_message_bytes: usize,
@@ -136,6 +141,8 @@ impl Config {
             names: Names::new(namespace),
             data_dir,
             orchestrator_id: "0".into(),
+            replica: crate::domain::partition::Replica::default(),
+            partitions: None,
             playbook: Playbook::default_playbook(),
             prefetch: 256,
             max_message_bytes: crate::wire::protocol::DEFAULT_MAX_MESSAGE_BYTES,
