@@ -207,6 +207,7 @@ fn what_the_rust_side_builds_validates() {
         hold: None,
         generation: 1,
         past: Vec::new(),
+        partition: None,
     };
     let state = state_view(&rec);
     assert!(

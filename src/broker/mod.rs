@@ -56,6 +56,17 @@ pub enum BrokerError {
     PublisherGone,
     #[error("broker operation '{op}' got no answer within {timeout:?}")]
     Timeout { op: String, timeout: Duration },
+    #[error(
+        "the broker has no x-consistent-hash exchange type, which routes journey commands to their partitions: enable it with `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange` (no restart needed; in Kubernetes add it to the RabbitmqCluster's additionalPlugins), or run a single orchestrator with --partitions 1"
+    )]
+    NoConsistentHash,
+    #[error(
+        "the namespace's journey routing ({exchange}) was declared otherwise: {source}. Its partition count is fixed when first declared: leave --partitions unset to use the recorded one, or use another namespace"
+    )]
+    PartitionsMismatch {
+        exchange: String,
+        source: lapin::Error,
+    },
     /// A worker given a key that cannot sign (a public key): a configuration mistake,
     /// found before the first publish rather than at the receiver.
     #[error("the signing key cannot sign: {0}")]
@@ -68,7 +79,10 @@ impl BrokerError {
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
-            BrokerError::QueueMismatch { .. } | BrokerError::SigningKey(_)
+            BrokerError::QueueMismatch { .. }
+                | BrokerError::SigningKey(_)
+                | BrokerError::NoConsistentHash
+                | BrokerError::PartitionsMismatch { .. }
         )
     }
 }
@@ -237,33 +251,265 @@ pub async fn declare_queue(
     Ok(())
 }
 
-/// Declares the whole topology for a set of intents (`journeyman topology declare`).
+/// The exchange type that routes by a hash of the client id header.
+pub const CONSISTENT_HASH: &str = "x-consistent-hash";
+/// Records the partition count on the routing exchanges: a replica declaring another count
+/// gets a 406 instead of silently re-dealing clients to partitions.
+const PARTITIONS_ARG: &str = "x-journeyman-partitions";
+
+/// Declares the partitioned routing of journey commands, idempotently: `journey.start`
+/// goes from the intents exchange to `<ns>.journeys.start`, every other journey intent to
+/// `<ns>.journeys`; each hashes the `x-journeyman-client-id` header onto its partitions'
+/// queues (one partition: a fanout, which needs no plugin). Every partition has a start, a
+/// commands and a replies queue, with single active consumer so two processes never apply
+/// one partition at once.
+///
+/// The consistent-hash exchange deals hashes to bindings in the order they were made, so
+/// every replica binds all partitions in ascending order, and both exchanges deal alike:
+/// a client's start and its other commands land in the same partition.
+pub async fn declare_partitions(
+    ch: &Channel,
+    names: &Names,
+    partitions: u16,
+) -> Result<(), BrokerError> {
+    use crate::wire::names::PartitionQueue;
+    let mut args = BTreeMap::new();
+    args.insert(
+        ShortString::from(PARTITIONS_ARG),
+        AMQPValue::LongString(LongString::from(partitions.to_string())),
+    );
+    let kind = if partitions > 1 {
+        args.insert(
+            ShortString::from("hash-header"),
+            AMQPValue::LongString(LongString::from(crate::wire::headers::CLIENT_ID)),
+        );
+        ExchangeKind::Custom(CONSISTENT_HASH.into())
+    } else {
+        ExchangeKind::Fanout
+    };
+    let args = FieldTable::from(args);
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let starts = names.journey_starts();
+    let commands = names.journey_commands();
+    for ex in [&starts, &commands] {
+        ch.exchange_declare(ex.as_str().into(), kind.clone(), durable, args.clone())
+            .await
+            .map_err(|source| match source.kind() {
+                lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406 => {
+                    BrokerError::PartitionsMismatch {
+                        exchange: ex.clone(),
+                        source,
+                    }
+                }
+                lapin::ErrorKind::ProtocolError(e) if e.get_id() == 503 => {
+                    BrokerError::NoConsistentHash
+                }
+                _ => BrokerError::Amqp {
+                    op: format!("declare exchange {ex}"),
+                    source,
+                },
+            })?;
+    }
+    let mut qargs = queue_args(names);
+    qargs.insert(
+        ShortString::from("x-single-active-consumer"),
+        AMQPValue::Boolean(true),
+    );
+    for p in 0..partitions {
+        for kind in PartitionQueue::ALL {
+            let q = names.partition_queue(p, kind);
+            ch.queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                qargs.clone(),
+            )
+            .await
+            .map_err(declare_failed(&q))?;
+            let exchange = match kind {
+                PartitionQueue::Start => &starts,
+                PartitionQueue::Commands => &commands,
+                PartitionQueue::Replies => continue,
+            };
+            // The weight of a consistent-hash binding is its routing key.
+            ch.queue_bind(
+                q.as_str().into(),
+                exchange.as_str().into(),
+                "1".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp(format!("bind {q}")))?;
+        }
+    }
+    let intents = names.intents();
+    for intent in crate::wire::protocol::JOURNEY_INTENTS {
+        let to = if intent == "journey.start" {
+            &starts
+        } else {
+            &commands
+        };
+        ch.exchange_bind(
+            to.as_str().into(),
+            intents.as_str().into(),
+            (*intent).into(),
+            lapin::options::ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp(format!("bind {to} to {intents}")))?;
+    }
+    Ok(())
+}
+
+/// The partition count a namespace's topology records, if it has been declared: found by
+/// probing which partition queues exist (they are declared 0..P, so a doubling search and
+/// a bisection take a dozen passive declares). Each probe has a channel of its own, as a
+/// 404 closes it.
+pub async fn recorded_partitions(
+    conn: &Connection,
+    names: &Names,
+) -> Result<Option<u16>, BrokerError> {
+    use crate::wire::names::PartitionQueue;
+    let exists = |p: u16| {
+        let q = names.partition_queue(p, PartitionQueue::Commands);
+        async move { queue_exists(conn, &q).await }
+    };
+    if !exists(0).await? {
+        return Ok(None);
+    }
+    // exists(lo) and !exists(hi)
+    let (mut lo, mut hi) = (0u16, 1u16);
+    while hi <= crate::domain::partition::MAX_PARTITIONS && exists(hi).await? {
+        lo = hi;
+        hi = hi.saturating_mul(2);
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if exists(mid).await? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Some(lo + 1))
+}
+
+/// Whether the broker has the consistent-hash exchange type: tried on a connection of its
+/// own, because an unknown exchange type is a connection error (503) that would take the
+/// caller's connection down.
+pub async fn has_consistent_hash(url: &str) -> Result<bool, BrokerError> {
+    let conn = connect(url, "journeyman-probe").await?;
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(amqp("create channel"))?;
+    let name = format!("journeyman.probe.{}", uuid::Uuid::new_v4().simple());
+    let r = ch
+        .exchange_declare(
+            name.as_str().into(),
+            ExchangeKind::Custom(CONSISTENT_HASH.into()),
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    let ok = r.is_ok();
+    if ok {
+        let _ = ch
+            .exchange_delete(name.as_str().into(), Default::default())
+            .await;
+    }
+    let _ = conn.close(200, "probed".into()).await;
+    Ok(ok)
+}
+
+/// Declares the whole topology: exchanges, a queue per task intent, and the journey
+/// commands' partitions (journey intents among `intents` are routed there, not queued by
+/// intent). Returns the queues it declared.
 pub async fn declare_topology(
     ch: &Channel,
     names: &Names,
     intents: impl IntoIterator<Item = String>,
+    partitions: u16,
 ) -> Result<Vec<String>, BrokerError> {
+    use crate::wire::names::PartitionQueue;
     declare_exchanges(ch, names).await?;
+    declare_partitions(ch, names, partitions).await?;
     let mut queues = vec![names.dead_letter()];
     for intent in intents {
+        if crate::wire::protocol::JOURNEY_INTENTS.contains(&intent.as_str()) {
+            continue;
+        }
         let q = names.intent_queue(&intent);
         declare_queue(ch, names, &q, Some(&intent)).await?;
         queues.push(q);
     }
+    for p in 0..partitions {
+        for kind in PartitionQueue::ALL {
+            queues.push(names.partition_queue(p, kind));
+        }
+    }
     Ok(queues)
+}
+
+/// The namespace's partition count: as configured, else as its topology records, else
+/// (a new namespace) the default, or one when the broker cannot hash.
+pub async fn resolve_partitions(
+    conn: &Connection,
+    url: &str,
+    names: &Names,
+    configured: Option<u16>,
+) -> Result<u16, BrokerError> {
+    if let Some(p) = configured {
+        return Ok(p);
+    }
+    if let Some(p) = recorded_partitions(conn, names).await? {
+        return Ok(p);
+    }
+    if has_consistent_hash(url).await? {
+        Ok(crate::domain::partition::DEFAULT_PARTITIONS)
+    } else {
+        tracing::warn!(
+            "the broker has no consistent-hash exchange (rabbitmq_consistent_hash_exchange): declaring one partition, so this namespace runs one orchestrator replica"
+        );
+        Ok(1)
+    }
 }
 
 /// Deletes queues and exchanges of a namespace (tests, demo clean-up). Missing ones are
 /// fine.
 pub async fn delete_namespace(conn: &Connection, names: &Names, queues: &[String]) {
-    for q in queues {
+    let mut queues = queues.to_vec();
+    if let Ok(Some(partitions)) = recorded_partitions(conn, names).await {
+        for p in 0..partitions {
+            for kind in crate::wire::names::PartitionQueue::ALL {
+                queues.push(names.partition_queue(p, kind));
+            }
+        }
+    }
+    for q in &queues {
         if let Ok(ch) = conn.create_channel().await {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
     }
-    for ex in [names.intents(), names.events(), names.dlx()] {
+    for ex in [
+        names.journey_starts(),
+        names.journey_commands(),
+        names.intents(),
+        names.events(),
+        names.dlx(),
+    ] {
         if let Ok(ch) = conn.create_channel().await {
             let _ = ch
                 .exchange_delete(ex.as_str().into(), Default::default())
@@ -515,6 +761,37 @@ pub fn header(props: &BasicProperties, name: &str) -> Option<String> {
 }
 
 /// Message count of a queue without consuming (passive declare).
+/// Whether a queue exists (a passive declare on a channel of its own: a 404 closes it).
+pub async fn queue_exists(conn: &Connection, queue: &str) -> Result<bool, BrokerError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(amqp("create channel"))?;
+    let r = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match r {
+        Ok(_) => {
+            let _ = ch.close(200, "probed".into()).await;
+            Ok(true)
+        }
+        Err(e) => match e.kind() {
+            lapin::ErrorKind::ProtocolError(pe) if pe.get_id() == 404 => Ok(false),
+            _ => Err(BrokerError::Amqp {
+                op: format!("inspect {queue}"),
+                source: e,
+            }),
+        },
+    }
+}
+
 pub async fn queue_len(conn: &Connection, queue: &str) -> Result<u32, BrokerError> {
     let ch = conn
         .create_channel()

@@ -44,6 +44,12 @@ pub struct JourneyRecord {
     /// under the same client key, in order, after a `generation_archived` line.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub past: Vec<PastGeneration>,
+    /// The partition the broker routes this client's commands to, as first seen by the
+    /// runtime: its task replies go to that partition's reply queue, and the store's
+    /// repartitioning moves the journey with it. `None` for journeys older than
+    /// partitions, until their next change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u16>,
 }
 
 fn first_generation() -> u32 {

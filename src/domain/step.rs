@@ -1151,6 +1151,7 @@ impl<'a> Stepper<'a, '_> {
             hold: None,
             generation,
             past,
+            partition: None,
         };
         self.count(Tally::JourneyStarted);
         self.history(

@@ -168,8 +168,8 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport> {
     let conn = broker::connect(&cfg.amqp_url, "journeyman-chaos").await?;
     let ch = conn.create_channel().await?;
     let intents = playbook.namespace_intents();
-    let mut queues = broker::declare_topology(&ch, &names, intents).await?;
-    queues.push(names.replies("0"));
+    let partitions = broker::resolve_partitions(&conn, &cfg.amqp_url, &names, None).await?;
+    let mut queues = broker::declare_topology(&ch, &names, intents, partitions).await?;
     // Every event, kept durably for the checker (it survives a broker restart).
     let events_q = format!("{}.chaos.events", names.namespace);
     broker::declare_queue(&ch, &names, &events_q, None).await?;
@@ -233,6 +233,7 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport> {
             .publish(Outgoing::command(
                 &names,
                 &env.intent,
+                &client(i),
                 env.message_id.to_string(),
                 env.to_bytes(),
             ))
@@ -250,6 +251,7 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport> {
                 .publish(Outgoing::command(
                     &names,
                     "journey.start",
+                    "poison",
                     uuid::Uuid::new_v4().to_string(),
                     body,
                 ))

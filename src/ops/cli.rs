@@ -585,9 +585,14 @@ pub enum StoreCmd {
 #[derive(Debug, Subcommand)]
 pub enum TopologyCmd {
     /// Declare exchanges and queues (idempotent; every worker also does it at start).
+    /// Declare before traffic starts: the partition count is fixed from then on.
     Declare {
         #[command(flatten)]
         playbook: PlaybookArg,
+        /// Partitions of journey commands (fixed once declared). Default: the recorded
+        /// count, else 16, or 1 when the broker has no consistent-hash exchange.
+        #[arg(long, env = "JOURNEYMAN_PARTITIONS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        partitions: Option<u16>,
     },
     /// Delete a namespace: its exchanges, the playbook's intent queues, the dead-letter
     /// queue and the orchestrator's reply queue, with the messages in them. Asks first.
@@ -681,11 +686,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Orchestrator(a) => {
             ensure_not_a_file(&a.data_dir)?;
             let auth = a.auth(g)?;
+            let replica = a.replica()?;
             let mut config =
                 orchestrator::Config::new(&g.amqp_url, &g.names().namespace, a.data_dir);
             config.names = g.names();
             config.playbook = a.playbook.load()?;
-            config.replica = a.replica()?;
+            config.replica = replica;
             config.orchestrator_id = a
                 .orchestrator_id
                 .clone()
@@ -992,26 +998,34 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Topology {
-            command: TopologyCmd::Declare { playbook },
+            command: TopologyCmd::Declare {
+                playbook,
+                partitions,
+            },
         } => {
             let playbook = playbook.load()?;
             let names = g.names();
             let conn = broker::connect(&g.amqp_url, "journeyman-cli").await?;
             let ch = conn.create_channel().await?;
             let intents = playbook.namespace_intents();
-            let queues = broker::declare_topology(&ch, &names, intents).await?;
-            broker::declare_queue(&ch, &names, &names.replies("0"), None).await?;
-            println!("declared in namespace '{}':", names.namespace);
+            let partitions =
+                broker::resolve_partitions(&conn, &g.amqp_url, &names, partitions).await?;
+            let queues = broker::declare_topology(&ch, &names, intents, partitions).await?;
             println!(
-                "  exchanges: {}, {}, {}",
+                "declared in namespace '{}' ({partitions} partitions):",
+                names.namespace
+            );
+            println!(
+                "  exchanges: {}, {}, {}, {}, {}",
                 names.intents(),
                 names.events(),
-                names.dlx()
+                names.dlx(),
+                names.journey_starts(),
+                names.journey_commands()
             );
             for q in queues {
                 println!("  queue: {q}");
             }
-            println!("  queue: {}", names.replies("0"));
             Ok(())
         }
         Cmd::Journey { command } => {

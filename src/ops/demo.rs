@@ -341,7 +341,14 @@ fn command(names: &Names, signer: &Signer, intent: &str, payload: serde_json::Va
         Utc::now(),
     );
     let env = signer.sign(env, Utc::now());
-    Outgoing::command(names, intent, env.message_id.to_string(), env.to_bytes())
+    let client = env.payload["client_id"].as_str().unwrap_or_default();
+    Outgoing::command(
+        names,
+        intent,
+        client,
+        env.message_id.to_string(),
+        env.to_bytes(),
+    )
 }
 
 pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
@@ -373,8 +380,8 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
     let conn = broker::connect(&g.amqp_url, "journeyman-demo").await?;
     let ch = conn.create_channel().await?;
     let intents = playbook.namespace_intents();
-    let mut queues = broker::declare_topology(&ch, &names, intents).await?;
-    queues.push(names.replies("0"));
+    let partitions = broker::resolve_partitions(&conn, &g.amqp_url, &names, None).await?;
+    let queues = broker::declare_topology(&ch, &names, intents, partitions).await?;
 
     // Watch every journey event on a private queue.
     let (_watch, mut events) = broker::watch_events(&conn, &names).await?;

@@ -68,7 +68,8 @@ pub async fn request_as(
         .with_message_id(ShortString::from(env.message_id.to_string()))
         .with_correlation_id(ShortString::from(env.message_id.to_string()))
         .with_reply_to(ShortString::from(DIRECT_REPLY_TO))
-        .with_type(ShortString::from("request"));
+        .with_type(ShortString::from("request"))
+        .with_headers(client_header(&env.payload));
     // A namespace nobody declared has no intents exchange: the broker closes the channel
     // with NOT_FOUND, which says nothing to a user who mistyped --namespace.
     let no_topology = |e: lapin::Error| {
@@ -124,4 +125,16 @@ pub async fn request_as(
             names.namespace
         )
     })?
+}
+
+/// The routing header of a journey command: the broker hashes it onto the partitions.
+fn client_header(payload: &serde_json::Value) -> FieldTable {
+    let mut t = std::collections::BTreeMap::new();
+    if let Some(c) = payload.get("client_id").and_then(|c| c.as_str()) {
+        t.insert(
+            ShortString::from(crate::wire::headers::CLIENT_ID),
+            lapin::types::AMQPValue::LongString(c.into()),
+        );
+    }
+    FieldTable::from(t)
 }

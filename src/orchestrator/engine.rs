@@ -57,6 +57,8 @@ pub struct Inbound<'a> {
     pub traceparent: Option<String>,
     /// Set when `journeyman dlq replay` republished this message.
     pub replay: Option<Replay>,
+    /// The `x-journeyman-client-id` header, which the broker routed the command by.
+    pub client_header: Option<String>,
 }
 
 impl Inbound<'_> {
@@ -103,7 +105,8 @@ pub struct Pruned {
 pub struct Core {
     pub(super) store: Store,
     names: Names,
-    reply_queue: String,
+    /// This replica's partitions: set for each broker session.
+    routing: super::routing::Routing,
     decoder: Decoder,
     current_playbook: String,
     /// The playbook new journeys start on, at hand for every step.
@@ -133,7 +136,7 @@ impl Core {
     pub fn new(
         store: Store,
         names: Names,
-        reply_queue: String,
+        routing: super::routing::Routing,
         decoder: Decoder,
         playbook: &Playbook,
         stats: Arc<Stats>,
@@ -149,7 +152,7 @@ impl Core {
         let mut core = Self {
             store,
             names,
-            reply_queue,
+            routing,
             decoder,
             current_playbook: hash,
             current,
@@ -173,6 +176,15 @@ impl Core {
     fn commit(&self, change: Change) -> Result<Vec<OutboxEntry>, crate::store::StoreError> {
         super::failpoint::hit("before_commit");
         self.store.commit(change)
+    }
+
+    /// The partitions of this session (the topology's count is known once connected).
+    pub fn set_routing(&mut self, routing: super::routing::Routing) {
+        self.routing = routing;
+    }
+
+    pub fn routing(&self) -> &super::routing::Routing {
+        &self.routing
     }
 
     pub fn set_auth(
@@ -345,7 +357,8 @@ impl Core {
             };
             match msg {
                 Some(msg) => {
-                    let mut rebuilt = self.encode(msg, now, None);
+                    let partition = rec.as_ref().and_then(|r| r.partition);
+                    let mut rebuilt = self.encode(msg, now, None, partition);
                     rebuilt.id = e.id;
                     out.push(rebuilt);
                 }
@@ -396,6 +409,9 @@ impl Core {
                     Err(e) => return self.refuse_input(m, Some(&env), &e, now),
                 };
                 if let Some(Err(e)) = self.auth.as_ref().map(|(g, _)| g.command(&env, now)) {
+                    return self.refuse_input(m, Some(&env), &e, now);
+                }
+                if let Some(e) = self.misrouted(m, cmd.client_id()) {
                     return self.refuse_input(m, Some(&env), &e, now);
                 }
                 let mid = env.message_id.to_string();
@@ -464,6 +480,20 @@ impl Core {
         }
     }
 
+    /// A command the broker could not have routed by its client: no client id header
+    /// (it landed on an arbitrary partition) or one naming another client (it landed on
+    /// that client's). Applying it here could split a journey across replicas.
+    fn misrouted(&self, m: &Inbound, client_id: &str) -> Option<ProtocolError> {
+        match m.client_header.as_deref() {
+            Some(h) if h == client_id => None,
+            None if !self.routing.requires_client_header() => None,
+            header => Some(ProtocolError::ClientHeader {
+                client_id: client_id.to_string(),
+                header: header.map(str::to_string),
+            }),
+        }
+    }
+
     /// Resolves the journey's playbook, takes the step, and writes what it decided.
     fn run_step(
         &mut self,
@@ -486,7 +516,14 @@ impl Core {
             (Input::Command { cmd, .. }, None) => Some(cmd.client_id().to_string()),
             _ => None,
         };
-        let out = step::step(rec.as_ref(), input, playbooks, &self.policy, &mut ctx);
+        // The partition the broker delivered this on; else the one the journey recorded.
+        let partition = inbound
+            .and_then(|m| self.routing.partition_of_queue(m.queue))
+            .or_else(|| rec.as_ref().and_then(|r| r.partition));
+        let mut out = step::step(rec.as_ref(), input, playbooks, &self.policy, &mut ctx);
+        if let (Some(r), Some(p)) = (out.record.as_mut(), partition) {
+            r.partition = Some(p);
+        }
         // Unchanged, a running journey's record goes back to the cache as it was.
         if out.record.is_none()
             && let Some(rec) = rec
@@ -494,7 +531,7 @@ impl Core {
         {
             self.cache.insert(rec.journey.client_id.clone(), rec);
         }
-        self.apply(&mut change, client_id.as_deref(), out, now, inbound)?;
+        self.apply(&mut change, client_id.as_deref(), out, now, inbound, partition)?;
         Ok(self.commit(change)?)
     }
 
@@ -506,11 +543,12 @@ impl Core {
         out: step::Step,
         now: DateTime<Utc>,
         inbound: Option<&Inbound<'_>>,
+        partition: Option<u16>,
     ) -> Result<(), OrchestratorError> {
         for e in out.effects {
             match e {
                 Effect::Publish(msg) => {
-                    let entry = self.encode(msg, now, inbound);
+                    let entry = self.encode(msg, now, inbound, partition);
                     change.push_outbox(entry);
                 }
                 Effect::History {
@@ -599,6 +637,7 @@ impl Core {
         msg: Message,
         now: DateTime<Utc>,
         inbound: Option<&Inbound<'_>>,
+        partition: Option<u16>,
     ) -> OutboxEntry {
         let traceparent = |t: Option<&str>| match t {
             Some(t) => TraceParent::child_of(t),
@@ -639,7 +678,7 @@ impl Core {
                         mandatory: true,
                         message_id: message_id.to_string(),
                         correlation_id: Some(correlation_id.clone()),
-                        reply_to: Some(self.reply_queue.clone()),
+                        reply_to: Some(self.routing.reply_queue(partition)),
                         message_type: "request".into(),
                         headers: vec![
                             (headers::CLIENT_ID.to_string(), client_id.clone()),
@@ -885,7 +924,7 @@ impl Core {
                     error: true,
                     payload,
                 };
-                change.push_outbox(self.encode(reply, now, None));
+                change.push_outbox(self.encode(reply, now, None, None));
             }
             _ => {
                 warn!(queue = m.queue, reason = e.reason_code(), error = %crate::wire::redact::redact_text(&e.to_string()), "refused message; dead-lettering it");
@@ -1028,7 +1067,7 @@ impl Core {
                 ),
                 trace_id: rec.trace_id.clone(),
             };
-            change.push_outbox(self.encode(msg, now, None));
+            change.push_outbox(self.encode(msg, now, None, None));
         }
         Ok(self.commit(change)?)
     }
@@ -1048,7 +1087,7 @@ mod tests {
         Core::new(
             store,
             names.clone(),
-            names.replies("0"),
+            super::super::routing::Routing::new(&names, 1, Default::default()),
             Decoder::new(crate::wire::protocol::DEFAULT_MAX_MESSAGE_BYTES),
             &Playbook::default_playbook(),
             Arc::new(Stats::default()),
@@ -1069,6 +1108,7 @@ mod tests {
             reply_to: None,
             traceparent: None,
             replay: None,
+            client_header: None,
         }
     }
 

@@ -13,6 +13,7 @@
 
 mod admission;
 mod engine;
+pub mod routing;
 pub mod failpoint;
 pub mod stats;
 pub mod webhook;
@@ -51,7 +52,7 @@ use crate::broker::{self, BrokerError, Names, Published, Publisher};
 use crate::domain::playbook::Playbook;
 use crate::store::{OutboxEntry, Purpose, Store, StoreError};
 use crate::wire::headers;
-use crate::wire::protocol::{Decoder, JOURNEY_INTENTS};
+use crate::wire::protocol::Decoder;
 
 /// How often old dedup marks and expired snapshots are pruned.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(3600);
@@ -82,6 +83,8 @@ pub enum OrchestratorError {
     Broker(#[from] BrokerError),
     #[error("the default playbook's stored version {0} is missing from the store")]
     MissingPlaybook(String),
+    #[error(transparent)]
+    Replica(crate::domain::partition::ReplicaError),
 }
 
 impl OrchestratorError {
@@ -213,7 +216,11 @@ impl Orchestrator {
         let mut core = Core::new(
             store,
             config.names.clone(),
-            config.names.replies(&config.orchestrator_id),
+            routing::Routing::new(
+                &config.names,
+                config.partitions.unwrap_or(1),
+                config.replica,
+            ),
             Decoder::new(config.max_message_bytes),
             &config.playbook,
             stats.clone(),
@@ -378,7 +385,6 @@ async fn session_on(
     consume_conn: &lapin::Connection,
     publish_conn: &lapin::Connection,
 ) -> Result<Ended, OrchestratorError> {
-    let reply_queue = config.names.replies(&config.orchestrator_id);
     let ch = consume_conn
         .create_channel()
         .await
@@ -387,19 +393,34 @@ async fn session_on(
             source,
         })?;
     setup("declare", broker::declare_exchanges(&ch, &config.names)).await?;
-    for intent in JOURNEY_INTENTS {
-        let q = config.names.intent_queue(intent);
-        setup(
-            "declare",
-            broker::declare_queue(&ch, &config.names, &q, Some(intent)),
-        )
-        .await?;
-    }
-    setup(
+    let partitions = setup(
         "declare",
-        broker::declare_queue(&ch, &config.names, &reply_queue, None),
+        broker::resolve_partitions(
+            consume_conn,
+            &config.amqp_url,
+            &config.names,
+            config.partitions,
+        ),
     )
     .await?;
+    config
+        .replica
+        .check(partitions)
+        .map_err(OrchestratorError::Replica)?;
+    setup(
+        "declare",
+        broker::declare_partitions(&ch, &config.names, partitions),
+    )
+    .await?;
+    let routing = routing::Routing::new(&config.names, partitions, config.replica);
+    info!(
+        replica = %config.replica,
+        partitions,
+        owned = %crate::domain::partition::list(&routing.owned),
+        "owning partitions"
+    );
+    *core.stats.partitions.lock().unwrap_or_else(|e| e.into_inner()) = routing.owned.clone();
+    core.set_routing(routing.clone());
 
     let (tx, mut rx) = mpsc::channel::<Input>(4096);
     let publisher = setup("confirm.select", Publisher::start(publish_conn)).await?;
@@ -407,15 +428,31 @@ async fn session_on(
     // Whatever a previous session or process left unpublished goes first.
     pump.send(core.outbox()?);
 
-    let mut queues: Vec<(String, Source)> = JOURNEY_INTENTS
-        .iter()
-        .map(|i| (config.names.intent_queue(i), Source::Command))
-        .collect();
-    queues.push((reply_queue.clone(), Source::Reply));
+    use crate::wire::names::PartitionQueue;
+    let mut queues: Vec<(String, Source)> = Vec::new();
+    let mut start_queues = std::collections::HashSet::new();
+    for &p in &routing.owned {
+        let start = config.names.partition_queue(p, PartitionQueue::Start);
+        start_queues.insert(start.clone());
+        queues.push((start, Source::Command));
+        queues.push((
+            config.names.partition_queue(p, PartitionQueue::Commands),
+            Source::Command,
+        ));
+        queues.push((
+            config.names.partition_queue(p, PartitionQueue::Replies),
+            Source::Reply,
+        ));
+    }
+    // Before partitions, replies came to one queue per orchestrator: tasks dispatched by
+    // an older version still answer there.
+    let legacy_replies = config.names.replies(&config.orchestrator_id);
+    if broker::queue_exists(consume_conn, &legacy_replies).await? {
+        queues.push((legacy_replies, Source::Reply));
+    }
     let mut channels = Vec::new();
     let admission = core.admission();
     admission.reopen();
-    let start_queue = config.names.intent_queue("journey.start");
     for (q, source) in queues {
         let (chan, consumer) = setup(
             "consume",
@@ -426,7 +463,7 @@ async fn session_on(
         let tx = tx.clone();
         let queue: Arc<str> = Arc::from(q.as_str());
         // New journeys wait for a place; everything else flows.
-        let gate = (q == start_queue).then(|| admission.clone());
+        let gate = start_queues.contains(&q).then(|| admission.clone());
         tokio::spawn(async move {
             let mut consumer = consumer;
             while let Some(next) = consumer.next().await {
@@ -612,6 +649,7 @@ fn apply_group(
                     reply_to: prop(delivery.properties.reply_to()),
                     traceparent: broker::header(&delivery.properties, crate::wire::trace::HEADER),
                     replay: replay_of(&delivery.properties),
+                    client_header: broker::header(&delivery.properties, headers::CLIENT_ID),
                 };
                 settle.published.extend(core.handle(&inbound)?);
                 if admitted {

@@ -10,6 +10,8 @@ use std::time::Duration;
 /// Counters the demo and tests read; the metrics endpoint will export them.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// The partitions this replica consumes, once its session knows the topology.
+    pub partitions: std::sync::Mutex<Vec<u16>>,
     pub journeys_started: AtomicU64,
     pub tasks_dispatched: AtomicU64,
     pub tasks_completed: AtomicU64,

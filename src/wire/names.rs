@@ -45,6 +45,31 @@ impl std::str::FromStr for QueueType {
     }
 }
 
+/// The queues of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PartitionQueue {
+    Start,
+    Commands,
+    /// Task replies: per partition, not per orchestrator, so in-flight tasks' replies
+    /// follow their journeys when partitions move to another replica.
+    Replies,
+}
+
+impl PartitionQueue {
+    pub const ALL: [PartitionQueue; 3] = [
+        PartitionQueue::Start,
+        PartitionQueue::Commands,
+        PartitionQueue::Replies,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartitionQueue::Start => "start",
+            PartitionQueue::Commands => "commands",
+            PartitionQueue::Replies => "replies",
+        }
+    }
+}
+
 /// Every exchange and queue name, derived from one namespace so tenants and tests never
 /// collide; and the type of queue they are declared as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +104,24 @@ impl Names {
     pub fn intent_queue(&self, intent: &str) -> String {
         format!("{}.intent.{}", self.namespace, intent)
     }
+    /// The exchange routing `journey.start` to its partition (by the client id header).
+    pub fn journey_starts(&self) -> String {
+        format!("{}.journeys.start", self.namespace)
+    }
+    /// The exchange routing every other journey command to its partition.
+    pub fn journey_commands(&self) -> String {
+        format!("{}.journeys", self.namespace)
+    }
+    /// A partition's queue of one kind. Starts have their own queue so admission can hold
+    /// them back while the partition's other commands and replies flow.
+    pub fn partition_queue(&self, partition: u16, kind: PartitionQueue) -> String {
+        format!(
+            "{}.journeys.p{partition:02}.{}",
+            self.namespace,
+            kind.as_str()
+        )
+    }
+    /// Before partitions: one reply queue per orchestrator, still drained after an upgrade.
     pub fn replies(&self, orchestrator_id: &str) -> String {
         format!(
             "{}.orchestrator.{}.replies",

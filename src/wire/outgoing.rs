@@ -18,9 +18,16 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// A journey command (a request to `<ns>.intents`, routed by its intent) as an
-    /// upstream agent sends it: mandatory, so a missing orchestrator queue is noticed.
-    pub fn command(names: &Names, intent: &str, message_id: String, body: Vec<u8>) -> Self {
+    /// A journey command (a request to `<ns>.intents`, routed by its intent, then to its
+    /// partition by the client id header) as an upstream agent sends it: mandatory, so a
+    /// missing orchestrator queue is noticed.
+    pub fn command(
+        names: &Names,
+        intent: &str,
+        client_id: &str,
+        message_id: String,
+        body: Vec<u8>,
+    ) -> Self {
         Self {
             exchange: names.intents(),
             routing_key: intent.to_string(),
@@ -29,7 +36,10 @@ impl Outgoing {
             correlation_id: None,
             reply_to: None,
             message_type: "request".into(),
-            headers: Vec::new(),
+            headers: vec![(
+                super::headers::CLIENT_ID.to_string(),
+                client_id.to_string(),
+            )],
             body,
         }
     }

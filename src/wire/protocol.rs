@@ -178,6 +178,27 @@ pub enum ProtocolError {
     Unauthenticated(String),
     #[error("{0}")]
     Forbidden(String),
+    /// A journey command whose `x-journeyman-client-id` header is missing or names
+    /// another client than its payload: the broker routes commands to their partition by
+    /// that header.
+    #[error("{}", client_header_message(client_id, header.as_deref()))]
+    ClientHeader {
+        client_id: String,
+        header: Option<String>,
+    },
+}
+
+fn client_header_message(client_id: &str, header: Option<&str>) -> String {
+    match header {
+        None => format!(
+            "the journey command for '{client_id}' has no {} header",
+            super::headers::CLIENT_ID
+        ),
+        Some(h) => format!(
+            "the journey command for '{client_id}' has the {} header '{h}'",
+            super::headers::CLIENT_ID
+        ),
+    }
 }
 
 impl ProtocolError {
@@ -192,6 +213,7 @@ impl ProtocolError {
             ProtocolError::UnexpectedMessageType(_) => "unknown_message_type",
             ProtocolError::Unauthenticated(_) => "unauthenticated",
             ProtocolError::Forbidden(_) => "forbidden",
+            ProtocolError::ClientHeader { .. } => "client_id_header",
         }
     }
 }
@@ -220,6 +242,10 @@ impl ProtocolError {
             }
             ProtocolError::Forbidden(_) => {
                 "ask the operator for a token with the role this intent needs"
+            }
+            ProtocolError::ClientHeader { .. } => {
+                "set the AMQP header x-journeyman-client-id to the payload's client_id: the \
+                 broker routes journey commands to their partition by it (docs/protocol.md)"
             }
         }
     }

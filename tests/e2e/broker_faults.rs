@@ -8,6 +8,7 @@
 //! is applied twice (one attempt per task, one completion event per stage), and the
 //! readiness flags.
 
+use journeyman::wire::names::PartitionQueue;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -337,8 +338,8 @@ async fn assert_consumers_restored(node: &BrokerNode, pb: &Playbook) {
     let agent = chans.iter().filter(|(_, p)| *p == 16).count();
     assert_eq!(
         orch,
-        JOURNEY_INTENTS.len() + 1,
-        "orchestrator consumers with prefetch 256: {chans:?}"
+        PartitionQueue::ALL.len(),
+        "orchestrator consumers (start, commands and replies of its one partition) with prefetch 256: {chans:?}"
     );
     assert_eq!(
         agent,
@@ -561,7 +562,7 @@ async fn consumer_cancelled(which: Cancelled) {
         ),
         Cancelled::Orchestrator => (
             Transitions::watch(orchestrator_ready(&app.stats)),
-            app.names.replies("0"),
+            app.names.partition_queue(0, PartitionQueue::Replies),
             "orchestrator",
         ),
     };
@@ -640,7 +641,7 @@ async fn the_memory_alarm_blocks_publishing_but_not_acking() {
     app.kill_child().await;
     let held = deliveries(&rec);
     open_tx.send(true).unwrap();
-    let replies = app.names.replies("0");
+    let replies = app.names.partition_queue(0, PartitionQueue::Replies);
     let deadline = Instant::now() + WAIT;
     while node.queue_counts(&replies).await != Some((held as u64, 0)) {
         assert!(Instant::now() < deadline, "replies queued");
@@ -785,7 +786,7 @@ async fn publish_request(app: &TestApp, env: &Envelope) {
         mandatory: true,
         message_id: env.message_id.to_string(),
         correlation_id: Some(env.message_id.to_string()),
-        reply_to: Some(app.names.replies("0")),
+        reply_to: Some(app.names.partition_queue(0, PartitionQueue::Replies)),
         message_type: "request".into(),
         headers: Vec::new(),
         body: env.to_bytes(),
@@ -808,7 +809,7 @@ async fn a_queue_with_other_arguments_is_a_clear_startup_error() {
     let conn = broker::connect(&url, "journeyman-test").await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     // A classic queue where journeyman declares a quorum queue with a delivery limit.
-    let replies = names.replies("0");
+    let replies = names.partition_queue(0, PartitionQueue::Replies);
     let task_q = names.intent_queue("provision_sandbox_environment");
     for q in [&replies, &task_q] {
         ch.queue_declare(
@@ -890,7 +891,7 @@ async fn a_locked_queue_is_retried_not_reported_as_a_mismatch() {
     let owner = broker::connect(&url, "journeyman-test-owner")
         .await
         .unwrap();
-    let replies = names.replies("0");
+    let replies = names.partition_queue(0, PartitionQueue::Replies);
     let ch = owner.create_channel().await.unwrap();
     ch.queue_declare(
         replies.as_str().into(),

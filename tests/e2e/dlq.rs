@@ -1,6 +1,7 @@
 //! The dead-letter tooling (`journeyman dlq`), over the real broker: dead letters made by
 //! the orchestrator (bad input, refusals) and by the broker (rejects, delivery limit).
 
+use journeyman::wire::names::PartitionQueue;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -84,7 +85,7 @@ async fn dlq_list_stats_and_show_read_without_consuming_or_reordering() {
     assert_eq!(ev.original_routing_key, "journey.evidence");
     assert_eq!(
         ev.original_queue,
-        app.names.intent_queue("journey.evidence")
+        app.names.partition_queue(0, PartitionQueue::Commands)
     );
     assert_eq!(ev.client_id.as_deref(), Some("ghost"));
     assert_eq!(ev.attempts, 1);
@@ -360,7 +361,7 @@ async fn broker_dead_letters_replay_with_their_id_and_records_are_refused() {
         mandatory: true,
         message_id: id.into(),
         correlation_id: Some(format!("corr-{id}")),
-        reply_to: Some(app.names.replies("0")),
+        reply_to: Some(app.names.partition_queue(0, PartitionQueue::Replies)),
         message_type: "request".into(),
         headers: vec![("x-journeyman-client-id".into(), "acme".into())],
         body: br#"{"hello": "agent"}"#.to_vec(),
@@ -482,7 +483,7 @@ async fn broker_dead_letters_replay_with_their_id_and_records_are_refused() {
         );
         assert_eq!(
             p.reply_to().as_ref().unwrap().as_str(),
-            app.names.replies("0")
+            app.names.partition_queue(0, PartitionQueue::Replies)
         );
         assert_eq!(d.data, br#"{"hello": "agent"}"#);
         assert_eq!(

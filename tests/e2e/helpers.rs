@@ -70,6 +70,9 @@ pub struct TestApp {
     seen_ids: Vec<String>,
     dead: Option<lapin::Consumer>,
     queues: Vec<String>,
+    /// Partitions of the namespace: 1 unless a test asks for more (which needs the
+    /// consistent-hash exchange, so a node of the test's own).
+    pub partitions: u16,
 }
 
 pub enum Mode {
@@ -90,6 +93,16 @@ impl TestApp {
 
     /// Like `spawn_with`, on the broker at `url` (a test's own node, see `broker_node`).
     pub async fn spawn_on(url: &str, playbook: Playbook, mode: Mode) -> Self {
+        Self::spawn_partitioned(url, playbook, mode, 1).await
+    }
+
+    /// Like `spawn_on`, with the namespace declared with `partitions` partitions.
+    pub async fn spawn_partitioned(
+        url: &str,
+        playbook: Playbook,
+        mode: Mode,
+        partitions: u16,
+    ) -> Self {
         static LOGS: std::sync::Once = std::sync::Once::new();
         LOGS.call_once(|| {
             let filter =
@@ -115,10 +128,9 @@ impl TestApp {
         // Journey command queues exist before the orchestrator starts, so commands sent
         // early wait for it. Task queues are declared by the agents that serve them.
         let journey_intents = JOURNEY_INTENTS.iter().map(|s| s.to_string());
-        let mut queues = broker::declare_topology(&ch, &names, journey_intents)
+        let mut queues = broker::declare_topology(&ch, &names, journey_intents, partitions)
             .await
             .unwrap();
-        queues.push(names.replies("0"));
         queues.extend(playbook.intents().iter().map(|i| names.intent_queue(i)));
         let events = subscribe_events(&conn, &names).await;
         let (stop, _) = watch::channel(false);
@@ -139,6 +151,7 @@ impl TestApp {
             seen_ids: Vec::new(),
             dead: None,
             queues,
+            partitions,
         };
         match mode {
             Mode::InProcess => app.start_orchestrator(),
@@ -166,6 +179,7 @@ impl TestApp {
         let mut config =
             orchestrator::Config::new(&self.url, &self.names.namespace, self.data_dir());
         config.playbook = self.playbook.clone();
+        config.partitions = Some(self.partitions);
         configure(&mut config);
         let stats = self.stats.clone();
         let mut rx = self.stop.subscribe();
@@ -222,6 +236,7 @@ impl TestApp {
             .arg("--playbook")
             .arg(&playbook_file)
             .env("JOURNEYMAN_AMQP_URL", &self.url)
+            .env("JOURNEYMAN_PARTITIONS", self.partitions.to_string())
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -361,6 +376,13 @@ impl TestApp {
             .with_delivery_mode(2);
         if let Some(id) = message_id {
             props = props.with_message_id(ShortString::from(id));
+        }
+        // As upstream agents do: the client id header routes the command to its partition.
+        if let Some(client) = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v["payload"]["client_id"].as_str().map(str::to_string))
+        {
+            props = props.with_headers(client_header(&client));
         }
         let c = ch
             .basic_publish(
@@ -657,4 +679,14 @@ pub async fn private_reply_queue(ch: &lapin::Channel) -> (String, lapin::Consume
         .await
         .unwrap();
     (q.name().to_string(), consumer)
+}
+
+/// The `x-journeyman-client-id` header a journey command carries.
+pub fn client_header(client: &str) -> lapin::types::FieldTable {
+    let mut t = std::collections::BTreeMap::new();
+    t.insert(
+        ShortString::from(journeyman::wire::headers::CLIENT_ID),
+        lapin::types::AMQPValue::LongString(client.into()),
+    );
+    lapin::types::FieldTable::from(t)
 }

@@ -20,6 +20,7 @@ mod shutdown;
 mod trace;
 mod webhook;
 
+use journeyman::wire::names::PartitionQueue;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -377,7 +378,7 @@ async fn bad_messages_are_dead_lettered_and_the_next_one_is_processed() {
         );
         assert_eq!(
             d.headers["x-journeyman-original-queue"],
-            app.names.intent_queue("journey.start")
+            app.names.partition_queue(0, PartitionQueue::Start)
         );
         assert!(!d.headers["x-journeyman-reason-message"].is_empty());
     }
@@ -652,7 +653,7 @@ async fn a_reply_with_an_unknown_correlation_id_is_recorded_and_ignored() {
     publisher
         .publish(journeyman::broker::Outgoing {
             exchange: String::new(),
-            routing_key: app.names.replies("0"),
+            routing_key: app.names.partition_queue(0, PartitionQueue::Replies),
             mandatory: true,
             message_id: stray.message_id.to_string(),
             correlation_id: stray.correlation_id.clone(),

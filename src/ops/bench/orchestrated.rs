@@ -153,8 +153,8 @@ async fn orchestrator_on(
         .map_err(amqp("create channel"))?;
     let intents = playbook.namespace_intents();
     // Declared here too, so the first commands are routable before the orchestrator runs.
-    broker::declare_topology(&ch, names, intents).await?;
-    broker::declare_queue(&ch, names, &names.replies("0"), None).await?;
+    let partitions = broker::resolve_partitions(admin, &cfg.amqp_url, names, None).await?;
+    broker::declare_topology(&ch, names, intents, partitions).await?;
 
     let playbook_file = dir.join("playbook.yaml");
     std::fs::write(&playbook_file, shape.yaml()).map_err(io("cannot write the playbook"))?;
@@ -266,6 +266,7 @@ async fn orchestrator_on(
         Outgoing::command(
             names,
             "journey.start",
+            &client_name(i),
             env.message_id.to_string(),
             env.to_bytes(),
         )
@@ -472,6 +473,7 @@ async fn soak_run(
             let out = Outgoing::command(
                 names,
                 "journey.evidence",
+                &client,
                 env.message_id.to_string(),
                 env.to_bytes(),
             );
