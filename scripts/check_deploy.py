@@ -193,9 +193,19 @@ def check_compose():
         return {str(v).split(":")[1]: str(v).split(":")[0] for v in svc.get("volumes") or []
                 if isinstance(v, str) and ":" in v}
 
-    for name in ("rabbitmq", "keys", "orchestrator", "agents", "demo"):
+    for name in ("rabbitmq", "keys", "agents", "demo"):
         if name not in services:
             err(f"docker-compose.yml: service '{name}' missing")
+    # The orchestrator replicas: orchestrator-0 .. orchestrator-<n-1> (compose has no
+    # ordinals, so one service each).
+    if "orchestrator" in services:
+        err("docker-compose.yml: no service 'orchestrator': the replicas are orchestrator-0, orchestrator-1, ...")
+    replicas = sorted(int(m.group(1)) for n in services if (m := re.fullmatch(r"orchestrator-(\d+)", n)))
+    orchestrators = [f"orchestrator-{i}" for i in replicas]
+    if replicas != list(range(len(replicas))):
+        err(f"docker-compose.yml: orchestrator replicas must be orchestrator-0 .. orchestrator-<n-1>, found {orchestrators}")
+    if len(replicas) < 2:
+        err("docker-compose.yml: expected at least two orchestrator replicas (orchestrator-0, orchestrator-1, ...)")
     rmq = services.get("rabbitmq") or {}
     if not str(rmq.get("image", "")).startswith("rabbitmq:3.13-management"):
         err("docker-compose.yml: rabbitmq image must be rabbitmq:3.13-management (management plugin)")
@@ -204,8 +214,20 @@ def check_compose():
         err("docker-compose.yml: rabbitmq needs a health check (rabbitmq-diagnostics)")
     if not any(src in named for src in mounts(rmq).values()):
         err("docker-compose.yml: rabbitmq needs a named volume")
+    plugins_file = mounts(rmq).get("/etc/rabbitmq/enabled_plugins")
+    if not plugins_file or plugins_file in named:
+        err("docker-compose.yml: rabbitmq must mount an enabled_plugins file at /etc/rabbitmq/enabled_plugins")
+    else:
+        text_plugins = read(os.path.normpath(plugins_file))
+        m = re.fullmatch(r"\s*\[([a-z0-9_,\s]*)\]\.\s*", text_plugins)
+        plugins = {p.strip() for p in m.group(1).split(",")} if m else set()
+        if not m:
+            err(f"{plugins_file}: must be one Erlang list of plugin names ending in a dot, e.g. [a,b].")
+        for plugin in ("rabbitmq_management", "rabbitmq_prometheus", "rabbitmq_consistent_hash_exchange"):
+            if m and plugin not in plugins:
+                err(f"{plugins_file}: must enable {plugin}")
     keyfile = None
-    for name in ("orchestrator", "agents", "demo"):
+    for name in (*orchestrators, "agents", "demo"):
         svc = services.get(name) or {}
         e = env(svc)
         keyfile = keyfile or e.get("JOURNEYMAN_AUTH_KEYS_FILE")
@@ -228,13 +250,79 @@ def check_compose():
         err("docker-compose.yml: the keys service must run `journeyman token keygen` into the key file")
     if "-s " not in cmd:
         err("docker-compose.yml: the keys service must keep an existing key (test -s)")
-    orch = services.get("orchestrator") or {}
-    if mounts(orch).get("/data") not in named:
-        err("docker-compose.yml: orchestrator needs a named volume at /data")
-    if (orch.get("deploy") or {}).get("replicas", 1) != 1 or "scale" in orch:
-        err("docker-compose.yml: orchestrator must run exactly one replica (it locks its sled directory)")
-    if not (orch.get("healthcheck") or {}).get("test"):
-        err("docker-compose.yml: orchestrator needs a health check (the demo waits for it)")
+    count = len(orchestrators)
+    data_volumes, host_ports, ids = {}, {}, {}
+    for i, name in enumerate(orchestrators):
+        orch = services.get(name) or {}
+        e = env(orch)
+        vol = mounts(orch).get("/data")
+        if vol not in named:
+            err(f"docker-compose.yml: {name} needs a named volume at /data")
+        elif vol in data_volumes:
+            err(f"docker-compose.yml: {name} and {data_volumes[vol]} share the volume {vol}: one sled directory per replica")
+        data_volumes.setdefault(vol, name)
+        if (orch.get("deploy") or {}).get("replicas", 1) != 1 or "scale" in orch:
+            err(f"docker-compose.yml: {name} must run exactly one container (it locks its sled directory)")
+        if not (orch.get("healthcheck") or {}).get("test"):
+            err(f"docker-compose.yml: {name} needs a health check (the demo waits for it)")
+        if e.get("JOURNEYMAN_REPLICA") != f"{i}/{count}":
+            err(f"docker-compose.yml: {name} must set JOURNEYMAN_REPLICA={i}/{count}, has {e.get('JOURNEYMAN_REPLICA')}")
+        if "JOURNEYMAN_REPLICAS" in e:
+            err(f"docker-compose.yml: {name}: JOURNEYMAN_REPLICAS takes the index from a pod ordinal; compose sets JOURNEYMAN_REPLICA=i/n")
+        port = (e.get("JOURNEYMAN_HTTP_ADDR") or "").rsplit(":", 1)[-1]
+        if not (e.get("JOURNEYMAN_HTTP_ADDR") or "").startswith("0.0.0.0:"):
+            err(f"docker-compose.yml: {name} must listen on 0.0.0.0 (its peers and the demo reach it)")
+        peers = set(filter(None, (e.get("JOURNEYMAN_PEERS") or "").split(",")))
+        want = {f"{o}:{port}" for o in orchestrators if o != name}
+        if peers != want:
+            err(f"docker-compose.yml: {name}: JOURNEYMAN_PEERS must list the other replicas, {','.join(sorted(want))}; has {','.join(sorted(peers))}")
+        partitions = e.get("JOURNEYMAN_PARTITIONS")
+        if partitions is not None and (not partitions.isdigit() or int(partitions) < count):
+            err(f"docker-compose.yml: {name}: JOURNEYMAN_PARTITIONS ({partitions}) must be at least the replica count ({count})")
+        oid = e.get("JOURNEYMAN_ORCHESTRATOR_ID", str(i))
+        if oid in ids:
+            err(f"docker-compose.yml: {name} and {ids[oid]} have the same orchestrator id {oid} (it names the reply queue)")
+        ids.setdefault(oid, name)
+        for p in orch.get("ports") or []:
+            host = str(p).rsplit(":", 1)[0]
+            if host in host_ports:
+                err(f"docker-compose.yml: {name} and {host_ports[host]} publish the same host port {host}")
+            host_ports.setdefault(host, name)
+    # The offline repartition: every replica's volume, in order, and the current count.
+    rep = services.get("repartition") or {}
+    if not rep:
+        err("docker-compose.yml: service 'repartition' missing (profile repartition: `journeyman store repartition` over every replica's volume)")
+    else:
+        if rep.get("profiles") != ["repartition"]:
+            err("docker-compose.yml: the repartition service must be in the 'repartition' profile only")
+        cmd = rep.get("command")
+        words = " ".join(cmd if isinstance(cmd, list) else [str(cmd)]).split()
+        if "repartition" not in words or words[words.index("repartition") - 1] != "store":
+            err("docker-compose.yml: the repartition service must run `journeyman store repartition`")
+        else:
+            args = words[words.index("repartition") + 1:]
+            args = args[:args.index("&&")] if "&&" in args else args
+            opts, dirs = {}, []
+            while args:
+                a = args.pop(0)
+                if a.startswith("--") and args:
+                    opts[a] = args.pop(0)
+                else:
+                    dirs.append(a)
+            first = env(services.get(orchestrators[0]) if orchestrators else {})
+            if opts.get("--replicas") != str(count):
+                err(f"docker-compose.yml: repartition: --replicas must be the replica count, {count}")
+            if first.get("JOURNEYMAN_PARTITIONS") and opts.get("--partitions") != first.get("JOURNEYMAN_PARTITIONS"):
+                err("docker-compose.yml: repartition: --partitions must be the orchestrators' JOURNEYMAN_PARTITIONS")
+            data_dir = first.get("JOURNEYMAN_DATA_DIR") or "/data/store"
+            sub = data_dir[len("/data"):] if data_dir.startswith("/data/") else None
+            rmounts = mounts(rep)
+            want_dirs = [f"/data/{i}{sub}" for i in range(count)] if sub else []
+            if dirs != want_dirs:
+                err(f"docker-compose.yml: repartition must list the replicas' directories in order, {' '.join(want_dirs)}; has {' '.join(dirs)}")
+            for i, name in enumerate(orchestrators):
+                if rmounts.get(f"/data/{i}") != mounts(services.get(name) or {}).get("/data"):
+                    err(f"docker-compose.yml: repartition must mount {name}'s volume at /data/{i}")
     agents = services.get("agents") or {}
     if "container_name" in agents:
         err("docker-compose.yml: agents must not set container_name (it prevents --scale)")
@@ -243,9 +331,10 @@ def check_compose():
     demo = services.get("demo") or {}
     if demo.get("profiles") != ["demo"]:
         err("docker-compose.yml: the demo service must be in the 'demo' profile only")
-    if not healthy(demo, "orchestrator"):
-        err("docker-compose.yml: demo must wait for a healthy orchestrator")
-    for name in ("orchestrator", "agents"):
+    for name in orchestrators:
+        if not healthy(demo, name):
+            err(f"docker-compose.yml: demo must wait for a healthy {name}")
+    for name in (*orchestrators, "agents"):
         s = duration_s(str((services.get(name) or {}).get("stop_grace_period", "10s")).rstrip("s") + "s")
         t = duration_s(env(services.get(name) or {}).get("JOURNEYMAN_SHUTDOWN_TIMEOUT") or "20s")
         if s is None or t is None or s <= t:
@@ -271,7 +360,7 @@ def check_kubernetes(built_dir):
         docs = load_all(path)
         if path.endswith("kustomization.yaml") or path.endswith("/playbook.yaml"):
             continue
-        if os.path.basename(path) == "secret.example.yaml":
+        if os.path.basename(path) == "secret.example.yaml" or path.startswith("deploy/kubernetes/jobs/"):
             for d in docs:
                 counts[validate_object(path, d)] += 1
     if read("deploy/kubernetes/base/playbook.yaml") != read("playbooks/default.yaml"):
@@ -288,7 +377,86 @@ def check_kubernetes(built_dir):
         for d in docs:
             counts[validate_object(where, d)] += 1
         check_objects(where, docs, production=(name == "base"))
+    check_jobs(builds.get("base") or [])
     return counts, builds
+
+
+def check_jobs(base):
+    """deploy/kubernetes/jobs/: the manifests run by hand to change the orchestrator count
+    (a PVC per new ordinal, the repartition Job), against the base they work on."""
+    sts = next((d for d in base if d.get("kind") == "StatefulSet"), None)
+    config = next((d for d in base if d.get("kind") == "ConfigMap"
+                   and (d.get("metadata") or {}).get("name") == "journeyman-config"), None)
+    if not sts or not config:
+        return
+    sts_name = sts["metadata"]["name"]
+    spec = sts.get("spec") or {}
+    n = spec.get("replicas", 1)
+    data = config.get("data") or {}
+    partitions = str(data.get("JOURNEYMAN_PARTITIONS", ""))
+    data_dir = str(data.get("JOURNEYMAN_DATA_DIR", ""))
+    mount = next((m.get("mountPath") for c in containers(sts)[:1] for m in c.get("volumeMounts") or []
+                  if m.get("name") == "data"), "/data")
+    sub = data_dir[len(mount.rstrip("/")):] if data_dir.startswith(mount.rstrip("/") + "/") else None
+    template = next((t for t in spec.get("volumeClaimTemplates") or []
+                     if (t.get("metadata") or {}).get("name") == "data"), {})
+    claim_re = re.compile(rf"data-{re.escape(sts_name)}-(\d+)")
+    selector = ((spec.get("selector") or {}).get("matchLabels") or {})
+    jobs = 0
+    for path in sorted(glob.glob("deploy/kubernetes/jobs/*.yaml")):
+        for d in load_all(path):
+            kind, dname = d.get("kind"), (d.get("metadata") or {}).get("name")
+            if (d.get("metadata") or {}).get("namespace"):
+                err(f"{path}: {kind}/{dname} must not fix a namespace (applied with -n to the base's or an overlay's)")
+            if kind == "PersistentVolumeClaim":
+                if not claim_re.fullmatch(str(dname)):
+                    err(f"{path}: PVC {dname} must be named data-{sts_name}-<ordinal>, as the volumeClaimTemplate names them")
+                for k, v in selector.items():
+                    if ((d.get("metadata") or {}).get("labels") or {}).get(k) != v:
+                        err(f"{path}: PVC {dname} needs the orchestrator's label {k}: {v}")
+                ps, ts = d.get("spec") or {}, template.get("spec") or {}
+                if ps.get("accessModes") != ts.get("accessModes") or ps.get("resources") != ts.get("resources"):
+                    err(f"{path}: PVC {dname} must ask for what the volumeClaimTemplate asks (access modes, size)")
+            elif kind == "Job":
+                jobs += 1
+                pod = pod_spec(d)
+                if pod.get("restartPolicy") != "Never" or (d.get("spec") or {}).get("backoffLimit") != 0:
+                    err(f"{path}: Job {dname}: restartPolicy Never and backoffLimit 0 (read a failure before running it again)")
+                sc = pod.get("securityContext") or {}
+                want_sc = (pod_spec(sts).get("securityContext") or {})
+                for k in ("runAsNonRoot", "runAsUser", "runAsGroup", "fsGroup"):
+                    if sc.get(k) != want_sc.get(k):
+                        err(f"{path}: Job {dname}: securityContext.{k} must be the orchestrator's ({want_sc.get(k)})")
+                cs = containers(d)
+                args = [str(a) for a in (cs[0].get("args") or [])] if cs else []
+                if args[:2] != ["store", "repartition"]:
+                    err(f"{path}: Job {dname} must run `journeyman store repartition`")
+                    continue
+                opts, dirs, rest = {}, [], args[2:]
+                while rest:
+                    a = rest.pop(0)
+                    if a.startswith("--") and rest:
+                        opts[a] = rest.pop(0)
+                    else:
+                        dirs.append(a)
+                m = int(opts["--replicas"]) if str(opts.get("--replicas", "")).isdigit() else None
+                if opts.get("--partitions") != partitions:
+                    err(f"{path}: Job {dname}: --partitions must be JOURNEYMAN_PARTITIONS ({partitions}): it never changes")
+                if m is None or m < 1 or (partitions.isdigit() and m > int(partitions)):
+                    err(f"{path}: Job {dname}: --replicas must be a count between 1 and the partitions ({partitions})")
+                    continue
+                if len(dirs) != max(n, m):
+                    err(f"{path}: Job {dname}: from {n} replicas (the base) to {m} needs max(N, M) = {max(n, m)} directories, has {len(dirs)}")
+                volumes = {v.get("name"): ((v.get("persistentVolumeClaim") or {}).get("claimName")) for v in pod.get("volumes") or []}
+                mounts = {mm.get("mountPath").rstrip("/"): volumes.get(mm.get("name")) for mm in cs[0].get("volumeMounts") or []}
+                for i, dir_ in enumerate(dirs):
+                    want_claim = f"data-{sts_name}-{i}"
+                    base_dir = dir_[:-len(sub)] if sub and dir_.endswith(sub) else None
+                    if base_dir is None or mounts.get(base_dir) != want_claim:
+                        err(f"{path}: Job {dname}: directory {i}, {dir_}, must be <mount of {want_claim}>{sub} "
+                            f"(JOURNEYMAN_DATA_DIR is {data_dir} on the volume at {mount})")
+    if not jobs:
+        err("deploy/kubernetes/jobs: no repartition Job")
 
 
 def check_objects(where, docs, production):
@@ -305,6 +473,11 @@ def check_objects(where, docs, production):
 
     def name(o):
         return (o.get("metadata") or {}).get("name")
+
+    def selects(selector, workload):
+        labels = ((workload.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels") or {}
+        want = (selector or {}).get("matchLabels") or {}
+        return bool(want) and all(labels.get(k) == v for k, v in want.items())
 
     ns = one("Namespace")
     nsname = name(ns) if ns else None
@@ -355,10 +528,25 @@ def check_objects(where, docs, production):
                 err(f"{label}: volume {v.get('name')} uses the unknown ConfigMap {cm}")
 
     sts = one("StatefulSet")
+    replicas = None
     if sts:
         spec = sts.get("spec") or {}
-        if spec.get("replicas") != 1:
-            err(f"{where}: the orchestrator StatefulSet must have replicas: 1 (one process per sled directory)")
+        replicas = spec.get("replicas", 1)
+        partitions = (config.get("data") or {}).get("JOURNEYMAN_PARTITIONS")
+        if not isinstance(replicas, int) or replicas < 1:
+            err(f"{where}: the orchestrator StatefulSet needs replicas >= 1, has {replicas!r}")
+            replicas = None
+        elif production and replicas < 2:
+            err(f"{where}: the orchestrator StatefulSet needs at least 2 replicas in production (one share of the journeys down at a time)")
+        if partitions is not None and replicas and (not str(partitions).isdigit() or int(partitions) < replicas):
+            err(f"{where}: JOURNEYMAN_PARTITIONS ({partitions}) must be at least the orchestrator replicas ({replicas})")
+        if spec.get("podManagementPolicy") != "Parallel":
+            err(f"{where}: the orchestrator StatefulSet needs podManagementPolicy: Parallel (independent replicas)")
+        retention = spec.get("persistentVolumeClaimRetentionPolicy") or {}
+        for when in ("whenScaled", "whenDeleted"):
+            if retention.get(when, "Retain") != "Retain":
+                err(f"{where}: persistentVolumeClaimRetentionPolicy.{when} must be Retain "
+                    "(scaling to 0 for a repartition must not delete the journeys)")
         if not spec.get("volumeClaimTemplates"):
             err(f"{where}: the orchestrator needs a volumeClaimTemplate for its sled directory")
         cs = containers(sts)
@@ -376,6 +564,21 @@ def check_objects(where, docs, production):
             env = {e.get("name"): e.get("value") for e in c.get("env") or []}
             if not str(env.get("JOURNEYMAN_HTTP_ADDR", "")).startswith("0.0.0.0:"):
                 err(f"{where}: the orchestrator must listen on 0.0.0.0 (probes come from outside the pod)")
+            if replicas is not None and env.get("JOURNEYMAN_REPLICAS") != str(replicas):
+                err(f"{where}: the orchestrator's JOURNEYMAN_REPLICAS ({env.get('JOURNEYMAN_REPLICAS')!r}) must equal "
+                    f"the StatefulSet's replicas ({replicas}): a kustomize replacement copies it, repeat it in an overlay that changes the count")
+            for fixed in ("JOURNEYMAN_REPLICA", "JOURNEYMAN_ORCHESTRATOR_ID"):
+                if fixed in env and replicas != 1:
+                    err(f"{where}: the orchestrator must not set {fixed}: every replica would get the same value "
+                        "(the index comes from the pod name, the id defaults to it)")
+            peers = [p for p in str(env.get("JOURNEYMAN_PEERS") or "").split(",") if p]
+            headless = spec.get("serviceName")
+            if not peers:
+                err(f"{where}: the orchestrator needs JOURNEYMAN_PEERS (the headless Service {headless}, port 8080)")
+            for peer in peers:
+                host, _, port = peer.rpartition(":")
+                if not (host == headless or host.startswith(f"{headless}.")) or port != "8080":
+                    err(f"{where}: JOURNEYMAN_PEERS entry {peer} must be the headless Service {headless} on port 8080")
             ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
             if ports.get("http") != 8080:
                 err(f"{where}: the orchestrator needs container port 'http' 8080")
@@ -386,16 +589,21 @@ def check_objects(where, docs, production):
         svc = [s for s in by_kind.get("Service", []) if name(s) == spec.get("serviceName")]
         if not svc:
             err(f"{where}: the StatefulSet's serviceName {spec.get('serviceName')} has no Service")
+        for s in svc:
+            sspec = s.get("spec") or {}
+            if sspec.get("clusterIP") != "None":
+                err(f"{where}: Service/{name(s)} (the StatefulSet's serviceName) must be headless (clusterIP: None)")
+            if sspec.get("publishNotReadyAddresses") is not True:
+                err(f"{where}: Service/{name(s)} needs publishNotReadyAddresses: true (peers and gathered lists see every replica)")
+            if not selects({"matchLabels": sspec.get("selector") or {}}, sts):
+                err(f"{where}: Service/{name(s)} does not select the orchestrator pods")
+            if "http" not in {p.get("name") for p in sspec.get("ports") or []}:
+                err(f"{where}: Service/{name(s)} needs the port http")
     dep = one("Deployment")
     if dep:
         cs = containers(dep)
         if not cs or (cs[0].get("args") or [None])[0] != "agents":
             err(f"{where}: the Deployment's container must run 'agents'")
-
-    def selects(selector, workload):
-        labels = ((workload.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels") or {}
-        want = (selector or {}).get("matchLabels") or {}
-        return bool(want) and all(labels.get(k) == v for k, v in want.items())
 
     pdbs = by_kind.get("PodDisruptionBudget", [])
     for w in (sts, dep):
@@ -404,6 +612,17 @@ def check_objects(where, docs, production):
     for p in pdbs:
         if not any(selects((p.get("spec") or {}).get("selector"), w) for w in workloads):
             err(f"{where}: PodDisruptionBudget/{name(p)} selects no workload")
+    if sts and replicas:
+        for p in pdbs:
+            pspec = p.get("spec") or {}
+            if not selects(pspec.get("selector"), sts):
+                continue
+            if not (pspec.get("maxUnavailable") == 1 or
+                    ("minAvailable" in pspec and pspec.get("minAvailable") == replicas - 1 and replicas > 1)):
+                err(f"{where}: PodDisruptionBudget/{name(p)} must keep {replicas - 1} of the {replicas} orchestrators "
+                    "available: maxUnavailable: 1 (or minAvailable: N-1)")
+    if by_kind.get("Job"):
+        err(f"{where}: a Job in the kustomization: the repartition Job is run by hand (deploy/kubernetes/jobs/)")
 
     scalers = by_kind.get("ScaledObject", []) + by_kind.get("HorizontalPodAutoscaler", [])
     if len(scalers) != 1:
@@ -442,12 +661,18 @@ def check_objects(where, docs, production):
                    if all(((s.get("metadata") or {}).get("labels") or {}).get(k) == v
                           for k, v in (sel.get("matchLabels") or {}).items())]
         ports = {p.get("name") for s in targets for p in (s.get("spec") or {}).get("ports") or []}
+        if sts and sum(1 for s in targets if selects({"matchLabels": (s.get("spec") or {}).get("selector") or {}}, sts)) > 1:
+            err(f"{where}: ServiceMonitor/{name(sm)} selects several Services of the orchestrator pods: each pod would be scraped once per Service")
         for ep in (sm.get("spec") or {}).get("endpoints") or []:
             if ep.get("port") not in ports or ep.get("path") != "/metrics":
                 err(f"{where}: the ServiceMonitor must scrape /metrics on a port of the orchestrator's Service")
     rmq = one("RabbitmqCluster")
     if rmq and production and ((rmq.get("spec") or {}).get("replicas") or 1) < 3:
         err(f"{where}: RabbitmqCluster needs at least 3 replicas in production (quorum queues)")
+    if rmq and "rabbitmq_consistent_hash_exchange" not in (
+            ((rmq.get("spec") or {}).get("rabbitmq") or {}).get("additionalPlugins") or []):
+        err(f"{where}: the RabbitmqCluster must enable rabbitmq_consistent_hash_exchange (spec.rabbitmq.additionalPlugins): "
+            "journey commands are routed to their partition by it")
     if production:
         for kind in ("ScaledObject", "ServiceMonitor"):
             if not by_kind.get(kind):
@@ -525,6 +750,15 @@ def journeyman_command_lines(text):
 # JOURNEYMAN_* variables that belong to the scripts, not to the binary.
 SCRIPT_VARIABLES = {"JOURNEYMAN_TOOLS_DIR", "JOURNEYMAN_BIN"}
 
+# Settings and subcommands the deployment files already use while the binary that has
+# them is being built (issue 12, scale-out): a note while the --help lacks them, not a
+# failure. Remove an entry once the binary has it (the lint then says so).
+PENDING = {
+    "JOURNEYMAN_PEERS": "issue 12: the replicas' peers (dashboard and API gather from them)",
+    "store repartition": "issue 12: offline repartitioning of the orchestrators' stores",
+}
+notes = []
+
 
 def check_lint(binary, compose, dockerfile):
     texts = help_texts(binary)
@@ -581,12 +815,39 @@ def check_lint(binary, compose, dockerfile):
                 if args and args[0] not in subcommands:
                     err(f"{path}: container {c.get('name')} runs `journeyman {args[0]}`, which is no subcommand")
 
+    # Subcommands of subcommands (`store repartition`): the second word must be one too.
+    def subcommand_path(words, where):
+        words = words.split()
+        if len(words) >= 2 and words[0] in texts and "Commands:" in texts[words[0]] \
+                and not words[1].startswith("-"):
+            path = f"{words[0]} {words[1]}"
+            if path not in texts:
+                if path in PENDING:
+                    notes.append(f"pending: `journeyman {path}` ({PENDING[path]}) is not in this binary yet ({where})")
+                else:
+                    err(f"{where}: `journeyman {path}` is no subcommand")
+    for where, text in sources.items():
+        for words in journeyman_command_lines(text):
+            subcommand_path(words, where)
+    for name, svc in ((compose or {}).get("services") or {}).items():
+        if isinstance(svc.get("command"), list) and not svc.get("entrypoint"):
+            subcommand_path(" ".join(svc["command"]), f"docker-compose.yml: {name}")
+    for path in sorted(glob.glob("deploy/kubernetes/**/*.yaml", recursive=True)):
+        for d in load_all(path):
+            for c in containers(d) if isinstance(d, dict) else []:
+                subcommand_path(" ".join(str(a) for a in c.get("args") or []), f"{path}: {c.get('name')}")
+
     for f, where in sorted(flags.items()):
         if f not in known_flags:
             err(f"{where}: the flag {f} is not in any `journeyman ... --help`")
     for var, where in sorted(envs.items()):
-        if var not in known_env and var not in SCRIPT_VARIABLES:
+        if var in PENDING and var not in known_env:
+            notes.append(f"pending: {var} ({PENDING[var]}) is not in this binary's --help yet ({where})")
+        elif var not in known_env and var not in SCRIPT_VARIABLES:
             err(f"{where}: {var} is not in any `journeyman ... --help`")
+    for item in PENDING:
+        if item in known_env or item in texts:
+            notes.append(f"{item} is in the binary now: remove it from PENDING in scripts/check_deploy.py")
     return len(flags), len(envs)
 
 
@@ -614,7 +875,10 @@ def main():
     print(f"check-deploy: kustomize ({a.kubectl_version.strip()}) built {', '.join(sorted(builds))}: "
           f"{counts['schema']} objects valid against the Kubernetes {' and '.join(K8S_VERSIONS)} schemas (strict), "
           f"{counts['structural']} custom resources structurally checked")
-    print(f"check-deploy: lint: {nflags} flags and {nenv} JOURNEYMAN_* variables all in the binary's --help")
+    print(f"check-deploy: lint: {nflags} flags and {nenv} JOURNEYMAN_* variables all in the binary's --help"
+          + (" (except what is pending, below)" if notes else ""))
+    for n in dict.fromkeys(notes):
+        print(f"check-deploy: note: {n}")
     print("check-deploy: OK")
 
 
