@@ -580,6 +580,25 @@ pub enum StoreCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Move journeys between replicas' data directories after the replica count changes
+    /// (N -> M), with every orchestrator stopped: each journey goes to the directory of the
+    /// replica owning its partition under M (partition p: replica p % M). Give every
+    /// directory, replica 0's first, max(N, M) of them; missing ones are created. An
+    /// interrupted run is finished by running it again; until then orchestrators refuse
+    /// the directories.
+    Repartition {
+        /// The namespace's partition count (`journeyman topology declare` prints it).
+        #[arg(long, env = "JOURNEYMAN_PARTITIONS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        partitions: u16,
+        /// The new number of orchestrator replicas, M.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        replicas: u16,
+        /// The data directories, replica 0's first.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -941,6 +960,72 @@ pub async fn run(cli: Cli) -> Result<()> {
                         )
                     }
                 );
+            }
+            Ok(())
+        }
+        Cmd::Store {
+            command:
+                StoreCmd::Repartition {
+                    partitions,
+                    replicas,
+                    dirs,
+                    json,
+                },
+        } => {
+            if dirs.len() < usize::from(replicas) {
+                bail!(
+                    "{} directories for {replicas} replicas: give one per replica (replica 0's first), and also those of replicas being removed",
+                    dirs.len()
+                );
+            }
+            if replicas > partitions {
+                bail!(
+                    "{replicas} replicas but {partitions} partitions: some replicas would own nothing; use at most {partitions}"
+                );
+            }
+            for d in &dirs {
+                ensure_not_a_file(d)?;
+            }
+            eprintln!(
+                "repartitioning {} directories for {replicas} replicas of {partitions} partitions ...",
+                dirs.len()
+            );
+            let started = std::time::Instant::now();
+            let mut n = 0u64;
+            let done = crate::store::repartition::repartition(&dirs, partitions, replicas, |_, _, _| {
+                n += 1;
+                if n.is_multiple_of(1000) {
+                    eprintln!("  {n} journeys moved ({:.0?})", started.elapsed());
+                }
+            })
+            .context("the repartition stopped; run the same command again to finish it (are the orchestrators stopped?)")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            } else {
+                for (from, to, k) in &done.moves {
+                    println!(
+                        "moved {k} journeys: {} -> {}",
+                        dirs[*from].display(),
+                        dirs[*to].display()
+                    );
+                }
+                if done.moves.is_empty() {
+                    println!("nothing to move: every journey is with its owner");
+                }
+                for (i, k) in done.journeys.iter().enumerate() {
+                    let role = if i < usize::from(replicas) {
+                        format!("replica {i}/{replicas}")
+                    } else {
+                        "no longer a replica: delete it".to_string()
+                    };
+                    println!("{}: {k} journeys ({role})", dirs[i].display());
+                }
+                if done.untagged > 0 {
+                    println!(
+                        "{} journeys predate partitions (no partition recorded) and stayed where they were",
+                        done.untagged
+                    );
+                }
             }
             Ok(())
         }

@@ -268,6 +268,9 @@ impl DeadLetter {
                 .starts_with(&format!("{}.intent.journey.", names.namespace))
                 || self
                     .original_queue
+                    .starts_with(&format!("{}.journeys.", names.namespace))
+                || self
+                    .original_queue
                     .starts_with(&format!("{}.orchestrator.", names.namespace)))
     }
 
@@ -825,6 +828,16 @@ impl<'a> Dlq<'a> {
                     headers.push((k.to_string(), v));
                 }
             }
+        }
+        // A journey command reaches its partition by the client id header: one refused for
+        // lacking it goes back with it, taken from its (possibly edited) payload.
+        if d.original_routing_key.starts_with("journey.")
+            && !headers.iter().any(|(k, _)| k == headers::CLIENT_ID)
+            && let Some(client) = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["payload"]["client_id"].as_str().map(str::to_string))
+        {
+            headers.push((headers::CLIENT_ID.to_string(), client));
         }
         if !headers.iter().any(|(k, _)| k == headers::FIRST_FAILED_AT)
             && let Some(t) = d.first_failed_at.or(d.failed_at)

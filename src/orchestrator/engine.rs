@@ -130,6 +130,9 @@ pub struct Core {
     /// so it is bounded by admission, not by how many journeys the store holds.
     cache: HashMap<String, JourneyRecord>,
     admission: Arc<super::admission::Admission>,
+    /// A journey was running when the store was opened that an older version dispatched
+    /// (no partition recorded): its replies come to the old per-orchestrator queue.
+    legacy_work: bool,
 }
 
 impl Core {
@@ -167,6 +170,7 @@ impl Core {
             active: HashSet::new(),
             cache: HashMap::new(),
             admission: Arc::new(super::admission::Admission::new(0)),
+            legacy_work: false,
         };
         core.load_timers()?;
         Ok(core)
@@ -181,6 +185,11 @@ impl Core {
     /// The partitions of this session (the topology's count is known once connected).
     pub fn set_routing(&mut self, routing: super::routing::Routing) {
         self.routing = routing;
+    }
+
+    /// Whether replies may still come to the reply queue of before partitions.
+    pub fn has_legacy_work(&self) -> bool {
+        self.legacy_work
     }
 
     pub fn routing(&self) -> &super::routing::Routing {
@@ -270,6 +279,9 @@ impl Core {
         for rec in records {
             if rec.is_active() {
                 self.active.insert(rec.journey.client_id.clone());
+                if rec.partition.is_none() && rec.work.is_some() {
+                    self.legacy_work = true;
+                }
             }
             // Deadlines, retries and time-based gate criteria: armed again from the store,
             // which is what makes them survive a restart.

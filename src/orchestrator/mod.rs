@@ -412,6 +412,14 @@ async fn session_on(
         broker::declare_partitions(&ch, &config.names, partitions),
     )
     .await?;
+    core.store.claim_layout(
+        &config.data_dir,
+        crate::store::Layout {
+            partitions,
+            index: config.replica.index,
+            replicas: config.replica.count,
+        },
+    )?;
     let routing = routing::Routing::new(&config.names, partitions, config.replica);
     info!(
         replica = %config.replica,
@@ -446,9 +454,14 @@ async fn session_on(
     }
     // Before partitions, replies came to one queue per orchestrator: tasks dispatched by
     // an older version still answer there.
-    let legacy_replies = config.names.replies(&config.orchestrator_id);
-    if broker::queue_exists(consume_conn, &legacy_replies).await? {
-        queues.push((legacy_replies, Source::Reply));
+    if core.has_legacy_work() {
+        let legacy = config.names.replies(&config.orchestrator_id);
+        setup(
+            "declare",
+            broker::declare_queue(&ch, &config.names, &legacy, None),
+        )
+        .await?;
+        queues.push((legacy, Source::Reply));
     }
     let mut channels = Vec::new();
     let admission = core.admission();

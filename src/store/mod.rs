@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::wire::outgoing::Outgoing;
 
 mod codec;
+pub mod repartition;
+
+pub use repartition::{Layout, Moved};
 
 const JOURNEY: &[u8] = b"j/";
 const INFLIGHT: &[u8] = b"i/";
@@ -66,6 +69,18 @@ pub enum StoreError {
         "{path} holds no store, but its parent {parent} does (the data directory moved, e.g. from /data to /data/store). Move the store into {path} (mkdir -p {path} && mv {parent}/db {parent}/conf {parent}/blobs {parent}/snap.* {path}/) or set the data directory back to {parent}"
     )]
     Misplaced { path: String, parent: String },
+    #[error(
+        "a repartition of {path} has not finished: run the same `journeyman store repartition` command again (it resumes), then start the orchestrators"
+    )]
+    Repartitioning { path: String },
+    #[error(
+        "{path} holds the journeys of {stored}, but this orchestrator is {configured}: after changing the replica count, move the journeys with `journeyman store repartition` first (deploy/README.md, changing the replica count)"
+    )]
+    LayoutMismatch {
+        path: String,
+        stored: Layout,
+        configured: Layout,
+    },
     #[error("store I/O failed: {0}")]
     Io(#[from] sled::Error),
     #[error("a stored {what} record could not be decoded: {detail}")]
@@ -446,6 +461,12 @@ impl Store {
     /// Opens with a page cache of `cache_bytes` (sled's own default is 1 GiB, far more
     /// than a journey's hot data needs).
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        repartition::check_not_repartitioning(path)?;
+        Self::open_unchecked(path, cache_bytes)
+    }
+
+    /// Opens without the repartition marker check: for the repartition itself.
+    fn open_unchecked(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
         let existed = path.join("db").exists() || path.join("conf").exists();
         // Starting empty beside the real store would look like every journey vanished.
@@ -832,6 +853,34 @@ impl Store {
         self.tree.remove(key(CARD, &seq.to_be_bytes()))?;
         self.tree.flush_async().await?;
         Ok(())
+    }
+
+    /// Checks this directory belongs to `layout` and records it (a new or older store
+    /// takes it). A directory of another layout is refused: its journeys would be where
+    /// the broker no longer sends their commands.
+    pub fn claim_layout(&self, path: &Path, layout: Layout) -> Result<(), StoreError> {
+        match self.tree.get(repartition::LAYOUT_KEY)? {
+            Some(v) => {
+                let stored: Layout = codec::decode(&v).map_err(|detail| StoreError::Corrupt {
+                    what: "layout",
+                    detail,
+                })?;
+                if stored != layout {
+                    return Err(StoreError::LayoutMismatch {
+                        path: path.display().to_string(),
+                        stored,
+                        configured: layout,
+                    });
+                }
+                Ok(())
+            }
+            None => {
+                self.tree
+                    .insert(repartition::LAYOUT_KEY, codec::json(&layout))?;
+                self.tree.flush()?;
+                Ok(())
+            }
+        }
     }
 
     pub fn next_id(&self) -> Result<u64, StoreError> {
