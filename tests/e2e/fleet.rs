@@ -115,6 +115,9 @@ async fn the_cli_and_a_replicas_dashboard_show_every_replicas_journeys_and_who_d
     let (ok, out, err) = cli(&both, &["journey", "history", "zinc"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("started"), "{out}");
+    let (ok, out, err) = cli(&both, &["journey", "status", "bolt", "--via-http"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("stage:       sandbox"), "{out}");
     let (ok, _, err) = cli(&both, &["journey", "history", "nobody"]).await;
     assert!(!ok);
     assert!(
@@ -154,6 +157,11 @@ async fn the_cli_and_a_replicas_dashboard_show_every_replicas_journeys_and_who_d
         "data-replica=\"{a_addr}\"><a href=\"/?client=acme\">acme</a>"
     )));
     assert!(page.contains("2 of 2 answered"));
+    let (_, page) = c.raw("/?client=zinc").await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&page).contains(&format!("Held by replica {b_addr}")),
+        "a journey of another replica points to its page there"
+    );
 
     // b stops: what a holds is still shown, and every view says b did not answer.
     b.stop_orchestrator().await.unwrap();
@@ -199,6 +207,14 @@ async fn the_cli_and_a_replicas_dashboard_show_every_replicas_journeys_and_who_d
         "data-replica=\"{b_addr}\" data-answered=\"false\""
     )));
     assert!(page.contains("id=\"fleet-partial\"") && page.contains("1 of 2 answered"));
+
+    // The orchestrator serves on one address, and says where the others go.
+    let (ok, _, err) = cli(&both, &["orchestrator", "--insecure-no-auth"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("--http-addr lists 2 addresses") && err.contains("--peers"),
+        "{err}"
+    );
 
     // Nobody answers: that is an error.
     let (ok, _, err) = cli("127.0.0.1:1,127.0.0.1:2", &["journey", "list"]).await;
