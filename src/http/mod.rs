@@ -761,7 +761,14 @@ async fn ask_peers<T: serde::de::DeserializeOwned>(state: &AppState, path: &str)
     peers.retain(|p| !known.iter().any(|k| k.addr == p.addr));
     let mut self_name = known.first().map(|p| p.name.clone());
     let mut answered = Vec::new();
+    // Two entries reaching the same server (a pod's name and its IP) count once.
+    let mut instances = std::collections::HashSet::new();
     for f in fleet::fetch_all::<T>(&peers, path, state.fleet.timeout).await {
+        if let (Ok(_), Some(i)) = (&f.result, &f.instance)
+            && !instances.insert(i.clone())
+        {
+            continue;
+        }
         if f.instance.as_deref() == Some(state.identity.instance.as_str()) {
             self_name.get_or_insert_with(|| f.peer.name.clone());
             state
