@@ -190,6 +190,77 @@ pub fn compute(journeys: &[JourneyInput], now: DateTime<Utc>) -> Report {
     r
 }
 
+/// The fleet's report from its replicas' reports (each replica holds its own journeys, so
+/// the counts add up). Ratios are recomputed from the sums. Percentiles cannot be combined
+/// from percentiles: a duration's p50/p95 are kept only when a single replica has samples,
+/// and are `None` otherwise (the max and the count stay exact).
+pub fn merge(parts: &[Report]) -> Report {
+    fn add(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+        for (k, v) in from {
+            *into.entry(k.clone()).or_default() += v;
+        }
+    }
+    fn durations<'a>(all: impl Iterator<Item = &'a Durations>) -> Durations {
+        let with: Vec<&Durations> = all.filter(|d| d.count > 0).collect();
+        match with.as_slice() {
+            [] => Durations::default(),
+            [one] => (*one).clone(),
+            many => Durations {
+                count: many.iter().map(|d| d.count).sum(),
+                p50_seconds: None,
+                p95_seconds: None,
+                max_seconds: many
+                    .iter()
+                    .filter_map(|d| d.max_seconds)
+                    .max_by(|a, b| a.total_cmp(b)),
+            },
+        }
+    }
+    let mut r = Report {
+        generated_at: parts.iter().filter_map(|p| p.generated_at).max(),
+        ..Default::default()
+    };
+    for p in parts {
+        r.journeys += p.journeys;
+        add(&mut r.active_by_stage, &p.active_by_stage);
+        r.rollbacks += p.rollbacks;
+        r.rollbacks_automatic += p.rollbacks_automatic;
+        r.journeys_rolled_back += p.journeys_rolled_back;
+        r.gate_evaluations += p.gate_evaluations;
+        r.gate_passed += p.gate_passed;
+        for (stage, g) in &p.gate_by_stage {
+            let e = r.gate_by_stage.entry(stage.clone()).or_default();
+            e.evaluations += g.evaluations;
+            e.passed += g.passed;
+        }
+        r.tasks_completed += p.tasks_completed;
+        r.tasks_failed += p.tasks_failed;
+        r.task_attempts_retried += p.task_attempts_retried;
+        r.units_of_work_completed += p.units_of_work_completed;
+    }
+    let stages: std::collections::BTreeSet<&String> = parts
+        .iter()
+        .flat_map(|p| p.stage_durations.keys())
+        .collect();
+    r.stage_durations = stages
+        .into_iter()
+        .map(|s| {
+            let d = durations(parts.iter().filter_map(|p| p.stage_durations.get(s)));
+            (s.clone(), d)
+        })
+        .collect();
+    r.time_to_production = durations(parts.iter().map(|p| &p.time_to_production));
+    r.rollback_rate = ratio(r.journeys_rolled_back, r.journeys);
+    r.exit_criteria_pass_rate = ratio(r.gate_passed, r.gate_evaluations);
+    r.task_failure_rate = ratio(r.tasks_failed, r.tasks_completed + r.tasks_failed);
+    r.task_attempt_failure_rate = ratio(
+        r.tasks_failed + r.task_attempts_retried,
+        r.tasks_completed + r.tasks_failed + r.task_attempts_retried,
+    );
+    r.tasks_per_unit_of_work = ratio(r.tasks_completed, r.units_of_work_completed);
+    r
+}
+
 fn str_of(v: &Value) -> String {
     v.as_str().unwrap_or("").to_string()
 }
@@ -357,6 +428,33 @@ mod tests {
                 tr(o + 300, "pilot", "production"),
             ],
         )
+    }
+
+    #[test]
+    fn replicas_reports_merge_to_the_counts_of_one_report_over_all_journeys() {
+        let (a, b, c) = (straight("a", 0), straight("b", 1000), straight("c", 2000));
+        let whole = compute(&[a.clone(), b.clone(), c.clone()], t(5000));
+        let merged = merge(&[compute(&[a, b], t(5000)), compute(&[c], t(4000))]);
+        assert_eq!(merged.generated_at, Some(t(5000)));
+        assert_eq!(merged.journeys, 3);
+        assert_eq!(merged.active_by_stage, whole.active_by_stage);
+        assert_eq!(merged.gate_by_stage, whole.gate_by_stage);
+        assert_eq!(
+            merged.exit_criteria_pass_rate,
+            whole.exit_criteria_pass_rate
+        );
+        assert_eq!(merged.tasks_per_unit_of_work, whole.tasks_per_unit_of_work);
+        assert_eq!(merged.rollback_rate, whole.rollback_rate);
+        let d = &merged.stage_durations["sandbox"];
+        assert_eq!((d.count, d.max_seconds), (3, Some(100.0)));
+        assert_eq!(
+            d.p50_seconds, None,
+            "percentiles of two replicas do not combine"
+        );
+        // One replica with samples: its percentiles are the fleet's.
+        let alone = merge(&[compute(&[straight("a", 0)], t(900)), compute(&[], t(900))]);
+        assert_eq!(alone.time_to_production.p50_seconds, Some(300.0));
+        assert_eq!(merge(&[]).journeys, 0);
     }
 
     #[test]

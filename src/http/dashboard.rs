@@ -32,6 +32,9 @@ pub(super) struct PageData {
     pub stats: StatsView,
     pub cards: Vec<Card>,
     pub selected: Option<Selected>,
+    /// Every replica and whether it answered, when this one has `--peers`: the board
+    /// then holds their journeys too.
+    pub fleet: Option<Vec<super::fleet::ReplicaView>>,
 }
 
 /// One journey on the board: its summary and what a person needs to know at a glance.
@@ -41,6 +44,10 @@ pub(super) struct Card {
     pub failing: Vec<(String, String)>,
     /// The failed task of a paused journey: (task, attempts, last error).
     pub failed_task: Option<(String, u32, String)>,
+    /// The replica holding it, in a fleet view (`None`: a single orchestrator's page).
+    pub replica: Option<String>,
+    /// Another replica's journey: its page is on that replica's dashboard.
+    pub elsewhere: Option<std::net::SocketAddr>,
 }
 
 impl Card {
@@ -56,6 +63,20 @@ impl Card {
             failed_task: rec
                 .failed_task()
                 .map(|(t, n, e)| (t.to_string(), n, e.to_string())),
+            replica: None,
+            elsewhere: None,
+        }
+    }
+
+    /// A peer's journey, from its summary (the gate's checks and a failed task's error
+    /// are on its own page).
+    pub fn remote(summary: JourneySummary, peer: &super::fleet::Peer) -> Self {
+        Self {
+            summary,
+            failing: Vec::new(),
+            failed_task: None,
+            replica: Some(peer.name.clone()),
+            elsewhere: Some(peer.addr),
         }
     }
 }
@@ -296,6 +317,9 @@ pub(super) fn live(d: &PageData, client: Option<&str>, now: DateTime<Utc>) -> St
         rt = if r.ready { "ready" } else { "not ready" },
         why = esc(&why),
     );
+    if let Some(replicas) = &d.fleet {
+        replicas_table(&mut o, replicas);
+    }
     counters(&mut o, d);
     charts(&mut o, d);
     board(&mut o, d, now);
@@ -303,13 +327,77 @@ pub(super) fn live(d: &PageData, client: Option<&str>, now: DateTime<Utc>) -> St
     match (&d.selected, client) {
         (Some(sel), _) => selected(&mut o, sel, now),
         (None, Some(c)) => {
-            let _ = write!(o, "<h2>Journey {}</h2><p>No such journey.</p>", esc(c));
+            let held = d
+                .cards
+                .iter()
+                .find(|k| k.summary.client_id == c && k.elsewhere.is_some());
+            match held {
+                Some(Card {
+                    replica: Some(r),
+                    elsewhere: Some(a),
+                    ..
+                }) => {
+                    let _ = write!(
+                        o,
+                        "<h2>Journey {}</h2><p>Held by replica {}: see <a href=\"http://{}/?client={}\">its page there</a>.</p>",
+                        esc(c),
+                        esc(r),
+                        esc(&a.to_string()),
+                        url_component(c)
+                    );
+                }
+                _ => {
+                    let _ = write!(o, "<h2>Journey {}</h2><p>No such journey.</p>", esc(c));
+                }
+            }
         }
         (None, None) => o.push_str(
             "<p class=\"muted\">Pick a journey to see what blocks it, its evidence and its timeline.</p>",
         ),
     }
     o
+}
+
+/// The fleet's replicas: which answered, how many journeys each holds, and why one did
+/// not (its journeys are missing from the board until it answers again).
+fn replicas_table(o: &mut String, replicas: &[super::fleet::ReplicaView]) {
+    let missing = replicas.iter().filter(|r| !r.answered).count();
+    let _ = write!(
+        o,
+        "<h2>Replicas <span class=\"muted\">{} of {} answered</span></h2>",
+        replicas.len() - missing,
+        replicas.len()
+    );
+    if missing > 0 {
+        let _ = write!(
+            o,
+            "<p class=\"todo bad\" id=\"fleet-partial\">{missing} replica{s} did not answer: \
+             {their} journeys are missing below. The page asks again at every refresh.</p>",
+            s = if missing == 1 { "" } else { "s" },
+            their = if missing == 1 { "its" } else { "their" },
+        );
+    }
+    o.push_str(
+        "<table id=\"replicas\"><tr><th>replica</th><th>orchestrator</th><th>journeys</th><th>state</th></tr>",
+    );
+    for r in replicas {
+        let (class, state) = match (&r.error, r.this) {
+            (Some(e), _) => ("bad", format!("unreachable: {e}")),
+            (None, true) => ("ok", "this replica".to_string()),
+            (None, false) => ("ok", "answered".to_string()),
+        };
+        let _ = write!(
+            o,
+            "<tr class=\"replica\" data-replica=\"{n}\" data-answered=\"{a}\"><td>{n}</td><td>{id}</td><td>{j}</td>\
+             <td><span class=\"badge {class}\">{st}</span></td></tr>",
+            n = esc(&r.name),
+            a = r.answered,
+            id = esc(r.orchestrator_id.as_deref().unwrap_or("")),
+            j = r.journeys.map_or("-".to_string(), |n| n.to_string()),
+            st = esc(&state),
+        );
+    }
+    o.push_str("</table>");
 }
 
 fn counters(o: &mut String, d: &PageData) {
@@ -502,12 +590,24 @@ fn board(o: &mut String, d: &PageData, now: DateTime<Utc>) {
         for card in mine {
             let j = &card.summary;
             let in_stage = human((now - j.stage_started_at).num_milliseconds().max(0) as f64 / 1e3);
+            // Another replica's journey links to its own dashboard, which holds its page.
+            let base = card
+                .elsewhere
+                .map(|a| format!("http://{a}"))
+                .unwrap_or_default();
             let _ = write!(
                 o,
-                "<div class=\"card\" data-client=\"{c}\" data-status=\"{s}\"><a href=\"/?client={u}\">{c}</a> \
-                 <span class=\"badge status {sc}\">{s}</span><br>\
+                "<div class=\"card\" data-client=\"{c}\" data-status=\"{s}\" data-replica=\"{r}\"><a href=\"{base}/?client={u}\">{c}</a> \
+                 <span class=\"badge status {sc}\">{s}</span>{rb}<br>\
                  <span class=\"muted\">{done}/{total} tasks · in stage {in_stage}</span>",
                 c = esc(&j.client_id),
+                r = esc(card.replica.as_deref().unwrap_or("")),
+                rb = card
+                    .replica
+                    .as_deref()
+                    .map(|r| format!(" <span class=\"badge replica\" title=\"the replica that holds it\">{}</span>", esc(r)))
+                    .unwrap_or_default(),
+                base = esc(&base),
                 u = url_component(&j.client_id),
                 sc = status_class(&j.status),
                 s = esc(&j.status),

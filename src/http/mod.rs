@@ -8,17 +8,24 @@
 //! orchestrator through this API, never by opening its sled directory, which it holds
 //! locked. [`client`] is that other side.
 //!
+//! With `--peers`, a replica also offers the fleet's view (`/api/fleet/journeys`,
+//! `/api/fleet/report`, and the dashboard): it asks its peers' local endpoints, adds its
+//! own journeys, and says which peers did not answer (see [`fleet`]).
+//!
 //! Store scans (every journey record, every history) run on the blocking pool: they are
 //! scans of per-client records, fine for thousands of journeys, and must not stall the
 //! runtime that also runs the orchestrator.
 
+pub mod client;
 pub mod dashboard;
+pub mod fleet;
 pub mod metrics;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -88,6 +95,38 @@ impl BoundAddr {
     }
 }
 
+/// This replica among its peers: whom the fleet endpoints and the dashboard ask.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// `--peers`: `host:port` entries, resolved on every gathering (a name with several
+    /// addresses means each). May include this replica itself, which is recognised by its
+    /// answer and skipped; empty: the dashboard shows this replica only.
+    pub peers: Vec<String>,
+    /// How long a peer may take before it counts as unreachable; the dashboard waits for
+    /// the slowest peer, so this bounds a page load.
+    pub timeout: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            peers: Vec::new(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Who this server is, said on every answer so peers can name it and recognise themselves.
+#[derive(Debug, Clone)]
+struct Identity {
+    /// Random per process (see [`fleet::INSTANCE_HEADER`]).
+    instance: String,
+    /// `--orchestrator-id`, when this server fronts an orchestrator.
+    orchestrator_id: Option<String>,
+    /// `--replica` as `i/n`, when this server fronts an orchestrator.
+    replica: Option<String>,
+}
+
 /// What the handlers read. Cloning shares everything.
 #[derive(Clone)]
 pub struct AppState {
@@ -99,6 +138,14 @@ pub struct AppState {
     /// The broker, for reading the dead-letter queue (as `journeyman dlq` does); `None`:
     /// the dead-letter endpoints answer 503.
     amqp_url: Option<String>,
+    identity: Arc<Identity>,
+    fleet: Arc<FleetConfig>,
+    /// The address this server bound, to name itself when no peer entry turned out to be it.
+    bound: Arc<OnceLock<SocketAddr>>,
+    /// Peer entries that answered with this server's own instance id: skipped from then on
+    /// (no request to itself on every refresh), and the first one's name is this
+    /// replica's name in the fleet view, as its peers know it.
+    known_self: Arc<Mutex<Vec<fleet::Peer>>>,
 }
 
 impl AppState {
@@ -118,7 +165,33 @@ impl AppState {
             metrics,
             names,
             amqp_url: None,
+            identity: Arc::new(Identity {
+                instance: uuid::Uuid::new_v4().simple().to_string(),
+                orchestrator_id: None,
+                replica: None,
+            }),
+            fleet: Arc::new(FleetConfig::default()),
+            bound: Arc::new(OnceLock::new()),
+            known_self: Arc::new(Mutex::new(Vec::new())),
         }
+    }
+
+    /// Names the orchestrator this server fronts, on every answer and in the fleet view.
+    pub fn with_identity(
+        mut self,
+        orchestrator_id: &str,
+        replica: crate::domain::partition::Replica,
+    ) -> Self {
+        let identity = Arc::make_mut(&mut self.identity);
+        identity.orchestrator_id = Some(orchestrator_id.to_string());
+        identity.replica = Some(replica.to_string());
+        self
+    }
+
+    /// Serves the fleet's view by asking these peers.
+    pub fn with_fleet(mut self, fleet: FleetConfig) -> Self {
+        self.fleet = Arc::new(fleet);
+        self
     }
 
     /// Serves `/api/dead-letters` by reading the dead-letter queue on this broker.
@@ -148,7 +221,21 @@ pub async fn serve_orchestrator(
     bound: &BoundAddr,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), HttpError> {
+    serve_orchestrator_with(config, stats, addr, FleetConfig::default(), bound, shutdown).await
+}
+
+/// [`serve_orchestrator`] as one replica of a fleet: its API and dashboard also show the
+/// journeys of `fleet.peers`.
+pub async fn serve_orchestrator_with(
+    config: crate::orchestrator::Config,
+    stats: Arc<Stats>,
+    addr: SocketAddr,
+    fleet: FleetConfig,
+    bound: &BoundAddr,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), HttpError> {
     let listener = bind(addr).await?;
+    let (orchestrator_id, replica) = (config.orchestrator_id.clone(), config.replica);
     let names = config.names.clone();
     let amqp_url = config.amqp_url.clone();
     let orchestrator = crate::orchestrator::Orchestrator::open(config, stats.clone()).await?;
@@ -158,7 +245,9 @@ pub async fn serve_orchestrator(
         stats.metrics.clone(),
         names,
     )
-    .with_broker(&amqp_url);
+    .with_broker(&amqp_url)
+    .with_identity(&orchestrator_id, replica)
+    .with_fleet(fleet);
     // Aborted when this returns, so a restarted orchestrator can bind the same address.
     let _server = serve(listener, state, bound)?;
     orchestrator.run(shutdown).await?;
@@ -190,6 +279,7 @@ fn serve(
         source,
     })?;
     bound.set(addr);
+    let _ = state.bound.set(addr);
     info!(%addr, "serving HTTP: /healthz /readyz /metrics /api/journeys /");
     let app = router(state);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -221,10 +311,38 @@ pub fn router(state: AppState) -> Router {
         .route("/api/journeys/{client}", get(journey))
         .route("/api/journeys/{client}/history", get(history))
         .route("/api/report", get(report))
+        .route("/api/fleet/journeys", get(fleet_journeys))
+        .route("/api/fleet/report", get(fleet_report))
         .route("/api/stats", get(stats))
         .route("/api/dead-letters", get(dead_letters))
         .route("/api/dead-letters/stats", get(dead_letter_stats))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            identify,
+        ))
         .with_state(state)
+}
+
+/// Puts this server's identity on every answer (see [`fleet::INSTANCE_HEADER`]).
+async fn identify(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut res = next.run(req).await;
+    let id = &state.identity;
+    let headers = res.headers_mut();
+    if let Ok(v) = header::HeaderValue::from_str(&id.instance) {
+        headers.insert(fleet::INSTANCE_HEADER, v);
+    }
+    if let Some(v) = id
+        .orchestrator_id
+        .as_deref()
+        .and_then(|o| header::HeaderValue::from_str(o).ok())
+    {
+        headers.insert(fleet::ORCHESTRATOR_HEADER, v);
+    }
+    res
 }
 
 /// An API error: a status and a JSON body `{"error": "..."}`.
@@ -621,6 +739,177 @@ async fn dead_letter_stats(
     Ok(axum::Json(dead_letter_counts(&state).await?))
 }
 
+/// What this replica's peers answered to one local endpoint.
+struct PeerAnswers<T> {
+    /// This replica's name in the fleet: as a peer entry that turned out to be itself
+    /// names it, else the address it bound.
+    pub self_name: String,
+    /// (peer, its `--orchestrator-id`, its answer), in `--peers` order.
+    pub answered: Vec<(fleet::Peer, Option<String>, T)>,
+    pub unreachable: Vec<fleet::Unreachable>,
+}
+
+/// Asks every peer for `path` (a local endpoint: replicas never ask each other for the
+/// fleet's view, so nothing recurses), skipping this server itself.
+async fn ask_peers<T: serde::de::DeserializeOwned>(state: &AppState, path: &str) -> PeerAnswers<T> {
+    let (mut peers, mut unreachable) = fleet::resolve(&state.fleet.peers).await;
+    let known: Vec<fleet::Peer> = state
+        .known_self
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    peers.retain(|p| !known.iter().any(|k| k.addr == p.addr));
+    let mut self_name = known.first().map(|p| p.name.clone());
+    let mut answered = Vec::new();
+    // Two entries reaching the same server (a pod's name and its IP) count once.
+    let mut instances = std::collections::HashSet::new();
+    for f in fleet::fetch_all::<T>(&peers, path, state.fleet.timeout).await {
+        if let (Ok(_), Some(i)) = (&f.result, &f.instance)
+            && !instances.insert(i.clone())
+        {
+            continue;
+        }
+        if f.instance.as_deref() == Some(state.identity.instance.as_str()) {
+            self_name.get_or_insert_with(|| f.peer.name.clone());
+            state
+                .known_self
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(f.peer);
+            continue;
+        }
+        match f.result {
+            Ok(v) => answered.push((f.peer, f.orchestrator_id, v)),
+            Err(e) => {
+                // Not a warning: the view shows it, and a dashboard asks on every refresh.
+                tracing::debug!(peer = %f.peer.name, error = %e.detail(), "a peer did not answer");
+                unreachable.push(fleet::Unreachable {
+                    replica: f.peer.name,
+                    error: format!(
+                        "{}; check that this replica runs and that --peers (JOURNEYMAN_PEERS) names it",
+                        e.detail()
+                    ),
+                });
+            }
+        }
+    }
+    let self_name = self_name.unwrap_or_else(|| match state.bound.get() {
+        Some(a) => a.to_string(),
+        None => state
+            .identity
+            .orchestrator_id
+            .clone()
+            .unwrap_or_else(|| "this replica".into()),
+    });
+    PeerAnswers {
+        self_name,
+        answered,
+        unreachable,
+    }
+}
+
+impl AppState {
+    /// This replica, as the fleet view shows it.
+    fn self_view(&self, name: &str, journeys: usize) -> fleet::ReplicaView {
+        fleet::ReplicaView {
+            name: name.to_string(),
+            orchestrator_id: self.identity.orchestrator_id.clone(),
+            this: true,
+            answered: true,
+            journeys: Some(journeys),
+            error: None,
+        }
+    }
+
+    fn has_peers(&self) -> bool {
+        !self.fleet.peers.is_empty()
+    }
+}
+
+/// Every replica's journeys: this one's from its store, its peers' over HTTP.
+async fn fleet_list(state: &AppState, q: ListQuery) -> Result<fleet::FleetList, ApiError> {
+    let mut query = Vec::new();
+    for (k, v) in [("stage", &q.stage), ("status", &q.status)] {
+        if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
+            query.push(format!("{k}={}", client::encode(v)));
+        }
+    }
+    let path = if query.is_empty() {
+        "/api/journeys".to_string()
+    } else {
+        format!("/api/journeys?{}", query.join("&"))
+    };
+    let store = state.store.clone();
+    let local = blocking(move || summaries(&store, &q)).await?;
+    let peers = ask_peers::<Vec<JourneySummary>>(state, &path).await;
+    let mut replicas = vec![state.self_view(&peers.self_name, local.len())];
+    let mut journeys: Vec<fleet::FleetJourney> = local
+        .into_iter()
+        .map(|summary| fleet::FleetJourney {
+            replica: peers.self_name.clone(),
+            summary,
+        })
+        .collect();
+    for (peer, orchestrator_id, list) in peers.answered {
+        replicas.push(fleet::ReplicaView {
+            name: peer.name.clone(),
+            orchestrator_id,
+            this: false,
+            answered: true,
+            journeys: Some(list.len()),
+            error: None,
+        });
+        journeys.extend(list.into_iter().map(|summary| fleet::FleetJourney {
+            replica: peer.name.clone(),
+            summary,
+        }));
+    }
+    for u in &peers.unreachable {
+        replicas.push(fleet::ReplicaView {
+            name: u.replica.clone(),
+            orchestrator_id: None,
+            this: false,
+            answered: false,
+            journeys: None,
+            error: Some(u.error.clone()),
+        });
+    }
+    Ok(fleet::FleetList {
+        journeys: fleet::merge_lists(journeys),
+        replicas,
+        partial: !peers.unreachable.is_empty(),
+        unreachable: peers.unreachable,
+    })
+}
+
+/// `GET /api/fleet/journeys?stage=&status=`: every replica's journeys and where each lives.
+async fn fleet_journeys(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<axum::Json<fleet::FleetList>, ApiError> {
+    Ok(axum::Json(fleet_list(&state, q).await?))
+}
+
+/// `GET /api/fleet/report`: the report over every replica's journeys (see
+/// [`report::merge`] for what cannot be summed).
+async fn fleet_report(
+    State(state): State<AppState>,
+) -> Result<axum::Json<fleet::FleetReport>, ApiError> {
+    let store = state.store.clone();
+    let inputs = blocking(move || report_inputs(&store)).await?;
+    let mut parts = vec![report::compute(&inputs, Utc::now())];
+    let peers = ask_peers::<Report>(&state, "/api/report").await;
+    let asked = 1 + peers.answered.len() + peers.unreachable.len();
+    parts.extend(peers.answered.into_iter().map(|(_, _, r)| r));
+    Ok(axum::Json(fleet::FleetReport {
+        report: report::merge(&parts),
+        replicas_answered: parts.len(),
+        replicas_asked: asked,
+        partial: !peers.unreachable.is_empty(),
+        unreachable: peers.unreachable,
+    }))
+}
+
 /// What the dashboard shows, read in one go.
 async fn page_data(
     state: &AppState,
@@ -654,6 +943,38 @@ async fn page_data(
         Ok((cards, selected))
     })
     .await?;
+    // The other replicas' journeys, when this one has peers: the board shows the fleet.
+    let mut cards = cards;
+    let fleet = if state.has_peers() {
+        let peers = ask_peers::<Vec<JourneySummary>>(state, "/api/journeys").await;
+        let mut replicas = vec![state.self_view(&peers.self_name, cards.len())];
+        for c in &mut cards {
+            c.replica = Some(peers.self_name.clone());
+        }
+        for (peer, orchestrator_id, list) in peers.answered {
+            replicas.push(fleet::ReplicaView {
+                name: peer.name.clone(),
+                orchestrator_id,
+                this: false,
+                answered: true,
+                journeys: Some(list.len()),
+                error: None,
+            });
+            cards.extend(list.into_iter().map(|s| dashboard::Card::remote(s, &peer)));
+        }
+        replicas.extend(peers.unreachable.into_iter().map(|u| fleet::ReplicaView {
+            name: u.replica,
+            orchestrator_id: None,
+            this: false,
+            answered: false,
+            journeys: None,
+            error: Some(u.error),
+        }));
+        cards.sort_by(|a, b| a.summary.client_id.cmp(&b.summary.client_id));
+        Some(replicas)
+    } else {
+        None
+    };
     // The queue itself, when a broker is configured; the page says when it could not.
     let queue = match state.amqp_url {
         Some(_) => Some(dead_letter_counts(state).await.map_err(|e| e.1)),
@@ -665,6 +986,7 @@ async fn page_data(
         stats: stats_view(state),
         cards,
         selected,
+        fleet,
     })
 }
 

@@ -273,6 +273,15 @@ pub struct OrchestratorArgs {
     /// consistent-hash exchange (rabbitmq_consistent_hash_exchange).
     #[arg(long, env = "JOURNEYMAN_PARTITIONS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub partitions: Option<u16>,
+    /// The other replicas' HTTP addresses (host:port, comma-separated; a name with
+    /// several addresses, such as a headless Service, means each; this replica's own
+    /// address may be among them). The dashboard and /api/fleet/* then show every
+    /// replica's journeys and mark those that do not answer.
+    #[arg(long, env = "JOURNEYMAN_PEERS", value_delimiter = ',', value_parser = super::settings::peer_spec)]
+    pub peers: Vec<String>,
+    /// How long a peer may take to answer the fleet view before it is marked unreachable.
+    #[arg(long, default_value = "2s", value_parser = super::settings::duration)]
+    pub peer_timeout: Duration,
     /// Unacknowledged messages per queue (each journey command queue and the reply
     /// queue): how many inputs a group commit can gather.
     #[arg(long, env = "JOURNEYMAN_PREFETCH", default_value_t = 256)]
@@ -707,7 +716,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let auth = a.auth(g)?;
             let replica = a.replica()?;
             let mut config =
-                orchestrator::Config::new(&g.amqp_url, &g.names().namespace, a.data_dir);
+                orchestrator::Config::new(&g.amqp_url, &g.names().namespace, a.data_dir.clone());
             config.names = g.names();
             config.playbook = a.playbook.load()?;
             config.replica = replica;
@@ -737,10 +746,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                 });
             config.auth = auth;
             config.shutdown_timeout = a.shutdown_timeout;
-            crate::http::serve_orchestrator(
+            let fleet = crate::http::FleetConfig {
+                peers: a.peers.into_iter().filter(|p| !p.is_empty()).collect(),
+                timeout: a.peer_timeout,
+            };
+            crate::http::serve_orchestrator_with(
                 config,
                 Arc::new(Stats::default()),
-                g.http_addr,
+                g.http_addr.one("orchestrator")?,
+                fleet,
                 &Default::default(),
                 shutdown_signal(),
             )
@@ -825,7 +839,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Token { command } => token(g, command),
         Cmd::Health { ready } => {
-            let mut addr = g.http_addr;
+            let mut addr = g.http_addr.one("health")?;
             if addr.ip().is_unspecified() {
                 addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
@@ -880,7 +894,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Dlq { command } => Ok(crate::ops::dlq::run(&g.amqp_url, g.names(), command).await?),
-        Cmd::Report { json } => crate::ops::client::report(&http_client(g), json).await,
+        Cmd::Report { json } => crate::ops::client::report(&g.http_addr, json).await,
         Cmd::Store {
             command: StoreCmd::Stats { data_dir, json },
         } => {
@@ -1122,9 +1136,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                     json,
                 } => {
                     let stage = stage.map(|s| s.as_str());
-                    let client = http_client(g);
                     return crate::ops::client::journey_list(
-                        &client,
+                        &g.http_addr,
                         stage,
                         status.as_deref(),
                         json,
@@ -1132,8 +1145,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                     .await;
                 }
                 JourneyCmd::History { client_id, json } => {
-                    let client = http_client(g);
-                    return crate::ops::client::journey_history(&client, &client_id, json).await;
+                    return crate::ops::client::journey_history(&g.http_addr, &client_id, json)
+                        .await;
                 }
                 JourneyCmd::Start {
                     client_id,
@@ -1157,8 +1170,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                     via_http: true,
                     out,
                 } => {
-                    let client = http_client(g);
-                    return crate::ops::client::journey_status(&client, &client_id, out.json).await;
+                    return crate::ops::client::journey_status(&g.http_addr, &client_id, out.json)
+                        .await;
                 }
                 JourneyCmd::Status { client_id, out, .. } => {
                     (Command::Status(ClientPayload { client_id }), out)
@@ -1308,8 +1321,4 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
     f.write_all(text.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
-}
-
-fn http_client(g: &Global) -> crate::ops::client::Client {
-    crate::ops::client::Client::new(g.http_addr, Duration::from_secs(10))
 }

@@ -1,110 +1,114 @@
-//! The other side of the API: a small HTTP/1.1 client and the commands that read a running
-//! orchestrator through it (`journey list`, `journey history`, `report`).
+//! The other side of the API: the commands that read running orchestrators through it
+//! (`journey list`, `journey history`, `journey status --via-http`, `report`).
 //!
-//! These never open the orchestrator's sled directory (it holds it locked). The client is
-//! hyper's, which axum already brings in: plain HTTP to an address the operator gives, no
-//! TLS (put a proxy in front to expose the API beyond the host or pod).
+//! These never open an orchestrator's sled directory (it holds it locked). Given one
+//! address they read it as they always have; given several (or a name that resolves to
+//! several, a fleet of replicas behind a headless Service) they ask every replica at
+//! once, merge what the replicas said, and warn on stderr about those that did not
+//! answer: a command fails only when none did.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
-use http_body_util::{BodyExt, Empty};
-use hyper::StatusCode;
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use serde::de::DeserializeOwned;
+use anyhow::{Result, bail};
 
+use super::settings::HttpAddrs;
 use crate::domain::record::HistoryEntry;
 use crate::domain::report::{self, Report};
 use crate::http::JourneySummary;
+use crate::http::client::encode;
+use crate::http::fleet::{
+    self, Fetched, FleetJourney, FleetList, FleetReport, ReplicaView, Unreachable,
+};
 
-pub struct Client {
-    addr: SocketAddr,
-    inner: HyperClient<HttpConnector, Empty<Bytes>>,
-    timeout: Duration,
+pub use crate::http::client::Client;
+
+/// How long one replica may take to answer a command.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The single replica of a one-address `--http-addr`: read exactly as before fleets.
+fn single(addrs: &HttpAddrs) -> Option<Client> {
+    addrs
+        .is_single()
+        .then(|| Client::new(addrs.peers[0].addr, TIMEOUT))
 }
 
-impl Client {
-    pub fn new(addr: SocketAddr, timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        Self {
-            addr,
-            inner: HyperClient::builder(TokioExecutor::new()).build(connector),
-            timeout,
+/// The replicas that answered (each once: two entries reaching the same server count
+/// once) and those that did not, in `--http-addr` order.
+struct Answers<T> {
+    answered: Vec<(ReplicaView, T)>,
+    unreachable: Vec<Unreachable>,
+}
+
+fn sort_answers<T>(addrs: &HttpAddrs, fetched: Vec<Fetched<T>>) -> Answers<T> {
+    let mut unreachable = addrs.unresolved.clone();
+    let mut answered = Vec::new();
+    let mut instances = std::collections::HashSet::new();
+    for f in fetched {
+        match f.result {
+            Ok(v) => {
+                if let Some(i) = &f.instance
+                    && !instances.insert(i.clone())
+                {
+                    continue;
+                }
+                let view = ReplicaView {
+                    name: f.peer.name,
+                    orchestrator_id: f.orchestrator_id,
+                    this: false,
+                    answered: true,
+                    journeys: None,
+                    error: None,
+                };
+                answered.push((view, v));
+            }
+            Err(e) => unreachable.push(Unreachable {
+                replica: f.peer.name,
+                error: e.detail(),
+            }),
         }
     }
-
-    /// GETs `path` and decodes its JSON; an error status becomes the API's error message.
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let (status, body) = self.raw(path).await?;
-        let url = format!("http://{}{path}", self.addr);
-        if !status.is_success() {
-            let msg = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            bail!("{msg} (HTTP {status} from {url})");
-        }
-        serde_json::from_slice(&body)
-            .with_context(|| format!("the answer from {url} is not what this version expects"))
-    }
-
-    /// GETs `path`: its status and body, whatever the status.
-    pub async fn raw(&self, path: &str) -> Result<(StatusCode, Bytes)> {
-        let url = format!("http://{}{path}", self.addr);
-        let uri: hyper::Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
-        let unreachable = |e: &dyn std::fmt::Display| {
-            anyhow!(
-                "cannot reach the orchestrator's HTTP API at http://{}: {e}. Is it running? \
-                 Give its address with --http-addr or JOURNEYMAN_HTTP_ADDR",
-                self.addr
-            )
-        };
-        let res = tokio::time::timeout(self.timeout, self.inner.get(uri))
-            .await
-            .map_err(|_| unreachable(&format!("no answer within {:?}", self.timeout)))?
-            .map_err(|e| unreachable(&error_chain(&e)))?;
-        let status = res.status();
-        let body = tokio::time::timeout(self.timeout, res.into_body().collect())
-            .await
-            .map_err(|_| unreachable(&"the answer did not finish in time"))?
-            .map_err(|e| unreachable(&e))?
-            .to_bytes();
-        Ok((status, body))
+    Answers {
+        answered,
+        unreachable,
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
+/// Says on stderr which replicas did not answer and what to do; fails when none did.
+fn report_unreachable<T>(a: &Answers<T>, what: &str) -> Result<()> {
+    if a.answered.is_empty() {
+        let all: Vec<String> = a
+            .unreachable
+            .iter()
+            .map(|u| format!("{}: {}", u.replica, u.error))
+            .collect();
+        bail!(
+            "no replica answered ({}). Are they running? Give their addresses with --http-addr or JOURNEYMAN_HTTP_ADDR (host:port, comma-separated)",
+            all.join("; ")
+        );
     }
-    s
+    for u in &a.unreachable {
+        eprintln!(
+            "warning: replica {} did not answer ({}); {what}. Check it with `journeyman health --http-addr {}`, or leave it out of --http-addr",
+            u.replica, u.error, u.replica
+        );
+    }
+    Ok(())
 }
 
-/// Percent-encodes one path segment or query value.
-fn encode(s: &str) -> String {
-    let mut o = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            o.push(b as char);
-        } else {
-            o.push_str(&format!("%{b:02X}"));
-        }
-    }
-    o
+fn unreachable_views(u: &[Unreachable]) -> impl Iterator<Item = ReplicaView> + '_ {
+    u.iter().map(|u| ReplicaView {
+        name: u.replica.clone(),
+        orchestrator_id: None,
+        this: false,
+        answered: false,
+        journeys: None,
+        error: Some(u.error.clone()),
+    })
 }
 
 /// `journeyman journey list`.
 pub async fn journey_list(
-    client: &Client,
+    addrs: &HttpAddrs,
     stage: Option<&str>,
     status: Option<&str>,
     json: bool,
@@ -121,13 +125,45 @@ pub async fn journey_list(
     } else {
         format!("/api/journeys?{}", q.join("&"))
     };
-    let list: Vec<JourneySummary> = client.get(&path).await?;
+    if let Some(client) = single(addrs) {
+        let list: Vec<JourneySummary> = client.get(&path).await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        } else {
+            print!("{}", render_list(&list, chrono::Utc::now()));
+        }
+        return Ok(());
+    }
+    let fetched = fleet::fetch_all::<Vec<JourneySummary>>(&addrs.peers, &path, TIMEOUT).await;
+    let answers = sort_answers(addrs, fetched);
+    report_unreachable(&answers, "its journeys are missing from this list")?;
+    let list = fleet_list(answers);
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {
-        print!("{}", render_list(&list, chrono::Utc::now()));
+        print!("{}", render_fleet_list(&list, chrono::Utc::now()));
     }
     Ok(())
+}
+
+fn fleet_list(a: Answers<Vec<JourneySummary>>) -> FleetList {
+    let mut replicas = Vec::new();
+    let mut journeys = Vec::new();
+    for (mut view, list) in a.answered {
+        view.journeys = Some(list.len());
+        journeys.extend(list.into_iter().map(|summary| FleetJourney {
+            replica: view.name.clone(),
+            summary,
+        }));
+        replicas.push(view);
+    }
+    replicas.extend(unreachable_views(&a.unreachable));
+    FleetList {
+        journeys: fleet::merge_lists(journeys),
+        replicas,
+        partial: !a.unreachable.is_empty(),
+        unreachable: a.unreachable,
+    }
 }
 
 pub fn render_list(list: &[JourneySummary], now: chrono::DateTime<chrono::Utc>) -> String {
@@ -155,11 +191,87 @@ pub fn render_list(list: &[JourneySummary], now: chrono::DateTime<chrono::Utc>) 
     o
 }
 
+/// A fleet's list: the single list's columns, then where each journey lives.
+pub fn render_fleet_list(list: &FleetList, now: chrono::DateTime<chrono::Utc>) -> String {
+    let mut o = format!(
+        "{:<24} {:<11} {:<16} {:>7} {:>10}  {:<20}  {}\n",
+        "client", "stage", "status", "tasks", "in stage", "stage started", "replica"
+    );
+    for fj in &list.journeys {
+        let j = &fj.summary;
+        let in_stage = (now - j.stage_started_at).num_milliseconds().max(0) as f64 / 1e3;
+        o.push_str(&format!(
+            "{:<24} {:<11} {:<16} {:>7} {:>10}  {:<20}  {}\n",
+            j.client_id,
+            j.stage,
+            j.status,
+            format!("{}/{}", j.tasks_done, j.tasks_total),
+            report::human(in_stage),
+            j.stage_started_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            fj.replica
+        ));
+    }
+    let n = list.journeys.len();
+    let answered = list.replicas.iter().filter(|r| r.answered).count();
+    let replicas = match (answered, list.replicas.len()) {
+        (a, t) if a == t => format!("{t} replicas"),
+        (a, t) => format!("{a} of {t} replicas ({} did not answer)", t - a),
+    };
+    o.push_str(&format!(
+        "{n} journey{} on {replicas}\n",
+        if n == 1 { "" } else { "s" }
+    ));
+    o
+}
+
+/// Asks every replica for one journey's `path`; the first that has it answers. A journey
+/// lives on one replica, so an answer is complete even if others are away; without one,
+/// the error says whether a replica that did not answer may hold it.
+async fn find<T: serde::de::DeserializeOwned>(
+    addrs: &HttpAddrs,
+    path: &str,
+    client_id: &str,
+) -> Result<T> {
+    if let Some(client) = single(addrs) {
+        return Ok(client.get(path).await?);
+    }
+    let fetched = fleet::fetch_all::<T>(&addrs.peers, path, TIMEOUT).await;
+    let mut unreachable = addrs.unresolved.clone();
+    let mut without = 0;
+    for f in fetched {
+        match f.result {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_not_found() => without += 1,
+            Err(e) => unreachable.push(Unreachable {
+                replica: f.peer.name,
+                error: e.detail(),
+            }),
+        }
+    }
+    if unreachable.is_empty() {
+        bail!("no journey for client '{client_id}' on any of the {without} replicas asked");
+    }
+    let away: Vec<String> = unreachable
+        .iter()
+        .map(|u| format!("{} ({})", u.replica, u.error))
+        .collect();
+    bail!(
+        "no journey for client '{client_id}' on the {without} replicas that answered; {} did not answer and may hold it. Try again once {} answer{} (`journeyman health --http-addr ...`)",
+        away.join(", "),
+        if unreachable.len() == 1 { "it" } else { "they" },
+        if unreachable.len() == 1 { "s" } else { "" },
+    )
+}
+
 /// `journeyman journey status <client> --via-http`: the same view as over the protocol.
-pub async fn journey_status(client: &Client, client_id: &str, json: bool) -> Result<()> {
-    let state: serde_json::Value = client
-        .get(&format!("/api/journeys/{}", encode(client_id)))
-        .await?;
+pub async fn journey_status(addrs: &HttpAddrs, client_id: &str, json: bool) -> Result<()> {
+    let state: serde_json::Value = find(
+        addrs,
+        &format!("/api/journeys/{}", encode(client_id)),
+        client_id,
+    )
+    .await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&state)?);
     } else {
@@ -169,10 +281,13 @@ pub async fn journey_status(client: &Client, client_id: &str, json: bool) -> Res
 }
 
 /// `journeyman journey history <client>`.
-pub async fn journey_history(client: &Client, client_id: &str, json: bool) -> Result<()> {
-    let h: Vec<HistoryEntry> = client
-        .get(&format!("/api/journeys/{}/history", encode(client_id)))
-        .await?;
+pub async fn journey_history(addrs: &HttpAddrs, client_id: &str, json: bool) -> Result<()> {
+    let h: Vec<HistoryEntry> = find(
+        addrs,
+        &format!("/api/journeys/{}/history", encode(client_id)),
+        client_id,
+    )
+    .await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&h)?);
     } else {
@@ -198,13 +313,52 @@ pub fn render_history(h: &[HistoryEntry]) -> String {
     o
 }
 
-/// `journeyman report`.
-pub async fn report(client: &Client, json: bool) -> Result<()> {
-    let r: Report = client.get("/api/report").await?;
+/// `journeyman report`: over several replicas, the sum of their reports.
+pub async fn report(addrs: &HttpAddrs, json: bool) -> Result<()> {
+    if let Some(client) = single(addrs) {
+        let r: Report = client.get("/api/report").await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            print!("{}", report::render_text(&r));
+        }
+        return Ok(());
+    }
+    let fetched = fleet::fetch_all::<Report>(&addrs.peers, "/api/report", TIMEOUT).await;
+    let answers = sort_answers(addrs, fetched);
+    report_unreachable(&answers, "its journeys are not counted in this report")?;
+    let parts: Vec<Report> = answers.answered.into_iter().map(|(_, r)| r).collect();
+    let r = FleetReport {
+        report: report::merge(&parts),
+        replicas_answered: parts.len(),
+        replicas_asked: parts.len() + answers.unreachable.len(),
+        partial: !answers.unreachable.is_empty(),
+        unreachable: answers.unreachable,
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        print!("{}", report::render_text(&r));
+        print!("{}", render_fleet_report(&r));
     }
     Ok(())
+}
+
+pub fn render_fleet_report(r: &FleetReport) -> String {
+    let mut o = format!(
+        "replicas:                 {} of {} answered{}\n",
+        r.replicas_answered,
+        r.replicas_asked,
+        if r.partial {
+            " (the others' journeys are not counted)"
+        } else {
+            ""
+        }
+    );
+    o.push_str(&report::render_text(&r.report));
+    if r.replicas_answered > 1 {
+        o.push_str(
+            "(counts and rates are over every replica; a p50/p95 shows only when one replica has samples: percentiles do not add up, see each replica's report)\n",
+        );
+    }
+    o
 }

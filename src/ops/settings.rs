@@ -62,9 +62,11 @@ pub struct Global {
     pub auth_token: Option<String>,
     /// The orchestrator's HTTP address: where `orchestrator` serves health, metrics, the
     /// JSON API and the dashboard, and where `journey list|history` and `report` read it.
-    /// A host name is resolved (localhost:8080 is 127.0.0.1:8080).
-    #[arg(long, env = "JOURNEYMAN_HTTP_ADDR", global = true, default_value = crate::http::DEFAULT_ADDR, value_parser = socket_addr)]
-    pub http_addr: SocketAddr,
+    /// A host name is resolved (localhost:8080 is 127.0.0.1:8080). The reading commands
+    /// take a fleet of replicas too: several host:port, comma-separated, or a name with
+    /// several addresses (a headless Service), meaning every one.
+    #[arg(long, env = "JOURNEYMAN_HTTP_ADDR", global = true, default_value = crate::http::DEFAULT_ADDR, value_parser = http_addrs)]
+    pub http_addr: HttpAddrs,
     /// Queue type every worker declares: quorum (replicated, delivery limit, at-least-once
     /// dead-lettering) or classic. The orchestrator and its agents must agree.
     #[arg(
@@ -136,7 +138,68 @@ impl Global {
     }
 }
 
-/// `--http-addr`: an `ip:port`, or a `host:port` resolved once at start. IPv4 is preferred
+/// `--http-addr`: one orchestrator, or the replicas of a fleet, resolved once at start.
+#[derive(Debug, Clone)]
+pub struct HttpAddrs {
+    /// The entries as given (comma-separated).
+    pub specs: Vec<String>,
+    /// Every replica they name.
+    pub peers: Vec<crate::http::fleet::Peer>,
+    /// Entries that did not resolve, while others did: replicas that cannot answer.
+    pub unresolved: Vec<crate::http::fleet::Unreachable>,
+}
+
+impl HttpAddrs {
+    /// One replica exactly: the reading commands read and print it as they always have.
+    pub fn is_single(&self) -> bool {
+        self.peers.len() == 1 && self.unresolved.is_empty()
+    }
+
+    /// The one address a server binds or a probe asks (IPv4 preferred, as ever).
+    pub fn one(&self, command: &str) -> Result<SocketAddr> {
+        match self.specs.as_slice() {
+            [spec] => socket_addr(spec).map_err(|e| anyhow!("--http-addr: {e}")),
+            specs => bail!(
+                "--http-addr lists {} addresses, but `{command}` uses one: give it this process's own address{}",
+                specs.len(),
+                if command == "orchestrator" {
+                    ", and the other replicas with --peers (JOURNEYMAN_PEERS)"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+}
+
+/// `--http-addr`'s parser: one `host:port` (with today's messages), or several.
+pub fn http_addrs(s: &str) -> Result<HttpAddrs, String> {
+    use crate::http::fleet;
+    let specs = fleet::parse_list(s).map_err(|e| e.to_string())?;
+    if let [spec] = specs.as_slice() {
+        // One entry: an address that cannot be resolved fails here, as it always has.
+        socket_addr(spec)?;
+    }
+    let (peers, unresolved) = fleet::resolve_blocking(&specs);
+    if peers.is_empty() {
+        let why: Vec<String> = unresolved.into_iter().map(|u| u.error).collect();
+        return Err(format!("no replica resolves: {}", why.join("; ")));
+    }
+    Ok(HttpAddrs {
+        specs,
+        peers,
+        unresolved,
+    })
+}
+
+/// `--peers`: one `host:port` (checked here, resolved whenever the fleet is gathered).
+pub fn peer_spec(s: &str) -> Result<String, String> {
+    crate::http::fleet::check_spec(s.trim())
+        .map(|()| s.trim().to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// An `ip:port`, or a `host:port` resolved once at start. IPv4 is preferred
 /// when a name has both (`localhost`), so a server and its clients given the same name
 /// meet on the same address.
 pub fn socket_addr(s: &str) -> Result<SocketAddr, String> {
@@ -190,6 +253,33 @@ mod tests {
         assert!(socket_addr("[::1]:8080").unwrap().is_ipv6());
         let e = socket_addr("localhost").unwrap_err();
         assert!(e.contains("expected host:port"), "{e}");
+    }
+
+    #[test]
+    fn one_http_addr_is_one_replica_and_a_list_is_each() {
+        let one = http_addrs("localhost:8080").unwrap();
+        assert!(one.is_single());
+        assert_eq!(
+            one.one("orchestrator").unwrap(),
+            ([127, 0, 0, 1], 8080).into()
+        );
+        let two = http_addrs("127.0.0.1:1,127.0.0.1:2").unwrap();
+        assert!(!two.is_single());
+        assert_eq!(two.peers.len(), 2);
+        let e = two.one("orchestrator").unwrap_err().to_string();
+        assert!(e.contains("--peers"), "{e}");
+        let partly = http_addrs("127.0.0.1:1,no-such-host.invalid:2").unwrap();
+        assert_eq!((partly.peers.len(), partly.unresolved.len()), (1, 1));
+        assert!(
+            !partly.is_single(),
+            "a replica that cannot answer is reported"
+        );
+        assert!(http_addrs("no-such-host.invalid:1").is_err());
+        assert!(
+            http_addrs("a:1,b")
+                .unwrap_err()
+                .contains("'b' is not host:port")
+        );
     }
 
     #[test]

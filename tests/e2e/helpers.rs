@@ -197,6 +197,35 @@ impl TestApp {
         }));
     }
 
+    /// The in-process orchestrator as one replica of a fleet: serving on `addr`, its
+    /// dashboard and `/api/fleet/*` gathering `fleet.peers`.
+    pub fn start_replica(
+        &mut self,
+        addr: std::net::SocketAddr,
+        fleet: journeyman::http::FleetConfig,
+    ) {
+        let mut config =
+            orchestrator::Config::new(&self.url, &self.names.namespace, self.data_dir());
+        config.playbook = self.playbook.clone();
+        let stats = self.stats.clone();
+        let mut rx = self.stop.subscribe();
+        let bound = self.http.clone();
+        self.orchestrator = Some(tokio::spawn(async move {
+            let stopped = async move {
+                let _ = rx.wait_for(|v| *v).await;
+            };
+            match journeyman::http::serve_orchestrator_with(
+                config, stats, addr, fleet, &bound, stopped,
+            )
+            .await
+            {
+                Ok(()) => Ok(()),
+                Err(journeyman::http::HttpError::Orchestrator(e)) => Err(e),
+                Err(e) => panic!("the test replica's HTTP server failed: {e}"),
+            }
+        }));
+    }
+
     /// The orchestrator as a separate process (the real binary), so a test can kill it.
     pub async fn start_child(&mut self) {
         self.start_child_with(&[]).await

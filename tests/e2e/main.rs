@@ -12,6 +12,7 @@ mod cli;
 mod conformance;
 mod crash;
 mod dlq;
+mod fleet;
 mod gates;
 mod helpers;
 mod http;

@@ -83,7 +83,7 @@ pub enum BenchError {
         log: String,
     },
     #[error(transparent)]
-    Api(#[from] anyhow::Error),
+    Api(#[from] crate::http::client::ClientError),
     #[error(
         "interrupted (SIGINT or SIGTERM); the run's queues and exchanges were deleted and its orchestrator stopped"
     )]
