@@ -1,8 +1,8 @@
 //! A RabbitMQ node of a test's own, for tests that stop, kill or throttle the broker: the
 //! shared broker at 127.0.0.1:5672 serves other tests and people, so it is never touched.
 //!
-//! The node gets free ports (AMQP and Erlang distribution; no plugins, so no management or
-//! Prometheus listener), a node name of its own, and a temp dir for its data, logs, config
+//! The node gets free ports (AMQP and Erlang distribution; only the consistent-hash
+//! exchange plugin, so no management or Prometheus listener), a node name of its own, and a temp dir for its data, logs, config
 //! and Erlang cookie (`HOME`, shared with the `rabbitmqctl` calls). It is stopped and its
 //! directory removed on drop, and by a watchdog process if the test process dies first.
 //!
@@ -114,8 +114,13 @@ impl BrokerNode {
         std::fs::write(&cookie, format!("JMTEST{}", uuid.to_uppercase())).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&cookie, std::fs::Permissions::from_mode(0o400)).unwrap();
-        // No plugins: no management or Prometheus listeners to collide with anything.
-        std::fs::write(root.join("enabled_plugins"), "[].\n").unwrap();
+        // Only the consistent-hash exchange (partitioned journeys): no management or
+        // Prometheus listeners to collide with anything.
+        std::fs::write(
+            root.join("enabled_plugins"),
+            "[rabbitmq_consistent_hash_exchange].\n",
+        )
+        .unwrap();
         std::fs::write(
             root.join("rabbitmq.conf"),
             format!("listeners.tcp.1 = 127.0.0.1:{amqp_port}\nloopback_users.guest = true\n"),
