@@ -1097,10 +1097,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Topology {
-            command: TopologyCmd::Declare {
-                playbook,
-                partitions,
-            },
+            command:
+                TopologyCmd::Declare {
+                    playbook,
+                    partitions,
+                },
         } => {
             let playbook = playbook.load()?;
             let names = g.names();

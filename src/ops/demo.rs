@@ -69,6 +69,11 @@ pub struct DemoArgs {
     /// afterwards, to look at what happened with `dlq list` or an orchestrator on the store.
     #[arg(long)]
     pub keep: bool,
+    /// Orchestrator replicas, each owning a share of the partitions in its own store
+    /// (needs the broker's consistent-hash exchange; without it the demo runs on a
+    /// private RabbitMQ node of its own when RabbitMQ is installed here).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub orchestrators: u16,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -208,17 +213,26 @@ impl Snapshot {
     }
 }
 
+/// The demo's orchestrator replicas' counters, summed for the totals.
+struct Replicas(Vec<(String, Arc<Stats>)>);
+
+impl Replicas {
+    fn get(&self, f: impl Fn(&Stats) -> &std::sync::atomic::AtomicU64) -> u64 {
+        self.0.iter().map(|(_, s)| Stats::get(f(s))).sum()
+    }
+}
+
 fn snapshot(
     track: &HashMap<String, Track>,
-    stats: &Stats,
+    stats: &Replicas,
     counts: &Counts,
     started: Instant,
     journeys: usize,
 ) -> Snapshot {
     Snapshot {
         elapsed: started.elapsed(),
-        tasks: Stats::get(&stats.tasks_dispatched),
-        retries: Stats::get(&stats.retries),
+        tasks: stats.get(|s| &s.tasks_dispatched),
+        retries: stats.get(|s| &s.retries),
         rollbacks: counts.rollbacks_started,
         pauses: counts.pauses,
         ..Snapshot::of(track, journeys)
@@ -369,18 +383,43 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| tmp.path().to_path_buf());
     let playbook = crate::domain::playbook::Playbook::default_playbook();
+    // Several orchestrators need the consistent-hash exchange. A broker without it is
+    // left alone: the demo runs on a node of its own, and says so.
+    let mut amqp_url = g.amqp_url.clone();
+    let mut _private = None;
+    if a.orchestrators > 1 && !broker::has_consistent_hash(&amqp_url).await? {
+        if !crate::ops::node::PrivateNode::available() {
+            bail!(
+                "{} orchestrators need the broker's consistent-hash exchange, which {} lacks: enable it with `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange` (no restart needed), or run with --orchestrators 1",
+                a.orchestrators,
+                broker::redact(&amqp_url)
+            );
+        }
+        eprintln!(
+            "journeyman demo: {} lacks the consistent-hash exchange (rabbitmq_consistent_hash_exchange) that {} orchestrators need; starting a private RabbitMQ node with it for this run (to use yours: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange)",
+            broker::redact(&amqp_url),
+            a.orchestrators
+        );
+        let node = crate::ops::node::PrivateNode::start(&["rabbitmq_consistent_hash_exchange"])
+            .await
+            .context("cannot start a private RabbitMQ node")?;
+        amqp_url = node.url();
+        _private = Some(node);
+    }
+    let url = amqp_url.as_str();
     eprintln!(
-        "journeyman demo: {} journeys, namespace '{}', broker {}, store {}",
+        "journeyman demo: {} journeys, {} orchestrator(s), namespace '{}', broker {}, store {}",
         a.journeys,
+        a.orchestrators,
         names.namespace,
-        broker::redact(&g.amqp_url),
+        broker::redact(url),
         data_dir.display()
     );
 
-    let conn = broker::connect(&g.amqp_url, "journeyman-demo").await?;
+    let conn = broker::connect(url, "journeyman-demo").await?;
     let ch = conn.create_channel().await?;
     let intents = playbook.namespace_intents();
-    let partitions = broker::resolve_partitions(&conn, &g.amqp_url, &names, None).await?;
+    let partitions = broker::resolve_partitions(&conn, url, &names, None).await?;
     let queues = broker::declare_topology(&ch, &names, intents, partitions).await?;
 
     // Watch every journey event on a private queue.
@@ -411,7 +450,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
     let mut workers = Vec::new();
     for (i, agent_key) in agent_keys.iter().enumerate() {
         let config = AgentConfig {
-            amqp_url: g.amqp_url.clone(),
+            amqp_url: url.to_string(),
             names: names.clone(),
             agent_id: format!("sim-agent-{i}"),
             intents: playbook.intents().into_iter().collect(),
@@ -428,23 +467,37 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
                 .map_err(anyhow::Error::from)
         }));
     }
-    let stats = Arc::new(Stats::default());
-    let mut config = orchestrator::Config::new(&g.amqp_url, &names.namespace, data_dir.clone());
-    config.names = names.clone();
-    config.max_group = a.max_group;
     let mut others: Vec<&Key> = agent_keys.iter().collect();
     others.push(&upstream_key);
     let ring = Arc::new(Keyring::own_and_public(&orch_key, &others)?);
-    config.auth = Some((
-        Guard::new(ring, Policy::default()),
-        Signer::new(orch_key.clone(), orch_id)?,
-    ));
-    let (st, rx) = (stats.clone(), stop_rx.clone());
-    let orch = tokio::spawn(async move {
-        orchestrator::run(config, st, stopped(rx))
-            .await
-            .map_err(anyhow::Error::from)
-    });
+    let mut replicas = Vec::new();
+    let mut orchs = Vec::new();
+    for i in 0..a.orchestrators {
+        let dir = if a.orchestrators == 1 {
+            data_dir.clone()
+        } else {
+            data_dir.join(format!("replica-{i}"))
+        };
+        let mut config = orchestrator::Config::new(url, &names.namespace, dir);
+        config.names = names.clone();
+        config.max_group = a.max_group;
+        config.replica = crate::domain::partition::Replica::new(i, a.orchestrators)?;
+        config.orchestrator_id = i.to_string();
+        config.partitions = Some(partitions);
+        config.auth = Some((
+            Guard::new(ring.clone(), Policy::default()),
+            Signer::new(orch_key.clone(), orch_id.clone())?,
+        ));
+        let stats = Arc::new(Stats::default());
+        replicas.push((config.orchestrator_id.clone(), stats.clone()));
+        let rx = stop_rx.clone();
+        orchs.push(tokio::spawn(async move {
+            orchestrator::run(config, stats, stopped(rx))
+                .await
+                .map_err(anyhow::Error::from)
+        }));
+    }
+    let stats = Replicas(replicas);
 
     // Start the journeys.
     let started = Instant::now();
@@ -624,15 +677,15 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         "journeys": a.journeys,
         "in_production": in_production,
         "per_stage": per_stage,
-        "tasks_dispatched": Stats::get(&stats.tasks_dispatched),
-        "tasks_completed": Stats::get(&stats.tasks_completed),
-        "retries": Stats::get(&stats.retries),
+        "tasks_dispatched": stats.get(|s| &s.tasks_dispatched),
+        "tasks_completed": stats.get(|s| &s.tasks_completed),
+        "retries": stats.get(|s| &s.retries),
         "agent_failures_injected": agent_stats.failed.load(Ordering::Relaxed),
-        "promotions": Stats::get(&stats.promotions),
-        "gate_evaluations_passed": Stats::get(&stats.gate_passed),
+        "promotions": stats.get(|s| &s.promotions),
+        "gate_evaluations_passed": stats.get(|s| &s.gate_passed),
         "gate_refusals": counts.gate_refusals,
         "rollbacks_started": counts.rollbacks_started,
-        "rollbacks_automatic": Stats::get(&stats.rollbacks_automatic),
+        "rollbacks_automatic": stats.get(|s| &s.rollbacks_automatic),
         "rollbacks_completed": counts.rollbacks_completed,
         "rollbacks_failed_then_retried": counts.rollbacks_failed,
         "rollback_success_rate": rollback_rate,
@@ -645,16 +698,27 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
             "client_id": d.client_id, "reason": d.reason, "why": d.reason_message,
             "intent": d.intent(), "task_id": d.task_id, "id": d.id,
         })).collect::<Vec<_>>(),
-        "duplicates_absorbed": Stats::get(&stats.duplicates),
-        "store_flushes": Stats::get(&stats.flushes),
-        "inputs": Stats::get(&stats.inputs),
+        "duplicates_absorbed": stats.get(|s| &s.duplicates),
+        "store_flushes": stats.get(|s| &s.flushes),
+        "inputs": stats.get(|s| &s.inputs),
         "elapsed_s": (elapsed.as_secs_f64() * 100.0).round() / 100.0,
-        "tasks_per_s": (Stats::get(&stats.tasks_completed) as f64 / elapsed.as_secs_f64()).round(),
+        "tasks_per_s": (stats.get(|s| &s.tasks_completed) as f64 / elapsed.as_secs_f64()).round(),
         "timed_out": timed_out,
+        "orchestrators": stats.0.iter().map(|(id, s)| json!({
+            "id": id,
+            "journeys": Stats::get(&s.journeys_started),
+            "partitions": s.partitions.lock().map(|p| p.clone()).unwrap_or_default(),
+        })).collect::<Vec<_>>(),
     });
 
     let _ = stop_tx.send(true);
-    let orch_result = orch.await.context("orchestrator task")?;
+    let mut orch_result = Ok(());
+    for o in orchs {
+        let r = o.await.context("orchestrator task")?;
+        if orch_result.is_ok() {
+            orch_result = r;
+        }
+    }
     for w in workers {
         let _ = w.await;
     }
@@ -671,6 +735,14 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         println!();
         println!("== journeyman demo summary ==");
         println!("journeys:            {}", a.journeys);
+        for (id, s) in &stats.0 {
+            let parts = s.partitions.lock().map(|p| p.clone()).unwrap_or_default();
+            println!(
+                "orchestrator {id}: {} journeys (partitions {})",
+                Stats::get(&s.journeys_started),
+                crate::domain::partition::list(&parts)
+            );
+        }
         for (stage, count) in &per_stage {
             println!("  {stage:<30} {count}");
         }

@@ -8,6 +8,7 @@ pub mod client;
 pub mod demo;
 pub mod dlq;
 pub mod errors;
+pub mod node;
 pub mod playbook;
 pub mod request;
 pub mod settings;

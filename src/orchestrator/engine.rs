@@ -543,7 +543,14 @@ impl Core {
         {
             self.cache.insert(rec.journey.client_id.clone(), rec);
         }
-        self.apply(&mut change, client_id.as_deref(), out, now, inbound, partition)?;
+        self.apply(
+            &mut change,
+            client_id.as_deref(),
+            out,
+            now,
+            inbound,
+            partition,
+        )?;
         Ok(self.commit(change)?)
     }
 

@@ -13,8 +13,8 @@
 
 mod admission;
 mod engine;
-pub mod routing;
 pub mod failpoint;
+pub mod routing;
 pub mod stats;
 pub mod webhook;
 
@@ -427,7 +427,11 @@ async fn session_on(
         owned = %crate::domain::partition::list(&routing.owned),
         "owning partitions"
     );
-    *core.stats.partitions.lock().unwrap_or_else(|e| e.into_inner()) = routing.owned.clone();
+    *core
+        .stats
+        .partitions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = routing.owned.clone();
     core.set_routing(routing.clone());
 
     let (tx, mut rx) = mpsc::channel::<Input>(4096);

@@ -172,7 +172,9 @@ pub fn repartition(
         };
         s.tree.insert(LAYOUT_KEY, codec::json(&layout))?;
         s.tree.flush()?;
-        moved.journeys.push(s.tree.scan_prefix(JOURNEY).count() as u64);
+        moved
+            .journeys
+            .push(s.tree.scan_prefix(JOURNEY).count() as u64);
     }
     drop(stores);
     for d in dirs {

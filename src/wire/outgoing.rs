@@ -36,10 +36,7 @@ impl Outgoing {
             correlation_id: None,
             reply_to: None,
             message_type: "request".into(),
-            headers: vec![(
-                super::headers::CLIENT_ID.to_string(),
-                client_id.to_string(),
-            )],
+            headers: vec![(super::headers::CLIENT_ID.to_string(), client_id.to_string())],
             body,
         }
     }
