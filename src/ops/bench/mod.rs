@@ -196,6 +196,11 @@ pub struct BenchArgs {
     /// long, sampling the data directory: shows whether the disk levels off (e.g. 60s).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub soak: Option<Duration>,
+    /// Orchestrator replicas to measure the orchestrator parts with, comma-separated: each
+    /// count is one row (e.g. 1,2,3). More than one needs the consistent-hash exchange;
+    /// on a broker without it the bench runs on a private RabbitMQ node of its own.
+    #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub orchestrators: Vec<u16>,
 }
 
 /// `--journeys`: one or more positive counts, comma-separated; `_` separators and a `k`
@@ -239,6 +244,8 @@ pub struct BenchConfig {
     pub stall_timeout: Duration,
     /// Evidence updates after the chain part, for this long (`--soak`).
     pub soak: Option<Duration>,
+    /// Orchestrator replica counts, one row each.
+    pub orchestrators: Vec<u16>,
     /// A progress line on stderr every few seconds.
     pub progress: bool,
     /// Turns true on SIGINT/SIGTERM: the part in progress stops and cleans up.
@@ -269,6 +276,11 @@ impl BenchConfig {
             timeout: a.timeout,
             stall_timeout: a.stall_timeout,
             soak: a.soak,
+            orchestrators: if a.orchestrators.is_empty() {
+                vec![1]
+            } else {
+                a.orchestrators.clone()
+            },
             progress: true,
             interrupt: never_interrupted(),
         }
@@ -331,7 +343,12 @@ pub async fn run(cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
                 } else {
                     cfg.concurrency.min(n)
                 };
-                rows.push(orchestrated::orchestrator_part(cfg, shape, n, concurrency).await?);
+                for &replicas in &cfg.orchestrators {
+                    rows.push(
+                        orchestrated::orchestrator_part(cfg, shape, n, concurrency, replicas)
+                            .await?,
+                    );
+                }
             }
         }
     }

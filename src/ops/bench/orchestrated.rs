@@ -74,9 +74,14 @@ pub(super) async fn orchestrator_part(
     shape: Shape,
     journeys: usize,
     concurrency: usize,
+    replicas: u16,
 ) -> Result<Row, BenchError> {
     let names = fresh_names(cfg);
-    let part = format!("orchestrator {}", shape.as_str());
+    let part = if replicas > 1 || cfg.orchestrators.len() > 1 {
+        format!("orchestrator {} x{replicas}", shape.as_str())
+    } else {
+        format!("orchestrator {}", shape.as_str())
+    };
     say(
         cfg,
         format!(
@@ -105,6 +110,7 @@ pub(super) async fn orchestrator_part(
             tmp.path(),
             journeys,
             concurrency,
+            replicas,
         ))
         .await;
     if !cfg.keep {
@@ -146,6 +152,7 @@ async fn orchestrator_on(
     dir: &Path,
     journeys: usize,
     concurrency: usize,
+    replicas: u16,
 ) -> Result<Row, BenchError> {
     let ch = admin
         .create_channel()
@@ -158,7 +165,17 @@ async fn orchestrator_on(
 
     let playbook_file = dir.join("playbook.yaml");
     std::fs::write(&playbook_file, shape.yaml()).map_err(io("cannot write the playbook"))?;
-    let store_dir = dir.join("store");
+    // One store per replica; with one replica the layout of before (`store`).
+    let store_dirs: Vec<PathBuf> = (0..replicas)
+        .map(|i| {
+            if replicas == 1 {
+                dir.join("store")
+            } else {
+                dir.join(format!("store-{i}"))
+            }
+        })
+        .collect();
+    let store_dir = store_dirs[0].clone();
     let log = dir.join("orchestrator.log");
     // One key pair per sender, as deployed: the orchestrator's, the agents', upstream's.
     let keys = if cfg.auth {
@@ -170,17 +187,31 @@ async fn orchestrator_on(
     } else {
         None
     };
-    let port = free_port().map_err(io("cannot find a free loopback port"))?;
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut orch = spawn_orchestrator(
-        cfg,
-        names,
-        &store_dir,
-        &playbook_file,
-        &log,
-        addr,
-        keys.as_ref(),
-    )?;
+    let mut orchs = Vec::new();
+    let mut https = Vec::new();
+    for i in 0..replicas {
+        let port = free_port().map_err(io("cannot find a free loopback port"))?;
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let log_i = if replicas == 1 {
+            log.clone()
+        } else {
+            dir.join(format!("orchestrator-{i}.log"))
+        };
+        orchs.push(spawn_orchestrator(
+            cfg,
+            names,
+            &store_dirs[usize::from(i)],
+            &playbook_file,
+            &log_i,
+            addr,
+            keys.as_ref(),
+            (i, replicas, partitions),
+        )?);
+        https.push(crate::http::client::Client::new(
+            addr,
+            Duration::from_secs(10),
+        ));
+    }
     let log_name = log.display().to_string();
 
     // Simulated agents: no latency, no failures, in this process.
@@ -229,8 +260,9 @@ async fn orchestrator_on(
             format!("the simulated agents were not consuming within {READY_TIMEOUT:?}"),
         ));
     }
-    let http = crate::ops::client::Client::new(addr, Duration::from_secs(10));
-    wait_ready(part, &mut orch, &http, READY_TIMEOUT).await?;
+    for (orch, http) in orchs.iter_mut().zip(&https) {
+        wait_ready(part, orch, http, READY_TIMEOUT).await?;
+    }
 
     let watch_conn = broker::connect(&cfg.amqp_url, "journeyman-bench-watch").await?;
     let (_watch, mut events) = broker::watch_events_on(
@@ -272,7 +304,13 @@ async fn orchestrator_on(
         )
     };
 
-    let cpu0 = cpu_seconds(&orch.pid.to_string());
+    let cpu_of = |orchs: &[Orchestrator]| {
+        orchs
+            .iter()
+            .map(|o| cpu_seconds(&o.pid.to_string()))
+            .sum::<Option<f64>>()
+    };
+    let cpu0 = cpu_of(&orchs);
     let self0 = cpu_seconds("self");
     let start = Instant::now();
     let mut confirms = FuturesUnordered::new();
@@ -323,20 +361,21 @@ async fn orchestrator_on(
                 }
             }
             Some(c) = confirms.next(), if !confirms.is_empty() => check_confirm(part, c)?,
-            status = orch.child.wait() => {
-                return Err(failed(part, format!(
-                    "the orchestrator exited ({}) with {} of {journeys} journeys finished; last lines of {log_name}:\n{}",
-                    status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                    finished,
-                    orch.log_tail()
-                )));
-            }
             _ = tick.tick() => {
+                for orch in orchs.iter_mut() {
+                    if let Ok(Some(status)) = orch.child.try_wait() {
+                        return Err(failed(part, format!(
+                            "an orchestrator exited ({status}) with {finished} of {journeys} journeys finished; last lines of {}:\n{}",
+                            orch.log.display(),
+                            orch.log_tail()
+                        )));
+                    }
+                }
                 if let Err(mut e) = progress.tick(cfg, finished, &log_name) {
                     // Why it stalled is usually in the orchestrator's counters (timeouts
                     // turn into retries, late replies into stale ones).
                     if let BenchError::Unfinished { why, .. } = &mut e
-                        && let Ok(s) = http.get::<StatsView>("/api/stats").await
+                        && let Ok(s) = https[0].get::<StatsView>("/api/stats").await
                     {
                         let c = |k: &str| s.counters.get(k).copied().unwrap_or(0);
                         why.push_str(&format!(
@@ -354,19 +393,29 @@ async fn orchestrator_on(
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(&orch.pid.to_string())
-        .zip(cpu0)
-        .map(|(b, a)| b - a)
-        .unwrap_or(0.0);
+    let cpu = cpu_of(&orchs).zip(cpu0).map(|(b, a)| b - a).unwrap_or(0.0);
     let self_cpu = cpu_seconds("self")
         .zip(self0)
         .map(|(b, a)| b - a)
         .unwrap_or(0.0);
-    let peak_rss = peak_rss_kib(&orch.pid.to_string()).unwrap_or(0) as f64 / 1024.0;
-    let stats: StatsView = http.get("/api/stats").await?;
-    let tasks = stats.counters.get("tasks_completed").copied().unwrap_or(0);
+    // The largest replica's peak: what one pod needs.
+    let peak_rss = orchs
+        .iter()
+        .map(|o| peak_rss_kib(&o.pid.to_string()).unwrap_or(0))
+        .max()
+        .unwrap_or(0) as f64
+        / 1024.0;
+    let mut tasks = 0;
+    let mut stats: Option<StatsView> = None;
+    for http in &https {
+        let s: StatsView = http.get("/api/stats").await?;
+        tasks += s.counters.get("tasks_completed").copied().unwrap_or(0);
+        // Round trips as replica 0 saw them: percentiles do not add up across replicas.
+        stats.get_or_insert(s);
+    }
+    let stats = stats.expect("at least one replica");
     let soak = match cfg.soak {
-        Some(d) if shape == Shape::Chain => {
+        Some(d) if shape == Shape::Chain && replicas == 1 => {
             soak_run(
                 cfg,
                 names,
@@ -383,16 +432,22 @@ async fn orchestrator_on(
 
     // Stop the orchestrator (it flushes its store on the way out), then the agents.
     // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    unsafe {
-        libc::kill(orch.pid as libc::pid_t, libc::SIGTERM);
-    }
-    let flushed = match tokio::time::timeout(Duration::from_secs(60), orch.child.wait()).await {
-        Ok(Ok(status)) => status.success(),
-        _ => {
-            let _ = orch.child.kill().await;
-            false
+    for orch in &orchs {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(orch.pid as libc::pid_t, libc::SIGTERM);
         }
-    };
+    }
+    let mut flushed = true;
+    for orch in orchs.iter_mut() {
+        flushed &= match tokio::time::timeout(Duration::from_secs(60), orch.child.wait()).await {
+            Ok(Ok(status)) => status.success(),
+            _ => {
+                let _ = orch.child.kill().await;
+                false
+            }
+        };
+    }
     let _ = stop_tx.send(true);
     let mut agents = agents;
     let _ = tokio::time::timeout(Duration::from_secs(10), &mut agents.0).await;
@@ -401,13 +456,21 @@ async fn orchestrator_on(
         let _ =
             tokio::time::timeout(Duration::from_secs(5), c.close(200, "bench done".into())).await;
     }
-    let store_bytes = dir_size(&store_dir).map_err(io("cannot measure the data directory"))?;
+    let mut store_bytes = 0;
+    for d in &store_dirs {
+        store_bytes += dir_size(d).map_err(io("cannot measure the data directory"))?;
+    }
     // What the records themselves take; the rest of the directory is sled's log, which
     // it reclaims segment by segment as the live share of each drops.
-    let live_bytes = crate::store::Store::open(&store_dir)
-        .and_then(|s| s.census())
-        .map(|c| c.total_bytes())
-        .ok();
+    let live_bytes = store_dirs
+        .iter()
+        .map(|d| {
+            crate::store::Store::open(d)
+                .and_then(|s| s.census())
+                .map(|c| c.total_bytes())
+                .ok()
+        })
+        .sum::<Option<u64>>();
     Ok(Row {
         part: part.to_string(),
         namespace: names.namespace.clone(),
@@ -505,6 +568,7 @@ struct BenchKeys {
     upstream: Key,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn_orchestrator(
     cfg: &BenchConfig,
     names: &Names,
@@ -513,6 +577,7 @@ fn spawn_orchestrator(
     log: &Path,
     addr: std::net::SocketAddr,
     keys: Option<&BenchKeys>,
+    (index, replicas, partitions): (u16, u16, u16),
 ) -> Result<Orchestrator, BenchError> {
     let log_file =
         std::fs::File::create(log).map_err(io("cannot create the orchestrator's log"))?;
@@ -528,8 +593,10 @@ fn spawn_orchestrator(
         .arg(store_dir)
         .arg("--playbook")
         .arg(playbook)
-        .arg("--orchestrator-id")
-        .arg("0")
+        .arg("--replica")
+        .arg(format!("{index}/{replicas}"))
+        .arg("--partitions")
+        .arg(partitions.to_string())
         .arg("--prefetch")
         .arg(PREFETCH.to_string())
         .arg("--no-auto-promote")

@@ -478,6 +478,7 @@ mod tests {
             timeout: Duration::from_secs(60),
             stall_timeout: Duration::from_secs(60),
             soak: None,
+            orchestrators: vec![1],
             progress: false,
             interrupt: super::super::never_interrupted(),
         }
