@@ -368,6 +368,54 @@ pub async fn declare_partitions(
     Ok(())
 }
 
+/// Retires the per-intent journey command queues of before partitions
+/// (`<ns>.intent.journey.*`): unbound, so commands stop being copied there; deleted when
+/// empty. Returns those still holding commands, with their counts, for the caller to
+/// drain. Declared (idempotently, with their old arguments) rather than probed, so an
+/// absent one costs no channel error.
+pub async fn retire_legacy_journey_queues(
+    ch: &Channel,
+    names: &Names,
+) -> Result<Vec<(String, u32)>, BrokerError> {
+    let mut left = Vec::new();
+    for intent in crate::wire::protocol::JOURNEY_INTENTS {
+        let q = names.intent_queue(intent);
+        let declared = ch
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                queue_args(names),
+            )
+            .await
+            .map_err(declare_failed(&q))?;
+        ch.queue_unbind(
+            q.as_str().into(),
+            names.intents().as_str().into(),
+            (*intent).into(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp(format!("unbind {q}")))?;
+        if declared.message_count() == 0 {
+            ch.queue_delete(
+                q.as_str().into(),
+                QueueDeleteOptions {
+                    if_empty: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(amqp(format!("delete {q}")))?;
+        } else {
+            left.push((q, declared.message_count()));
+        }
+    }
+    Ok(left)
+}
+
 /// The partition count a namespace's topology records, if it has been declared: found by
 /// probing which partition queues exist (they are declared 0..P, so a doubling search and
 /// a bisection take a dozen passive declares). Each probe has a channel of its own, as a

@@ -458,6 +458,27 @@ async fn session_on(
     }
     // Before partitions, replies came to one queue per orchestrator: tasks dispatched by
     // an older version still answer there.
+    // The journey command queues of before partitions: replica 0 unbinds them, deletes
+    // the empty ones, and (alone in its fleet) drains the rest.
+    if config.replica.index == 0 {
+        let left = setup(
+            "declare",
+            broker::retire_legacy_journey_queues(&ch, &config.names),
+        )
+        .await?;
+        for (q, n) in left {
+            if config.replica.count == 1 {
+                info!(queue = %q, commands = n, "draining a journey queue of before partitions");
+                queues.push((q, Source::Command));
+            } else {
+                warn!(
+                    queue = %q,
+                    commands = n,
+                    "a journey queue of before partitions still holds commands: run one replica (--replica 0/1) until it is drained, then scale out"
+                );
+            }
+        }
+    }
     if core.has_legacy_work() {
         let legacy = config.names.replies(&config.orchestrator_id);
         setup(
