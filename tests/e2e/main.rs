@@ -15,6 +15,7 @@ mod dlq;
 mod gates;
 mod helpers;
 mod http;
+mod otel;
 mod refusals;
 mod shutdown;
 mod trace;
