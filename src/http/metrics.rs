@@ -67,6 +67,17 @@ pub fn render(stats: &Stats, metrics: &Metrics, gauges: &StoreGauges, ready: boo
     out
 }
 
+/// A labelled counter: name without `_total`, help, label names, label values → count.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+    BTreeMap<Vec<String>, u64>,
+);
+
+/// A histogram's per-bucket counts (upper bound, count), its count and its sum.
+type RoundTrips = (Vec<(f64, u64)>, u64, f64);
+
 /// Every orchestrator metric's value at one scrape: a collector over copies, so the
 /// encoder holds no lock of the core's.
 #[derive(Debug)]
@@ -76,15 +87,9 @@ struct Snapshot {
     outbox_depth: u64,
     /// (name without `_total`, help, value).
     totals: Vec<(&'static str, &'static str, u64)>,
-    /// (name without `_total`, help, label names, label values → count).
-    families: Vec<(
-        &'static str,
-        &'static str,
-        &'static [&'static str],
-        BTreeMap<Vec<String>, u64>,
-    )>,
-    /// Intent → (per-bucket counts, count, sum).
-    round_trip: BTreeMap<String, (Vec<(f64, u64)>, u64, f64)>,
+    families: Vec<Family>,
+    /// Intent → its histogram.
+    round_trip: BTreeMap<String, RoundTrips>,
     summary: Summary,
 }
 
