@@ -6,7 +6,8 @@
 //!   reports, and the orchestrator's `step`. No I/O, no clock, no randomness.
 //! - [`wire`]: the protocol, pure: envelopes and their decoder, tokens, trace context,
 //!   resource names, header vocabulary and dead-letter encoding. Uses `domain`.
-//! - [`store`] (sled) and [`broker`] (RabbitMQ): the adapters.
+//! - [`store`] (sled), [`broker`] (RabbitMQ) and [`telemetry`] (OpenTelemetry): the
+//!   adapters.
 //! - [`orchestrator`] and [`agent`]: the runtime, turning deliveries into steps and
 //!   effects into writes and publishes.
 //! - [`http`] and [`ops`]: the surfaces (health, metrics, API and dashboard; the CLI, the
@@ -17,6 +18,7 @@ pub mod wire;
 
 pub mod broker;
 pub mod store;
+pub mod telemetry;
 
 pub mod agent;
 pub mod orchestrator;

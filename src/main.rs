@@ -20,8 +20,14 @@ async fn main() {
         | journeyman::ops::cli::Cmd::Bench(_) => "warn",
         _ => "info",
     };
-    journeyman::ops::cli::init_tracing(cli.global.log_format, default);
-    if let Err(e) = journeyman::ops::cli::run(cli).await {
+    let telemetry = journeyman::ops::cli::init_tracing(cli.global.log_format, default);
+    let result = journeyman::ops::cli::run(cli).await;
+    // The exporter's last batch goes out before the process ends (process::exit would
+    // skip any destructor).
+    if let Some(t) = telemetry {
+        tokio::task::block_in_place(|| t.shutdown());
+    }
+    if let Err(e) = result {
         eprintln!("error: {}", journeyman::ops::errors::render(&e));
         std::process::exit(1);
     }

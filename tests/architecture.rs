@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 const FLOORS: [&[&str]; 5] = [
     &["domain"],
     &["wire"],
-    &["store", "broker"],
+    &["store", "broker", "telemetry"],
     &["orchestrator", "agent"],
     &["http", "ops"],
 ];

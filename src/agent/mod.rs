@@ -509,6 +509,9 @@ async fn handle_delivery<A: Agent>(
     let span = info_span!("task", intent = %request.intent, message_id = %request.message_id,
         correlation_id = request.correlation_id.as_deref().unwrap_or(""),
         trace_id = trace.as_ref().map(|t| t.trace_id.as_str()).unwrap_or(""));
+    if let Some(t) = &trace {
+        crate::telemetry::set_remote_parent(&span, t);
+    }
     async {
         let Some(reply_to) = d
             .properties
@@ -593,10 +596,15 @@ async fn handle_delivery<A: Agent>(
             correlation_id: reply.correlation_id.clone(),
             reply_to: None,
             message_type: message_type.as_str().into(),
-            // The reply continues the request's trace.
+            // The reply continues the request's trace, from this task's span.
             headers: trace
                 .as_ref()
-                .map(|t| vec![(crate::wire::trace::HEADER.to_string(), t.child().header())])
+                .map(|t| {
+                    vec![(
+                        crate::wire::trace::HEADER.to_string(),
+                        crate::telemetry::reply_hop(t).header(),
+                    )]
+                })
                 .unwrap_or_default(),
             body: reply.to_bytes(),
         };

@@ -238,6 +238,15 @@ pub async fn serve_orchestrator_with(
     let (orchestrator_id, replica) = (config.orchestrator_id.clone(), config.replica);
     let names = config.names.clone();
     let amqp_url = config.amqp_url.clone();
+    let _ = stats.replica.set(crate::orchestrator::stats::Identity {
+        id: config.orchestrator_id.clone(),
+        replica: config.replica,
+    });
+    // Partitions chosen on the command line are known now; otherwise the runtime sets
+    // them once it has read the namespace's count.
+    if let Some(total) = config.partitions {
+        stats.set_partitions(total);
+    }
     let orchestrator = crate::orchestrator::Orchestrator::open(config, stats.clone()).await?;
     let state = AppState::with_metrics(
         orchestrator.store().clone(),
@@ -425,14 +434,7 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     .await?;
     let ready = readiness(&state).ready;
     let text = metrics::render(&state.stats, &state.metrics, &gauges, ready);
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response())
 }
 
 /// One line of `GET /api/journeys`.
@@ -1019,7 +1021,7 @@ mod tests {
         let (s, _) = c.raw("/readyz").await.unwrap();
         assert_eq!(s.as_u16(), 200);
         let (_, m) = c.raw("/metrics").await.unwrap();
-        assert!(String::from_utf8_lossy(&m).contains("\njourneyman_up 1\n"));
+        assert!(String::from_utf8_lossy(&m).contains("\njourneyman_up{replica=\"0\"} 1\n"));
 
         let e = c.get::<Value>("/api/journeys/nobody").await.unwrap_err();
         assert!(

@@ -663,18 +663,42 @@ fn ensure_store_dir(dir: &std::path::Path) -> Result<()> {
 /// routine connection closes too, while our errors already say what went wrong (once, and
 /// with the setting to change). `RUST_LOG=lapin=debug` brings them back when needed.
 /// Colours only on a terminal: in a file or a CI log the escape codes are noise.
-pub fn init_tracing(format: LogFormat, default: &str) {
+///
+/// Spans are also exported over OTLP when the `OTEL_*` environment asks for it (see
+/// [`crate::telemetry`]); the same filter decides which. The returned pipeline must be
+/// shut down before the process exits, or the last spans are lost. A malformed OTLP
+/// setting is logged and the process runs without export: traces are not worth an outage.
+pub fn init_tracing(format: LogFormat, default: &str) -> Option<crate::telemetry::Pipeline> {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},lapin=off")));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    let (pipeline, failed) = match crate::telemetry::Pipeline::from_env() {
+        Ok(p) => (p, None),
+        Err(e) => (None, Some(e)),
+    };
+    let ansi = std::io::stderr().is_terminal();
+    let json = matches!(format, LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
+    let text = matches!(format, LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(pipeline.as_ref().map(|p| p.layer()))
+        .with(json)
+        .with(text)
+        .init();
+    if let Some(e) = failed {
+        tracing::warn!("{e}; traces are not exported");
     }
+    pipeline
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not

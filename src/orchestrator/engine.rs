@@ -403,14 +403,20 @@ impl Core {
             Ok(env) => env,
             Err(e) => return self.refuse_input(m, None, &e, now),
         };
-        let trace_id = m
-            .traceparent
-            .as_deref()
-            .and_then(TraceParent::parse)
-            .map(|t| t.trace_id);
+        let parent = m.traceparent.as_deref().and_then(TraceParent::parse);
         let span = info_span!("message", intent = %env.intent, message_id = %env.message_id,
             correlation_id = env.correlation_id.as_deref().unwrap_or(""),
-            trace_id = trace_id.as_deref().unwrap_or(""));
+            trace_id = tracing::field::Empty);
+        // The exported span continues the sender's; a journey started without a trace
+        // takes this span's (when exported), so its trace begins here.
+        let trace_id = match parent {
+            Some(p) => {
+                crate::telemetry::set_remote_parent(&span, &p);
+                Some(p.trace_id)
+            }
+            None => crate::telemetry::trace_id_of(&span),
+        };
+        span.record("trace_id", trace_id.as_deref().unwrap_or(""));
         let _g = span.enter();
         // Authentication comes after the schema: a well-formed message from the wrong
         // sender is `unauthenticated` (or `forbidden`), not `schema_invalid`.
@@ -659,7 +665,7 @@ impl Core {
         partition: Option<u16>,
     ) -> OutboxEntry {
         let traceparent = |t: Option<&str>| match t {
-            Some(t) => TraceParent::child_of(t),
+            Some(t) => crate::telemetry::next_hop(t),
             None => TraceParent::new_root(),
         };
         match msg {

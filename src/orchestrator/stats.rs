@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// Counters the demo and tests read; the metrics endpoint will export them.
@@ -38,6 +38,30 @@ pub struct Stats {
     /// Counters by intent and reason, exported on /metrics.
     pub metrics: Arc<Metrics>,
     pub webhook: Arc<super::webhook::WebhookStats>,
+    /// Which replica of the fleet counts here: set once when the orchestrator is served,
+    /// so a fleet's scrapes tell replicas apart (`/metrics` labels every series with it).
+    pub replica: OnceLock<Identity>,
+    /// The partitions this replica owns. Only known once the runtime has connected and
+    /// read the namespace's partition count, so it is set then, once; empty until.
+    pub partitions: OnceLock<Vec<u16>>,
+}
+
+/// A replica's name and place in the fleet, as the metrics report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The orchestrator id (`--orchestrator-id`), which also names its reply queue.
+    pub id: String,
+    pub replica: crate::domain::partition::Replica,
+}
+
+impl Default for Identity {
+    /// What an orchestrator runs as when nothing says otherwise: `Config`'s defaults.
+    fn default() -> Self {
+        Self {
+            id: "0".into(),
+            replica: Default::default(),
+        }
+    }
 }
 
 impl Stats {
@@ -46,6 +70,17 @@ impl Stats {
     }
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+    /// This replica's identity, or the defaults when none was set.
+    pub fn identity(&self) -> Identity {
+        self.replica.get().cloned().unwrap_or_default()
+    }
+    /// Records the partitions this replica owns out of the namespace's `total` (the
+    /// first call wins: the count is fixed when the namespace is declared).
+    pub fn set_partitions(&self, total: u16) {
+        let _ = self
+            .partitions
+            .set(self.identity().replica.partitions(total));
     }
     /// Task round-trip quantiles since start: an attempt's dispatch to its reply being
     /// applied, over all intents (recorded where the core observes each round trip).

@@ -25,11 +25,27 @@ async fn text(c: &Client, path: &str) -> (u16, String) {
     (s.as_u16(), String::from_utf8_lossy(&body).into_owned())
 }
 
-/// The value of one exact series (name and labels) in a Prometheus text exposition.
+/// The value of one exact series (name and labels) in a Prometheus text exposition,
+/// written without the `replica` label that every orchestrator series carries first.
 fn series(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    metrics.lines().find_map(|l| {
+        let l = without_replica(l);
+        l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()
+    })
+}
+
+/// A sample line without its leading `replica="..."` label.
+fn without_replica(line: &str) -> String {
+    let Some((name, rest)) = line.split_once("{replica=\"") else {
+        return line.to_string();
+    };
+    let Some((_, rest)) = rest.split_once('"') else {
+        return line.to_string();
+    };
+    match rest.strip_prefix(',') {
+        Some(labels) => format!("{name}{{{labels}"),
+        None => format!("{name}{}", rest.strip_prefix('}').unwrap_or(rest)),
+    }
 }
 
 async fn wait_ready(c: &Client) {
@@ -76,11 +92,13 @@ async fn metrics_move_as_a_journey_advances_and_readyz_reports_readiness() {
     let (_, during) = text(&c, "/metrics").await;
     let in_sandbox: f64 = during
         .lines()
+        .map(without_replica)
         .filter(|l| l.starts_with("journeyman_journeys{stage=\"sandbox\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     let elsewhere = during
         .lines()
+        .map(without_replica)
         .any(|l| l.starts_with("journeyman_journeys{stage=\"pilot\""));
     assert!(in_sandbox == 1.0 || elsewhere, "acme is counted: {during}");
     assert_eq!(

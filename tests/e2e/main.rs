@@ -16,6 +16,7 @@ mod fleet;
 mod gates;
 mod helpers;
 mod http;
+mod otel;
 mod refusals;
 mod shutdown;
 mod trace;
