@@ -469,8 +469,8 @@ mod tests {
             "no partitions until the runtime knows the count: {text}"
         );
         assert!(text.contains("\njourneyman_up{replica=\"orch-1\"} 0\n"));
-        stats.set_partitions(8);
-        stats.set_partitions(16);
+        stats.set_partitions(Replica::new(1, 3).unwrap().partitions(8));
+        stats.set_partitions(vec![0]);
         let text = render(&stats, &m, &g, true);
         assert!(text.contains(r#"partitions="1,4,7"}"#), "{text}");
         for l in text.lines().filter(|l| !l.starts_with('#')) {

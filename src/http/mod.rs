@@ -242,11 +242,6 @@ pub async fn serve_orchestrator_with(
         id: config.orchestrator_id.clone(),
         replica: config.replica,
     });
-    // Partitions chosen on the command line are known now; otherwise the runtime sets
-    // them once it has read the namespace's count.
-    if let Some(total) = config.partitions {
-        stats.set_partitions(total);
-    }
     let orchestrator = crate::orchestrator::Orchestrator::open(config, stats.clone()).await?;
     let state = AppState::with_metrics(
         orchestrator.store().clone(),

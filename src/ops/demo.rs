@@ -707,7 +707,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         "orchestrators": stats.0.iter().map(|(id, s)| json!({
             "id": id,
             "journeys": Stats::get(&s.journeys_started),
-            "partitions": s.partitions.lock().map(|p| p.clone()).unwrap_or_default(),
+            "partitions": s.partitions.get().cloned().unwrap_or_default(),
         })).collect::<Vec<_>>(),
     });
 
@@ -736,7 +736,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         println!("== journeyman demo summary ==");
         println!("journeys:            {}", a.journeys);
         for (id, s) in &stats.0 {
-            let parts = s.partitions.lock().map(|p| p.clone()).unwrap_or_default();
+            let parts = s.partitions.get().cloned().unwrap_or_default();
             println!(
                 "orchestrator {id}: {} journeys (partitions {})",
                 Stats::get(&s.journeys_started),

@@ -427,11 +427,7 @@ async fn session_on(
         owned = %crate::domain::partition::list(&routing.owned),
         "owning partitions"
     );
-    *core
-        .stats
-        .partitions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = routing.owned.clone();
+    core.stats.set_partitions(routing.owned.clone());
     core.set_routing(routing.clone());
 
     let (tx, mut rx) = mpsc::channel::<Input>(4096);

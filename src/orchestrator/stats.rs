@@ -10,8 +10,6 @@ use std::time::Duration;
 /// Counters the demo and tests read; the metrics endpoint will export them.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// The partitions this replica consumes, once its session knows the topology.
-    pub partitions: std::sync::Mutex<Vec<u16>>,
     pub journeys_started: AtomicU64,
     pub tasks_dispatched: AtomicU64,
     pub tasks_completed: AtomicU64,
@@ -75,12 +73,10 @@ impl Stats {
     pub fn identity(&self) -> Identity {
         self.replica.get().cloned().unwrap_or_default()
     }
-    /// Records the partitions this replica owns out of the namespace's `total` (the
-    /// first call wins: the count is fixed when the namespace is declared).
-    pub fn set_partitions(&self, total: u16) {
-        let _ = self
-            .partitions
-            .set(self.identity().replica.partitions(total));
+    /// Records the partitions this replica owns (the first call wins: the count is fixed
+    /// when the namespace is declared).
+    pub fn set_partitions(&self, owned: Vec<u16>) {
+        let _ = self.partitions.set(owned);
     }
     /// Task round-trip quantiles since start: an attempt's dispatch to its reply being
     /// applied, over all intents (recorded where the core observes each round trip).
