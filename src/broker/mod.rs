@@ -380,8 +380,8 @@ pub async fn retire_legacy_journey_queues(
     let mut left = Vec::new();
     for intent in crate::wire::protocol::JOURNEY_INTENTS {
         let q = names.intent_queue(intent);
-        let declared = ch
-            .queue_declare(
+        let declare = || {
+            ch.queue_declare(
                 q.as_str().into(),
                 QueueDeclareOptions {
                     durable: true,
@@ -389,8 +389,8 @@ pub async fn retire_legacy_journey_queues(
                 },
                 queue_args(names),
             )
-            .await
-            .map_err(declare_failed(&q))?;
+        };
+        declare().await.map_err(declare_failed(&q))?;
         ch.queue_unbind(
             q.as_str().into(),
             names.intents().as_str().into(),
@@ -399,18 +399,15 @@ pub async fn retire_legacy_journey_queues(
         )
         .await
         .map_err(amqp(format!("unbind {q}")))?;
-        if declared.message_count() == 0 {
-            ch.queue_delete(
-                q.as_str().into(),
-                QueueDeleteOptions {
-                    if_empty: true,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(amqp(format!("delete {q}")))?;
+        // Counted once unbound, when nothing more can arrive (quorum queues refuse
+        // delete-if-empty).
+        let count = declare().await.map_err(declare_failed(&q))?.message_count();
+        if count == 0 {
+            ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(amqp(format!("delete {q}")))?;
         } else {
-            left.push((q, declared.message_count()));
+            left.push((q, count));
         }
     }
     Ok(left)
