@@ -753,10 +753,8 @@ SCRIPT_VARIABLES = {"JOURNEYMAN_TOOLS_DIR", "JOURNEYMAN_BIN"}
 # Settings and subcommands the deployment files already use while the binary that has
 # them is being built (issue 12, scale-out): a note while the --help lacks them, not a
 # failure. Remove an entry once the binary has it (the lint then says so).
-PENDING = {
-    "JOURNEYMAN_PEERS": "issue 12: the replicas' peers (dashboard and API gather from them)",
-    "store repartition": "issue 12: offline repartitioning of the orchestrators' stores",
-}
+# Settings the deploy files may name before the binary has them (none now).
+PENDING = {}
 notes = []
 
 
