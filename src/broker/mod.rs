@@ -507,12 +507,14 @@ pub async fn declare_topology(
 }
 
 /// The namespace's partition count: as configured, else as its topology records, else
-/// (a new namespace) the default, or one when the broker cannot hash.
+/// (a new namespace) the default, or one when the broker cannot hash and one replica
+/// is all there is to be.
 pub async fn resolve_partitions(
     conn: &Connection,
     url: &str,
     names: &Names,
     configured: Option<u16>,
+    replicas: u16,
 ) -> Result<u16, BrokerError> {
     if let Some(p) = configured {
         return Ok(p);
@@ -522,6 +524,9 @@ pub async fn resolve_partitions(
     }
     if has_consistent_hash(url).await? {
         Ok(crate::domain::partition::DEFAULT_PARTITIONS)
+    } else if replicas > 1 {
+        // One partition would leave all but one replica idle: say what is missing.
+        Err(BrokerError::NoConsistentHash)
     } else {
         tracing::warn!(
             "the broker has no consistent-hash exchange (rabbitmq_consistent_hash_exchange): declaring one partition, so this namespace runs one orchestrator replica"

@@ -37,7 +37,7 @@ pub enum ReplicaError {
     #[error("the replica count must be at least 1")]
     NoReplicas,
     #[error(
-        "{replicas} replicas but only {partitions} partitions: replica {index} would own none. Use at most {partitions} replicas, or a namespace declared with more partitions"
+        "{replicas} replicas but the namespace has {partitions} partition(s): replica {index} would own none. Use at most {partitions} replica(s), or a namespace declared with more partitions (journeyman topology declare --partitions N)"
     )]
     TooFewPartitions {
         index: u16,

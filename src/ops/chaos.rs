@@ -168,7 +168,7 @@ pub async fn run(cfg: ChaosConfig) -> Result<ChaosReport> {
     let conn = broker::connect(&cfg.amqp_url, "journeyman-chaos").await?;
     let ch = conn.create_channel().await?;
     let intents = playbook.namespace_intents();
-    let partitions = broker::resolve_partitions(&conn, &cfg.amqp_url, &names, None).await?;
+    let partitions = broker::resolve_partitions(&conn, &cfg.amqp_url, &names, None, 1).await?;
     let mut queues = broker::declare_topology(&ch, &names, intents, partitions).await?;
     // Every event, kept durably for the checker (it survives a broker restart).
     let events_q = format!("{}.chaos.events", names.namespace);

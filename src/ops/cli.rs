@@ -1154,7 +1154,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let ch = conn.create_channel().await?;
             let intents = playbook.namespace_intents();
             let partitions =
-                broker::resolve_partitions(&conn, &g.amqp_url, &names, partitions).await?;
+                broker::resolve_partitions(&conn, &g.amqp_url, &names, partitions, 1).await?;
             let queues = broker::declare_topology(&ch, &names, intents, partitions).await?;
             println!(
                 "declared in namespace '{}' ({partitions} partitions):",

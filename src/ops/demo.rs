@@ -419,7 +419,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
     let conn = broker::connect(url, "journeyman-demo").await?;
     let ch = conn.create_channel().await?;
     let intents = playbook.namespace_intents();
-    let partitions = broker::resolve_partitions(&conn, url, &names, None).await?;
+    let partitions = broker::resolve_partitions(&conn, url, &names, None, 1).await?;
     let queues = broker::declare_topology(&ch, &names, intents, partitions).await?;
 
     // Watch every journey event on a private queue.

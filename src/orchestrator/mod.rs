@@ -400,6 +400,7 @@ async fn session_on(
             &config.amqp_url,
             &config.names,
             config.partitions,
+            config.replica.count,
         ),
     )
     .await?;

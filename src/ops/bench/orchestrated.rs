@@ -160,7 +160,7 @@ async fn orchestrator_on(
         .map_err(amqp("create channel"))?;
     let intents = playbook.namespace_intents();
     // Declared here too, so the first commands are routable before the orchestrator runs.
-    let partitions = broker::resolve_partitions(admin, &cfg.amqp_url, names, None).await?;
+    let partitions = broker::resolve_partitions(admin, &cfg.amqp_url, names, None, 1).await?;
     broker::declare_topology(&ch, names, intents, partitions).await?;
 
     let playbook_file = dir.join("playbook.yaml");
