@@ -907,7 +907,10 @@ enum PumpMsg {
 impl OutboxPump {
     fn start(publisher: Publisher, store: Store, core: mpsc::Sender<Input>) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<PumpMsg>();
-        let retry_tx = tx.clone();
+        // Weak: the pump ends when the session drops its handle (`rx` yields `None`);
+        // a strong sender of its own would keep it, its publisher and the store open
+        // forever, one more with every broker session.
+        let retry_tx = tx.downgrade();
         tokio::spawn(
             async move {
                 let mut inflight = futures_util::stream::FuturesUnordered::new();
@@ -964,7 +967,11 @@ impl OutboxPump {
                                     let retry = retry_tx.clone();
                                     tokio::spawn(async move {
                                         tokio::time::sleep(Duration::from_secs(1)).await;
-                                        let _ = retry.send(PumpMsg::Publish(vec![e]));
+                                        // The session is over: the entry stays in the
+                                        // outbox for the next one.
+                                        if let Some(retry) = retry.upgrade() {
+                                            let _ = retry.send(PumpMsg::Publish(vec![e]));
+                                        }
                                     });
                                 }
                                 Ok(Err(err)) => {

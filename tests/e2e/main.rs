@@ -17,6 +17,7 @@ mod gates;
 mod helpers;
 mod http;
 mod otel;
+mod partitions;
 mod refusals;
 mod shutdown;
 mod trace;
