@@ -811,13 +811,11 @@ pub fn header(props: &BasicProperties, name: &str) -> Option<String> {
 }
 
 /// Message count of a queue without consuming (passive declare).
-/// Whether a queue exists (a passive declare on a channel of its own: a 404 closes it).
-pub async fn queue_exists(conn: &Connection, queue: &str) -> Result<bool, BrokerError> {
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(amqp("create channel"))?;
-    let r = ch
+/// A queue's message count by a passive declare, on a channel of its own (a 404 closes
+/// the channel it happens on).
+async fn passive_count(conn: &Connection, queue: &str) -> Result<u32, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    let q = ch
         .queue_declare(
             queue.into(),
             QueueDeclareOptions {
@@ -826,12 +824,15 @@ pub async fn queue_exists(conn: &Connection, queue: &str) -> Result<bool, Broker
             },
             FieldTable::default(),
         )
-        .await;
-    match r {
-        Ok(_) => {
-            let _ = ch.close(200, "probed".into()).await;
-            Ok(true)
-        }
+        .await?;
+    let _ = ch.close(200, "done".into()).await;
+    Ok(q.message_count())
+}
+
+/// Whether a queue exists.
+pub async fn queue_exists(conn: &Connection, queue: &str) -> Result<bool, BrokerError> {
+    match passive_count(conn, queue).await {
+        Ok(_) => Ok(true),
         Err(e) => match e.kind() {
             lapin::ErrorKind::ProtocolError(pe) if pe.get_id() == 404 => Ok(false),
             _ => Err(BrokerError::Amqp {
@@ -843,23 +844,9 @@ pub async fn queue_exists(conn: &Connection, queue: &str) -> Result<bool, Broker
 }
 
 pub async fn queue_len(conn: &Connection, queue: &str) -> Result<u32, BrokerError> {
-    let ch = conn
-        .create_channel()
+    passive_count(conn, queue)
         .await
-        .map_err(amqp("create channel"))?;
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp(format!("inspect {queue}")))?;
-    let _ = ch.close(200, "done".into()).await;
-    Ok(q.message_count())
+        .map_err(amqp(format!("inspect {queue}")))
 }
 
 #[cfg(test)]

@@ -851,26 +851,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                 let _ = interrupt.send(true);
             });
             cfg.interrupt = interrupted;
-            // Several orchestrators need the consistent-hash exchange; a broker without
-            // it is left alone and the whole bench runs on a node of its own.
+            // Several orchestrators need the consistent-hash exchange; the whole bench
+            // runs where it is.
             let mut _private = None;
-            if cfg.orchestrators.iter().any(|n| *n > 1)
-                && !broker::has_consistent_hash(&cfg.amqp_url).await?
-            {
-                if !crate::ops::node::PrivateNode::available() {
-                    bail!(
-                        "--orchestrators above 1 needs the broker's consistent-hash exchange: enable it with `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange`"
-                    );
-                }
-                eprintln!(
-                    "journeyman bench: {} lacks the consistent-hash exchange that several orchestrators need; the whole bench runs on a private RabbitMQ node started for it",
-                    broker::redact(&cfg.amqp_url)
-                );
-                let node =
-                    crate::ops::node::PrivateNode::start(&["rabbitmq_consistent_hash_exchange"])
-                        .await?;
-                cfg.amqp_url = node.url();
-                _private = Some(node);
+            if cfg.orchestrators.iter().any(|n| *n > 1) {
+                let (url, node) =
+                    crate::ops::node::with_consistent_hash(&cfg.amqp_url, "bench").await?;
+                cfg.amqp_url = url;
+                _private = node;
             }
             let report = crate::ops::bench::run(&cfg)
                 .await

@@ -383,29 +383,12 @@ pub async fn run(g: &Global, a: DemoArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| tmp.path().to_path_buf());
     let playbook = crate::domain::playbook::Playbook::default_playbook();
-    // Several orchestrators need the consistent-hash exchange. A broker without it is
-    // left alone: the demo runs on a node of its own, and says so.
-    let mut amqp_url = g.amqp_url.clone();
-    let mut _private = None;
-    if a.orchestrators > 1 && !broker::has_consistent_hash(&amqp_url).await? {
-        if !crate::ops::node::PrivateNode::available() {
-            bail!(
-                "{} orchestrators need the broker's consistent-hash exchange, which {} lacks: enable it with `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange` (no restart needed), or run with --orchestrators 1",
-                a.orchestrators,
-                broker::redact(&amqp_url)
-            );
-        }
-        eprintln!(
-            "journeyman demo: {} lacks the consistent-hash exchange (rabbitmq_consistent_hash_exchange) that {} orchestrators need; starting a private RabbitMQ node with it for this run (to use yours: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange)",
-            broker::redact(&amqp_url),
-            a.orchestrators
-        );
-        let node = crate::ops::node::PrivateNode::start(&["rabbitmq_consistent_hash_exchange"])
-            .await
-            .context("cannot start a private RabbitMQ node")?;
-        amqp_url = node.url();
-        _private = Some(node);
-    }
+    // Several orchestrators need the consistent-hash exchange.
+    let (amqp_url, _private) = if a.orchestrators > 1 {
+        crate::ops::node::with_consistent_hash(&g.amqp_url, "demo").await?
+    } else {
+        (g.amqp_url.clone(), None)
+    };
     let url = amqp_url.as_str();
     eprintln!(
         "journeyman demo: {} journeys, {} orchestrator(s), namespace '{}', broker {}, store {}",

@@ -133,6 +133,29 @@ impl PrivateNode {
     }
 }
 
+/// A broker with the consistent-hash exchange, for `who` (the demo, the bench) running
+/// several orchestrators: `url` when it has the exchange, else a private node of its own,
+/// said on stderr (the broker at `url` is left as it is). The node, when one was started,
+/// must be kept alive while it is used.
+pub async fn with_consistent_hash(url: &str, who: &str) -> Result<(String, Option<PrivateNode>)> {
+    if crate::broker::has_consistent_hash(url).await? {
+        return Ok((url.to_string(), None));
+    }
+    let shown = crate::broker::redact(url);
+    if !PrivateNode::available() {
+        bail!(
+            "several orchestrators need the broker's consistent-hash exchange, which {shown} lacks: enable it with `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange` (no restart needed), or run one orchestrator"
+        );
+    }
+    eprintln!(
+        "journeyman {who}: {shown} lacks the consistent-hash exchange (rabbitmq_consistent_hash_exchange) that several orchestrators need; starting a private RabbitMQ node with it for this run (to use yours: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange)"
+    );
+    let node = PrivateNode::start(&["rabbitmq_consistent_hash_exchange"])
+        .await
+        .context("cannot start a private RabbitMQ node")?;
+    Ok((node.url(), Some(node)))
+}
+
 impl Drop for PrivateNode {
     fn drop(&mut self) {
         let _ = std::process::Command::new(CTL)

@@ -455,14 +455,18 @@ async fn session_on(
     }
     // Before partitions, replies came to one queue per orchestrator: tasks dispatched by
     // an older version still answer there.
-    // The journey command queues of before partitions: replica 0 unbinds them, deletes
-    // the empty ones, and (alone in its fleet) drains the rest.
-    if config.replica.index == 0 {
+    // The journey command queues of before partitions: replica 0 of a store that may
+    // have known them unbinds them, deletes the empty ones, and (alone in its fleet)
+    // drains the rest; once none is left the store remembers, so later sessions skip it.
+    if config.replica.index == 0 && !core.store.legacy_queues_retired()? {
         let left = setup(
             "declare",
             broker::retire_legacy_journey_queues(&ch, &config.names),
         )
         .await?;
+        if left.is_empty() {
+            core.store.mark_legacy_queues_retired()?;
+        }
         for (q, n) in left {
             if config.replica.count == 1 {
                 info!(queue = %q, commands = n, "draining a journey queue of before partitions");

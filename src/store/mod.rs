@@ -42,6 +42,8 @@ const FORMAT_KEY: &[u8] = b"meta/format";
 /// Ids (history order, outbox order, cards) continue from here after a compaction, which
 /// starts a fresh sled database whose own counter starts again at zero.
 const ID_BASE_KEY: &[u8] = b"meta/id-base";
+/// Set once the per-intent journey queues of before partitions were retired.
+const LEGACY_RETIRED_KEY: &[u8] = b"meta/legacy-queues-retired";
 /// Format 2: journey records and snapshots packed (see `codec`), task requests in the
 /// outbox by reference. Format 1 stores are migrated when opened.
 const FORMAT: &[u8] = b"journeyman-store-2";
@@ -881,6 +883,20 @@ impl Store {
                 Ok(())
             }
         }
+    }
+
+    /// Whether the journey queues of before partitions are known to be gone for this
+    /// store's namespace (see the orchestrator's session start). A store without journeys
+    /// has nothing of before partitions and counts as done.
+    pub fn legacy_queues_retired(&self) -> Result<bool, StoreError> {
+        Ok(self.tree.get(LEGACY_RETIRED_KEY)?.is_some()
+            || self.tree.scan_prefix(JOURNEY).next().is_none())
+    }
+
+    pub fn mark_legacy_queues_retired(&self) -> Result<(), StoreError> {
+        self.tree.insert(LEGACY_RETIRED_KEY, &[])?;
+        self.tree.flush()?;
+        Ok(())
     }
 
     pub fn next_id(&self) -> Result<u64, StoreError> {

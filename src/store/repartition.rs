@@ -12,6 +12,7 @@
 //! batch (replacing whatever an interrupted run left there) and flushed, then removed from
 //! its source. Running the same command again finishes an interrupted run.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -97,6 +98,12 @@ pub fn repartition(
     for s in &stores {
         base = base.max(s.next_id()?);
     }
+    // Correlations and outbox entries name their client in the value: indexed once per
+    // directory, before anything moves (a journey moves at most once per run).
+    let indexes = stores
+        .iter()
+        .map(ClientIndex::of)
+        .collect::<Result<Vec<_>, _>>()?;
     let mut moved = Moved::default();
     for (from, src) in stores.iter().enumerate() {
         let mut leaving: Vec<(String, usize)> = Vec::new();
@@ -119,7 +126,6 @@ pub fn repartition(
         if leaving.is_empty() {
             continue;
         }
-        let outbox = src.outbox()?;
         let mut targets: Vec<usize> = leaving.iter().map(|(_, t)| *t).collect();
         targets.sort_unstable();
         targets.dedup();
@@ -130,16 +136,16 @@ pub fn repartition(
             let dst = &stores[*to];
             let mut add = sled::Batch::default();
             // An interrupted run may have copied this journey already: replace it.
-            for k in client_keys(dst, client, &dst.outbox()?)? {
+            for k in client_keys(dst, client, &indexes[*to], true)? {
                 add.remove(k);
             }
-            for k in client_keys(src, client, &[])? {
+            for k in client_keys(src, client, &indexes[from], false)? {
                 if let Some(v) = src.tree.get(&k)? {
                     add.insert(k, v);
                 }
             }
-            for e in outbox.iter().filter(|e| entry_client(e) == Some(client)) {
-                if let Some(v) = src.tree.get(key(OUTBOX, &e.id.to_be_bytes()))? {
+            for id in indexes[from].outbox.get(client).into_iter().flatten() {
+                if let Some(v) = src.tree.get(key(OUTBOX, &id.to_be_bytes()))? {
                     base += 1;
                     add.insert(key(OUTBOX, &base.to_be_bytes()), v);
                 }
@@ -147,7 +153,7 @@ pub fn repartition(
             dst.tree.apply_batch(add)?;
             dst.tree.flush()?;
             let mut remove = sled::Batch::default();
-            for k in client_keys(src, client, &outbox)? {
+            for k in client_keys(src, client, &indexes[from], true)? {
                 remove.remove(k);
             }
             src.tree.apply_batch(remove)?;
@@ -197,11 +203,38 @@ fn copy_shared(src: &Store, dst: &Store) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Every key of `store` that belongs to `client`, with the outbox entries among `outbox`.
+/// The keys of one directory whose client is in their value, by client.
+#[derive(Default)]
+struct ClientIndex {
+    inflight: HashMap<String, Vec<Vec<u8>>>,
+    outbox: HashMap<String, Vec<u64>>,
+}
+
+impl ClientIndex {
+    fn of(store: &Store) -> Result<Self, StoreError> {
+        let mut ix = Self::default();
+        for r in store.tree.scan_prefix(INFLIGHT) {
+            let (k, v) = r?;
+            ix.inflight
+                .entry(String::from_utf8_lossy(&v).into_owned())
+                .or_default()
+                .push(k.to_vec());
+        }
+        for e in store.outbox()? {
+            if let Some(c) = entry_client(&e) {
+                ix.outbox.entry(c.to_string()).or_default().push(e.id);
+            }
+        }
+        Ok(ix)
+    }
+}
+
+/// Every key of `store` that belongs to `client`; its outbox entries too when `outbox`.
 fn client_keys(
     store: &Store,
     client: &str,
-    outbox: &[OutboxEntry],
+    index: &ClientIndex,
+    outbox: bool,
 ) -> Result<Vec<Vec<u8>>, StoreError> {
     let mut keys = vec![
         key(JOURNEY, client.as_bytes()),
@@ -214,14 +247,11 @@ fn client_keys(
             keys.push(r?.0.to_vec());
         }
     }
-    for r in store.tree.scan_prefix(INFLIGHT) {
-        let (k, v) = r?;
-        if v.as_ref() == client.as_bytes() {
-            keys.push(k.to_vec());
+    keys.extend(index.inflight.get(client).into_iter().flatten().cloned());
+    if outbox {
+        for id in index.outbox.get(client).into_iter().flatten() {
+            keys.push(key(OUTBOX, &id.to_be_bytes()));
         }
-    }
-    for e in outbox.iter().filter(|e| entry_client(e) == Some(client)) {
-        keys.push(key(OUTBOX, &e.id.to_be_bytes()));
     }
     Ok(keys)
 }
